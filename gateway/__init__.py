@@ -1,0 +1,47 @@
+"""LLM gateway for legacy applications: named chat endpoints on Ray Serve behind plain HTTP."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+from flask import Flask
+
+from .config import Settings
+
+__all__ = ["Gateway", "Settings", "create_app"]
+
+
+@dataclass
+class Gateway:
+    """Per-app services, kept in ``app.extensions['gateway']``."""
+
+    settings: Settings
+    cluster: "Cluster"
+    endpoints: "Endpoints"
+    dispatcher: "Dispatcher"
+
+
+def create_app(settings: Optional[Settings] = None) -> Flask:
+    """Build the WSGI app. Nothing here touches Ray: each process connects on first use."""
+    from .cluster import Cluster
+    from .dispatch import Dispatcher
+    from .endpoints import Endpoints
+    from .web import register_routes
+
+    settings = settings or Settings.from_env()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = Flask("gateway", static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.ensure_ascii = False  # legacy callers get the reply text as written
+    app.json.sort_keys = False
+    cluster = Cluster(settings)
+    app.extensions["gateway"] = Gateway(
+        settings=settings,
+        cluster=cluster,
+        endpoints=Endpoints(cluster, settings),
+        dispatcher=Dispatcher(cluster, settings),
+    )
+    register_routes(app)
+    return app

@@ -1,0 +1,247 @@
+"""The Ray side of the gateway: the embedded head and each process's connection to it.
+
+``EmbeddedHead`` runs ``ray start --head --block`` as a child process (so no Ray
+state lives in the gunicorn master that forks the workers) and stops exactly that
+head on exit. ``Cluster`` is one gateway process's connection: it connects lazily
+(after fork), starts Serve without an HTTP proxy (the gateway calls handles), and
+turns every way of failing to reach the cluster into ``cluster_unavailable``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from .config import Settings
+from .errors import GatewayError
+
+log = logging.getLogger("gateway.cluster")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _host_port(address: str) -> Optional[tuple[str, int]]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host or "127.0.0.1", int(port)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def reachable(address: str, timeout: float = 1.0) -> bool:
+    """Does something accept TCP connections at ``host:port``? (``auto`` is not checked.)"""
+    hp = _host_port(address)
+    if hp is None:
+        return True
+    try:
+        with socket.create_connection(hp, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class EmbeddedHead:
+    """A local single-node Ray cluster owned by the gateway."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.address = f"127.0.0.1:{settings.ray_port}"
+        self.proc: Optional[subprocess.Popen] = None
+        self.log_path = Path(tempfile.gettempdir()) / "llm_gateway" / f"ray-head-{settings.ray_port}.log"
+
+    def env(self) -> dict[str, str]:
+        """Environment of the head and so of every Ray worker: our code on the path, token auth on."""
+        env = dict(os.environ)
+        env.pop("RAY_ADDRESS", None)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+        env.setdefault("RAY_AUTH_MODE", "token")
+        env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        return env
+
+    @staticmethod
+    def ensure_token() -> None:
+        """Token auth needs a token before ``ray start``: make one (0600) unless one is given."""
+        if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+            return
+        if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+            return
+        path = Path.home() / ".ray" / "auth_token"
+        if path.exists() and path.read_text().strip():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+        log.info("generated a Ray authentication token in %s", path)
+
+    def start(self) -> str:
+        s = self.settings
+        self.ensure_token()
+        if reachable(self.address, 0.5):
+            raise SystemExit(
+                f"port {s.ray_port} is already in use: another Ray head runs there. "
+                f"Join it with RAY_ADDRESS={self.address}, or pick another port with GATEWAY_RAY_PORT."
+            )
+        ray_exe = Path(sys.executable).with_name("ray")
+        cmd = [
+            str(ray_exe) if ray_exe.exists() else "ray", "start", "--head", "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={s.ray_port}",
+            f"--dashboard-host={s.dashboard_host}",
+            f"--dashboard-port={s.dashboard_port}",
+            f"--num-cpus={s.ray_num_cpus or os.cpu_count() or 1}",
+            f"--object-store-memory={s.object_store_mb * 1024 * 1024}",
+            # ports nobody calls directly: take free ones so two heads never collide
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--disable-usage-stats",
+        ]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        deadline = time.monotonic() + s.ray_start_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the embedded Ray head exited at start (code {self.proc.returncode}); see {self.log_path}")
+            if reachable(self.address, 0.2):
+                log.info("embedded Ray head up at %s (dashboard http://%s:%d)", self.address, s.dashboard_host, s.dashboard_port)
+                return self.address
+            time.sleep(0.1)
+        self.stop()
+        raise SystemExit(f"the embedded Ray head did not come up in {s.ray_start_timeout_s:.0f}s; see {self.log_path}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)  # ``ray start --block`` stops the processes it started
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def export_embedded_env(address: str) -> None:
+    """Let the processes we fork (gunicorn workers) find the embedded head."""
+    os.environ["RAY_ADDRESS"] = address
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+class Cluster:
+    """One gateway process's connection to Ray; connects lazily and thread-safely."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._registry = None
+
+    @property
+    def address(self) -> Optional[str]:
+        return self.settings.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+    def registry(self):
+        """The endpoint registry actor (connecting first if needed)."""
+        if self._registry is None:
+            self.connect()
+        return self._registry
+
+    def connect(self) -> None:
+        if self._registry is not None:
+            return
+        with self._lock:
+            if self._registry is not None:
+                return
+            import ray
+            from ray import serve
+
+            from .registry import REGISTRY_NAME, EndpointRegistry
+
+            address = self.address
+            if not address:
+                raise GatewayError("cluster_unavailable", "no Ray cluster is configured (set RAY_ADDRESS or start the gateway with its embedded head)")
+            if address.startswith("ray://"):
+                raise GatewayError("cluster_unavailable", "Ray Client addresses (ray://) cannot call Serve handles; run the gateway on a cluster node and use host:port")
+            if not reachable(address):
+                raise GatewayError("cluster_unavailable", f"the Ray cluster at {address} is not reachable", retry_after=2)
+            try:
+                if not ray.is_initialized():
+                    ray.init(
+                        address=address,
+                        namespace=self.settings.ray_namespace,
+                        log_to_driver=False,
+                        logging_level=logging.WARNING,
+                        configure_logging=False,
+                    )
+                serve.start(proxy_location="Disabled")
+                self._registry = EndpointRegistry.options(
+                    name=REGISTRY_NAME, namespace=self.settings.ray_namespace,
+                    lifetime="detached", get_if_exists=True,
+                ).remote()
+            except GatewayError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - report why, in words
+                raise GatewayError("cluster_unavailable", describe_connect_error(exc, address), retry_after=2) from None
+
+    def readiness(self) -> tuple[bool, dict]:
+        """What ``/readyz`` reports: cluster reachable, Serve up, versions equal."""
+        local = {"ray": _ray_version(), "python": platform.python_version()}
+        report: dict = {"ray_address": self.address, "gateway": local}
+        try:
+            import ray
+            from ray import serve
+
+            self.connect()
+            cluster = ray.get(self.registry().versions.remote(), timeout=5)
+            report["cluster"] = cluster
+            serve.status()
+            report["serve"] = "running"
+        except GatewayError as err:
+            report["problem"] = err.info.message
+            return False, report
+        except Exception as exc:  # noqa: BLE001
+            report["problem"] = f"the cluster did not answer ({type(exc).__name__})"
+            return False, report
+        problems = []
+        if cluster["ray"] != local["ray"]:
+            problems.append(f"Ray version mismatch: gateway has {local['ray']}, cluster runs {cluster['ray']}; install ray=={cluster['ray']} here or upgrade the cluster")
+        if cluster["python"].split(".")[:2] != local["python"].split(".")[:2]:
+            problems.append(f"Python version mismatch: gateway has {local['python']}, cluster runs {cluster['python']}; Ray needs the same major.minor on both")
+        if problems:
+            report["problem"] = "; ".join(problems)
+            return False, report
+        return True, report
+
+
+def _ray_version() -> str:
+    import ray
+
+    return ray.__version__
+
+
+def describe_connect_error(exc: Exception, address: str) -> str:
+    text = str(exc)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if "ersion mismatch" in text:
+        return f"Ray/Python version mismatch with the cluster at {address}: {' '.join(text.split())[:400]}"
+    if "uthentication" in text or "token" in text.lower():
+        return f"the Ray cluster at {address} refused this process's authentication token ({first[:200]}); see README 'Ray token'"
+    return f"could not connect to the Ray cluster at {address}: {first[:300]}"

@@ -1,0 +1,66 @@
+"""The gateway's one configuration object, read from the environment.
+
+Every field ``foo`` is read from ``GATEWAY_FOO`` (``ray_address`` from ``RAY_ADDRESS``,
+Ray's own variable). Values are validated once at start; a bad value stops the start
+with a message naming the variable.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+_ENV_OVERRIDES = {"ray_address": "RAY_ADDRESS"}
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: where gunicorn (or ``python app.py``) listens
+    bind: str = "127.0.0.1:8099"
+    #: an existing cluster to join; unset means: start an embedded local head
+    ray_address: Optional[str] = None
+    #: Ray namespace of the gateway's own actors (the endpoint registry)
+    ray_namespace: str = "llm_gateway"
+    #: embedded head only: GCS port, dashboard address, CPUs, object store size
+    ray_port: int = Field(6379, ge=1, le=65535)
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+    ray_num_cpus: Optional[int] = Field(None, ge=1)
+    object_store_mb: int = Field(256, ge=80)
+    #: seconds the embedded head gets to come up
+    ray_start_timeout_s: float = Field(60.0, gt=0)
+    #: HTTP: request body limit and gunicorn worker processes x threads
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    workers: int = Field(2, ge=1, le=64)
+    threads: int = Field(32, ge=1, le=1024)
+    #: Serve options of SaaS replicas: I/O-bound, a sliver of a CPU, many calls each
+    saas_replica_cpus: float = Field(0.05, gt=0)
+    saas_max_ongoing_requests: int = Field(256, ge=1)
+    #: how long a deploy may wait for its replicas before it is reported as failed
+    deploy_wait_s: float = Field(60.0, gt=0)
+    #: how long a worker caches what it learnt about an endpoint (provider, model)
+    endpoint_cache_s: float = Field(2.0, ge=0)
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "Settings":
+        env = os.environ if env is None else env
+        values: dict = {}
+        for name in cls.model_fields:
+            var = _ENV_OVERRIDES.get(name, "GATEWAY_" + name.upper())
+            if env.get(var, "") != "":
+                values[name] = env[var]
+        values.update(overrides)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{_ENV_OVERRIDES.get(str(e['loc'][0]), 'GATEWAY_' + str(e['loc'][0]).upper())}: {e['msg']}"
+                for e in exc.errors(include_input=False)
+            )
+            raise SystemExit(f"gateway configuration is invalid: {problems}") from None
+
+    @property
+    def embedded(self) -> bool:
+        return not self.ray_address

@@ -1,0 +1,188 @@
+"""HTTP routes: one blueprint per provider plus the core routes, and the one error renderer."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+import traceback
+import uuid
+from typing import Optional
+
+from flask import Blueprint, Flask, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+import providers
+
+from .errors import GatewayError
+from .schemas import CHAT_NAME_RULE, ChatName, ChatRequest, validate
+
+log = logging.getLogger("gateway.web")
+
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+core = Blueprint("core", __name__)
+
+
+def gw():
+    """The gateway's services for this app (see ``gateway.create_app``)."""
+    return current_app.extensions["gateway"]
+
+
+def json_body() -> dict:
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        raise GatewayError("invalid_request", "the body must be a JSON object")
+    data = request.get_json(force=True, silent=True)
+    if data is None:
+        raise GatewayError("invalid_request", "the body is not valid JSON")
+    if not isinstance(data, dict):
+        raise GatewayError("invalid_request", "the body must be a JSON object")
+    return data
+
+
+def chat_name_from(data: dict) -> str:
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(ChatName).validate_python(data.get("chat_name"))
+    except ValidationError:
+        raise GatewayError("invalid_request", f"chat_name: required, {CHAT_NAME_RULE}", fields=["chat_name"]) from None
+
+
+# -- request bookkeeping and errors ------------------------------------------
+def _before() -> None:
+    g.started = time.perf_counter()
+    g.upstream_ms = None
+    rid = request.headers.get("X-Request-Id", "")
+    g.request_id = rid if _SANE_REQUEST_ID.match(rid) else uuid.uuid4().hex
+
+
+def _after(response):
+    response.headers["X-Request-Id"] = g.get("request_id", "")
+    if g.get("started") is not None:
+        total = (time.perf_counter() - g.started) * 1000
+        upstream = g.get("upstream_ms") or 0.0
+        response.headers["X-Gateway-Overhead-Ms"] = f"{max(0.0, total - upstream):.2f}"
+    return response
+
+
+def render_error(err: GatewayError):
+    response = jsonify(err.body(g.get("request_id")))
+    response.status_code = err.status
+    response.headers.update(err.headers())
+    return response
+
+
+_HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 400: "invalid_request"}
+
+
+def _http_error(exc: HTTPException):
+    kind = _HTTP_TYPES.get(exc.code or 500, "internal_error")
+    messages = {
+        "not_found": f"no route {request.method} {request.path}",
+        "method_not_allowed": f"{request.method} is not allowed on {request.path}",
+        "payload_too_large": f"the body is larger than {current_app.config['MAX_CONTENT_LENGTH']} bytes",
+        "invalid_request": "the request could not be read",
+        "internal_error": "the gateway failed; see its log",
+    }
+    return render_error(GatewayError(kind, messages[kind]))
+
+
+def _unexpected(exc: Exception):
+    from ray.exceptions import RayError
+
+    if isinstance(exc, RayError):
+        return render_error(GatewayError("cluster_unavailable", "the Ray cluster did not answer", retry_after=2))
+    # The traceback's places, not its messages: a message could carry user input.
+    where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)[-4:])
+    log.error("unhandled %s request_id=%s at %s", type(exc).__name__, g.get("request_id"), where)
+    return render_error(GatewayError("internal_error", "the gateway failed; see its log"))
+
+
+# -- core routes ---------------------------------------------------------------
+@core.post("/chat")
+def chat():
+    data = json_body()
+    return _chat(data, provider=None, legacy=False)
+
+
+def _chat(data: dict, provider: Optional[str], legacy: bool):
+    req = validate(ChatRequest, data)
+    endpoint, result = gw().dispatcher.chat(req.chat_name, req.to_call(g.request_id), provider=provider)
+    g.upstream_ms = result.upstream_ms
+    if legacy:
+        return jsonify(result.output)
+    return jsonify(
+        chat_name=req.chat_name,
+        provider=endpoint.provider,
+        model=endpoint.record.get("model"),
+        output=result.output,
+        finish_reason=result.finish_reason,
+        usage=result.usage.model_dump(),
+        attempts=result.attempts,
+        latency_ms=round((time.perf_counter() - g.started) * 1000, 1),
+        request_id=g.request_id,
+    )
+
+
+@core.get("/deployments")
+def deployments():
+    return jsonify(deployments=gw().endpoints.list())
+
+
+@core.get("/deployments/<chat_name>")
+def deployment(chat_name: str):
+    return jsonify(gw().endpoints.get(chat_name))
+
+
+@core.get("/healthz")
+def healthz():
+    return jsonify(status="ok")
+
+
+@core.get("/readyz")
+def readyz():
+    ok, report = gw().cluster.readiness()
+    if ok:
+        return jsonify(status="ready", **report)
+    err = GatewayError("cluster_unavailable", report.pop("problem"), retry_after=2)
+    response = render_error(err)
+    body = response.get_json()
+    body["checks"] = report
+    response.set_data(current_app.json.dumps(body))
+    return response
+
+
+# -- one blueprint per provider -------------------------------------------------
+def provider_blueprint(provider: "providers.Provider") -> Blueprint:
+    bp = Blueprint(provider.name, __name__, url_prefix=f"/{provider.name}")
+
+    @bp.post("/deploy")
+    def deploy():
+        spec = validate(provider.spec_class, json_body())
+        record = gw().endpoints.deploy(provider, spec)
+        return jsonify(
+            ret="ok", chat_name=record["chat_name"], provider=provider.name,
+            model=record["model"], workers=record["workers"], status="RUNNING",
+        )
+
+    @bp.post("/chat")
+    def chat():
+        return _chat(json_body(), provider=provider.name, legacy=True)
+
+    @bp.post("/undeploy")
+    def undeploy():
+        return jsonify(gw().endpoints.undeploy(provider, chat_name_from(json_body())))
+
+    return bp
+
+
+def register_routes(app: Flask) -> None:
+    app.before_request(_before)
+    app.after_request(_after)
+    app.register_error_handler(GatewayError, render_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected)
+    app.register_blueprint(core)
+    for name in providers.names():
+        app.register_blueprint(provider_blueprint(providers.get(name)))

@@ -1,0 +1,55 @@
+"""gunicorn settings: threaded workers, Ray connected after fork, the embedded head in the master.
+
+Start with ``gunicorn -c gunicorn.conf.py app:app`` (or ``make start``). Settings come
+from the environment (see ``gateway/config.py``): GATEWAY_BIND, GATEWAY_WORKERS,
+GATEWAY_THREADS, RAY_ADDRESS, ...
+"""
+from gateway.config import Settings
+
+_settings = Settings.from_env()
+_head = None
+
+bind = _settings.bind
+workers = _settings.workers
+worker_class = "gthread"  # many in-flight calls per worker: LLM calls take seconds
+threads = _settings.threads
+preload_app = False  # never fork a process that has Ray initialised
+timeout = 120
+graceful_timeout = 30  # SIGTERM: in-flight requests get this long to finish
+keepalive = 5
+accesslog = None  # the gateway writes its own access log lines
+errorlog = "-"
+loglevel = "info"
+
+
+def on_starting(server):
+    """Master, before any fork: start the embedded Ray head unless RAY_ADDRESS is set."""
+    global _head
+    if _settings.embedded:
+        from gateway.cluster import EmbeddedHead, export_embedded_env
+
+        _head = EmbeddedHead(_settings)
+        export_embedded_env(_head.start())
+        server.log.info("embedded Ray head at %s; dashboard http://%s:%d",
+                        _head.address, _settings.dashboard_host, _settings.dashboard_port)
+
+
+def post_worker_init(worker):
+    """Each worker connects to Ray once, in the background, so /healthz answers at once."""
+    import threading
+
+    gateway = worker.wsgi.extensions["gateway"]
+
+    def connect():
+        try:
+            gateway.cluster.connect()
+        except Exception as exc:  # noqa: BLE001 - /readyz reports it; requests retry the connect
+            worker.log.warning("Ray connect failed: %s", exc)
+
+    threading.Thread(target=connect, name="ray-connect", daemon=True).start()
+
+
+def on_exit(server):
+    """Master, last: stop the embedded head (endpoints die with it)."""
+    if _head is not None:
+        _head.stop()

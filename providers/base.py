@@ -1,0 +1,158 @@
+"""What a provider is: a deploy spec, an adapter, and how it maps its errors.
+
+A provider module defines a ``Provider`` subclass and registers an instance in
+``providers/__init__.py``. The gateway never imports a provider module directly:
+it looks providers up by name, validates deploy bodies with ``spec_class``,
+builds Serve options with ``replica_options`` and, inside the replica, calls
+``create_adapter``. An adapter turns a ``ChatCall`` into a ``ChatResult`` and
+raises only ``GatewayError`` (use ``map_errors`` around SDK calls).
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import Any, ClassVar, Iterator, Optional
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from gateway.errors import GatewayError
+from gateway.schemas import ChatCall, ChatName, ChatResult
+
+
+class DeploySpec(BaseModel):
+    """Fields every endpoint has. Unknown fields are refused (a typo must not deploy)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    #: Byzer-style ``model_type`` values this provider accepts (e.g. ``saas/openai``)
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
+
+    chat_name: ChatName
+    model_name: str = Field(min_length=1, max_length=200)
+    workers: int = Field(1, ge=1, le=64)
+    timeout: float = Field(60.0, gt=0, le=3600)
+    model_type: Optional[str] = None
+
+    @field_validator("model_type")
+    @classmethod
+    def _model_type(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and value not in cls.MODEL_TYPES:
+            raise ValueError(f"{value!r} does not match this provider; use one of {list(cls.MODEL_TYPES)} or omit it")
+        return value
+
+    def public(self) -> dict[str, Any]:
+        """What may be shown about this endpoint (listing, logs): never a secret."""
+        return {"model": self.model_name, "workers": self.workers, "timeout": self.timeout}
+
+
+def _http_url(value: Optional[str], field: str) -> Optional[str]:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{field} must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+class SaaSDeploySpec(DeploySpec):
+    """A hosted provider reached with the user's key."""
+
+    api_key: SecretStr = Field(min_length=1, max_length=512)
+    #: ``http_proxy`` is accepted as an alias: the user's old requests name the relay so
+    base_url: Optional[str] = Field(None, validation_alias=AliasChoices("base_url", "http_proxy"))
+    #: a real HTTP(S) proxy between the replica and the provider
+    proxy: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_base_url(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "base_url" in data and "http_proxy" in data:
+            raise ValueError("give base_url or its alias http_proxy, not both")
+        return data
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: Optional[str]) -> Optional[str]:
+        return _http_url(value, "base_url")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, value: Optional[str]) -> Optional[str]:
+        return _http_url(value, "proxy")
+
+    def public(self) -> dict[str, Any]:
+        out = super().public()
+        out["base_url_host"] = urlsplit(self.base_url).hostname if self.base_url else None
+        out["key_fingerprint"] = key_fingerprint(self.api_key.get_secret_value())
+        return out
+
+
+def key_fingerprint(key: str) -> str:
+    """``sk-...a1b2``: enough to tell keys apart, never enough to use one."""
+    if len(key) < 12:
+        return "..." + key[-2:] if len(key) >= 8 else "***"
+    prefix = key[:3] if key[:3].isascii() else ""
+    return f"{prefix}...{key[-4:]}"
+
+
+def redact(text: str, secret: str, min_run: int = 8) -> str:
+    """Remove ``secret`` and every run of ``min_run``+ of its characters from ``text``."""
+    if not text or not secret:
+        return text
+    out = text.replace(secret, "[redacted]")
+    if len(secret) < min_run:
+        return out
+    i = 0
+    while i + min_run <= len(secret):
+        piece = secret[i : i + min_run]
+        if piece in out:
+            out = out.replace(piece, "[redacted]")
+        i += 1
+    return out
+
+
+class ChatAdapter(abc.ABC):
+    """Lives in a replica and talks to one upstream with one key."""
+
+    @abc.abstractmethod
+    async def chat(self, call: ChatCall) -> ChatResult:
+        """Answer one call or raise ``GatewayError``."""
+
+    async def aclose(self) -> None:
+        """Release connections (called when the replica stops)."""
+
+
+class Provider(abc.ABC):
+    #: route prefix and registry name, e.g. ``openai`` -> ``POST /openai/deploy``
+    name: ClassVar[str]
+    #: the pydantic model of ``POST /<name>/deploy``
+    spec_class: ClassVar[type[DeploySpec]]
+    #: ``saas`` (I/O-bound, a fraction of a CPU) or ``local`` (holds a model)
+    kind: ClassVar[str] = "saas"
+
+    def replica_options(self, spec: DeploySpec, settings: Any) -> dict[str, Any]:
+        """Serve deployment options; SaaS replicas are I/O-bound and take many calls each."""
+        return {
+            "num_replicas": spec.workers,
+            "ray_actor_options": {"num_cpus": settings.saas_replica_cpus},
+            "max_ongoing_requests": settings.saas_max_ongoing_requests,
+            "health_check_period_s": 10,
+            "graceful_shutdown_wait_loop_s": 0.5,
+            "graceful_shutdown_timeout_s": spec.timeout + 5,
+        }
+
+    @abc.abstractmethod
+    def create_adapter(self, spec: DeploySpec) -> ChatAdapter:
+        """Build the adapter inside the replica (also called once at deploy to validate)."""
+
+
+@contextlib.contextmanager
+def reraise_as_gateway_error(provider: str, secret: str, mapper) -> Iterator[None]:
+    """Map any exception to a ``GatewayError`` with ``mapper(exc)`` and scrub the key."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - every SDK failure must become ours
+        err = exc if isinstance(exc, GatewayError) else mapper(exc)
+        info = err.info.model_copy(update={"provider": provider, "message": redact(err.info.message, secret)})
+        raise GatewayError.from_info(info) from None

@@ -1,0 +1,148 @@
+"""OpenAI (and any OpenAI-wire relay) through the official ``openai`` SDK's async client.
+
+The module is deliberately not called ``openai.py``: a file of that name shadows the
+SDK for anything that runs with this folder on ``sys.path``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import aiohttp
+import openai
+
+from gateway.errors import GatewayError
+from gateway.schemas import ChatCall, ChatResult, Usage
+
+from .base import ChatAdapter, Provider, SaaSDeploySpec, reraise_as_gateway_error
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+class OpenAIDeploySpec(SaaSDeploySpec):
+    MODEL_TYPES = ("saas/openai", "saas/official_openai")
+
+
+def retry_after_seconds(headers: Any) -> Optional[float]:
+    """``retry-after-ms`` first, then ``retry-after`` in seconds (as the SDK reads them)."""
+    if headers is None:
+        return None
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                return max(0.0, float(value) / scale)
+            except ValueError:
+                continue
+    return None
+
+
+def _refused(exc: BaseException) -> bool:
+    """The aiohttp transport reports a refused connection as a connect *timeout*; look beneath."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (ConnectionRefusedError, aiohttp.ClientConnectorError)) and not isinstance(
+            exc, aiohttp.ServerTimeoutError
+        ):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def map_openai_error(exc: Exception) -> GatewayError:
+    """Every ``openai`` exception onto the gateway's types; provider codes pass through."""
+    if isinstance(exc, openai.APITimeoutError) and not _refused(exc):
+        return GatewayError("upstream_timeout", "the provider did not answer in time")
+    if isinstance(exc, openai.APIConnectionError):
+        return GatewayError("upstream_error", "could not reach the provider (connection failed)")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        body = exc.body if isinstance(exc.body, dict) else {}
+        code = str(exc.code or body.get("code") or body.get("type") or "") or None
+        message = str(body.get("message") or f"the provider answered HTTP {status}")
+        details = dict(
+            provider_code=code,
+            provider_request_id=exc.request_id,
+            upstream_status=status,
+        )
+        if status in (401, 403):
+            return GatewayError("upstream_auth", f"the provider rejected the endpoint's key: {message}", **details)
+        if status == 402 or code == "insufficient_quota" or body.get("type") == "insufficient_quota":
+            return GatewayError("upstream_quota", f"the provider's quota or balance is exhausted: {message}", **details)
+        if status == 429:
+            return GatewayError(
+                "upstream_rate_limited",
+                f"the provider is rate limiting this key: {message}",
+                retry_after=retry_after_seconds(exc.response.headers),
+                **details,
+            )
+        if code in ("content_filter", "content_policy_violation"):
+            return GatewayError("content_filter", f"the provider refused the content: {message}", **details)
+        if status == 408:
+            return GatewayError("upstream_timeout", f"the provider timed out: {message}", **details)
+        if 400 <= status < 500:
+            return GatewayError("upstream_bad_request", f"the provider refused the request: {message}", **details)
+        return GatewayError("upstream_error", f"the provider failed: {message}", **details)
+    if isinstance(exc, openai.APIResponseValidationError) or isinstance(exc, ValueError):
+        return GatewayError("upstream_error", "the provider's answer was malformed")
+    return GatewayError("upstream_error", f"unexpected {type(exc).__name__} while calling the provider")
+
+
+class OpenAIAdapter(ChatAdapter):
+    def __init__(self, spec: OpenAIDeploySpec) -> None:
+        self._spec = spec
+        self._client: Optional[openai.AsyncOpenAI] = None
+
+    def _get_client(self) -> openai.AsyncOpenAI:
+        # Built on first use, inside the replica's event loop (aiohttp wants one).
+        if self._client is None:
+            spec = self._spec
+            self._client = openai.AsyncOpenAI(
+                api_key=spec.api_key.get_secret_value(),
+                base_url=spec.base_url or DEFAULT_BASE_URL,
+                max_retries=0,  # the gateway owns retries
+                timeout=openai.Timeout(spec.timeout, connect=min(spec.timeout, 10.0)),
+                http_client=openai.DefaultAioHttpClient(proxy=spec.proxy) if spec.proxy else openai.DefaultAioHttpClient(),
+            )
+        return self._client
+
+    async def chat(self, call: ChatCall) -> ChatResult:
+        spec = self._spec
+        kwargs = call.params.model_dump(exclude_none=True)
+        messages = [m.model_dump(exclude_none=True) for m in call.messages]
+        started = time.perf_counter()
+        with reraise_as_gateway_error("openai", spec.api_key.get_secret_value(), map_openai_error):
+            completion = await self._get_client().chat.completions.create(
+                model=spec.model_name,
+                messages=messages,
+                extra_headers={"X-Request-Id": call.request_id},
+                **kwargs,
+            )
+            if not completion.choices:
+                raise GatewayError("upstream_error", "the provider answered without choices")
+            choice = completion.choices[0]
+            usage = completion.usage
+            return ChatResult(
+                output=choice.message.content or "",
+                finish_reason=choice.finish_reason,
+                usage=Usage(
+                    prompt_tokens=usage.prompt_tokens if usage else 0,
+                    completion_tokens=usage.completion_tokens if usage else 0,
+                    total_tokens=usage.total_tokens if usage else 0,
+                ),
+                upstream_model=completion.model,
+                provider_request_id=getattr(completion, "_request_id", None),
+                upstream_ms=(time.perf_counter() - started) * 1000,
+            )
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+class OpenAIProvider(Provider):
+    name = "openai"
+    spec_class = OpenAIDeploySpec
+
+    def create_adapter(self, spec: OpenAIDeploySpec) -> OpenAIAdapter:
+        return OpenAIAdapter(spec)

@@ -1,0 +1,76 @@
+"""One real local Ray cluster and one fake OpenAI upstream for the whole session."""
+from __future__ import annotations
+
+import itertools
+import os
+
+# Before anything imports ray: the session cluster runs with token authentication,
+# and Ray reads the mode once per process.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.pop("RAY_ADDRESS", None)
+
+import pytest  # noqa: E402
+
+from gateway import Settings, create_app  # noqa: E402
+from gateway.cluster import EmbeddedHead, export_embedded_env, free_port
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.providers_for_tests import register_test_providers
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    os.environ.pop("RAY_ADDRESS", None)
+    settings = Settings.from_env(
+        ray_port=free_port(), dashboard_port=free_port(), object_store_mb=100, ray_num_cpus=2,
+    )
+    head = EmbeddedHead(settings)
+    export_embedded_env(head.start())
+    yield head
+    import ray
+
+    ray.shutdown()
+    head.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_openai():
+    fake = FakeOpenAI().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def app(ray_head):
+    register_test_providers()
+    return create_app(Settings.from_env(ray_address=ray_head.address, deploy_wait_s=30))
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def name():
+    """A fresh chat_name per call: tests never share endpoints."""
+    return lambda prefix="ep": f"{prefix}_{os.getpid()}_{next(_names)}"
+
+
+@pytest.fixture
+def deploy(client, fake_openai):
+    """Deploy an endpoint on the fake upstream; undeploy it after the test."""
+    made = []
+
+    def _deploy(chat_name, key, provider="openai", **fields):
+        body = {"api_key": key, "chat_name": chat_name, "model_name": "gpt-4o-mini",
+                "base_url": fake_openai.base_url, **fields}
+        r = client.post(f"/{provider}/deploy", json=body)
+        if r.status_code == 200:
+            made.append((provider, chat_name))
+        return r
+
+    yield _deploy
+    for provider, chat_name in made:
+        client.post(f"/{provider}/undeploy", json={"chat_name": chat_name})

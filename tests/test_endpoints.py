@@ -1,0 +1,168 @@
+"""Deploy, chat, update, undeploy and list through real Ray Serve and the fake OpenAI upstream."""
+from __future__ import annotations
+
+import threading
+import time
+
+from ray import serve
+
+
+def test_user_session_from_the_issue(client, deploy, fake_openai, name):
+    chat_name = name("openai_chat")
+    key = "sk-session-0001-abcd"
+    r = client.post("/openai/deploy", json={
+        "api_key": key, "chat_name": chat_name, "model_name": "gpt-4o-mini",
+        "model_type": "saas/openai", "http_proxy": fake_openai.base_url, "workers": 4,
+    })
+    try:
+        assert r.status_code == 200, r.get_json()
+        assert r.get_json() == {"ret": "ok", "chat_name": chat_name, "provider": "openai",
+                                "model": "gpt-4o-mini", "workers": 4, "status": "RUNNING"}
+        app = serve.status().applications[chat_name]
+        assert list(app.deployments) == ["openai"]
+        assert app.deployments["openai"].replica_states.get("RUNNING") == 4
+
+        r = client.post("/openai/chat", json={"chat_name": chat_name, "content": "你好，你是谁"})
+        assert r.status_code == 200
+        assert r.get_json() == "echo: 你好，你是谁"
+        assert "你好" in r.get_data(as_text=True)  # UTF-8 as written, not \\u escapes
+
+        r = client.post("/chat", json={
+            "chat_name": chat_name,
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+            "temperature": 0.2, "max_tokens": 64,
+        })
+        body = r.get_json()
+        assert r.status_code == 200, body
+        assert list(body) == ["chat_name", "provider", "model", "output", "finish_reason", "usage",
+                              "attempts", "latency_ms", "request_id"]
+        assert body["chat_name"] == chat_name and body["provider"] == "openai" and body["model"] == "gpt-4o-mini"
+        assert body["output"] == "echo: hi" and body["finish_reason"] == "stop" and body["attempts"] == 1
+        assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+        assert body["request_id"] == r.headers["X-Request-Id"] and body["latency_ms"] > 0
+        assert float(r.headers["X-Gateway-Overhead-Ms"]) >= 0
+
+        sent = fake_openai.requests_for(key)[-1]
+        assert sent["path"] == "/v1/chat/completions"
+        assert sent["json"] == {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+            "temperature": 0.2, "max_tokens": 64,
+        }
+        assert sent["headers"]["x-stainless-retry-count"] == "0"
+        assert sent["headers"]["X-Request-ID"] == body["request_id"]  # the id reaches the provider
+    finally:
+        client.post("/openai/undeploy", json={"chat_name": chat_name})
+
+
+def test_params_reach_the_provider_under_their_names(client, deploy, fake_openai, name):
+    chat_name, key = name(), "sk-params-0002-abcd"
+    assert deploy(chat_name, key).status_code == 200
+    r = client.post("/chat", json={"chat_name": chat_name, "content": "x", "temperature": 0,
+                                   "top_p": 0.5, "max_tokens": 5, "stop": ["\n", "END"]})
+    assert r.status_code == 200
+    sent = fake_openai.requests_for(key)[-1]["json"]
+    assert sent["temperature"] == 0 and sent["top_p"] == 0.5 and sent["max_tokens"] == 5
+    assert sent["stop"] == ["\n", "END"]
+    assert "seed" not in sent and "stream" not in sent  # nothing the caller did not send
+
+
+def test_listing_shows_state_and_never_the_key(client, deploy, fake_openai, name):
+    chat_name, key = name(), "sk-listing-0003-zz99"
+    assert deploy(chat_name, key, workers=2, timeout=30).status_code == 200
+    rows = {d["chat_name"]: d for d in client.get("/deployments").get_json()["deployments"]}
+    row = rows[chat_name]
+    assert row["provider"] == "openai" and row["model"] == "gpt-4o-mini"
+    assert row["base_url_host"] == "127.0.0.1"
+    assert row["workers"] == 2 and row["workers_running"] == 2 and row["status"] == "RUNNING"
+    assert row["key_fingerprint"] == "sk-...zz99" and row["timeout"] == 30
+    assert row["created_at"] and row["updated_at"]
+    assert client.get(f"/deployments/{chat_name}").get_json() == row
+    assert key not in client.get("/deployments").get_data(as_text=True)
+
+
+def test_undeploy_removes_the_endpoint(client, fake_openai, name):
+    chat_name = name()
+    r = client.post("/openai/deploy", json={"api_key": "sk-undeploy-0004", "chat_name": chat_name,
+                                            "model_name": "m", "base_url": fake_openai.base_url})
+    assert r.status_code == 200
+    r = client.post("/openai/undeploy", json={"chat_name": chat_name})
+    assert r.status_code == 200 and r.get_json()["status"] == "DELETED"
+    assert chat_name not in serve.status().applications
+    assert client.get(f"/deployments/{chat_name}").status_code == 404
+    r = client.post("/chat", json={"chat_name": chat_name, "content": "hi"})
+    assert r.status_code == 404 and r.get_json()["error"]["type"] == "not_found"
+
+
+def test_redeploy_updates_in_place_without_a_gap(client, deploy, fake_openai, name):
+    chat_name, old_key, new_key = name(), "sk-update-old-0005", "sk-update-new-0005"
+    assert deploy(chat_name, old_key, workers=1).status_code == 200
+    created = client.get(f"/deployments/{chat_name}").get_json()["created_at"]
+
+    statuses, stop = [], threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            statuses.append(client.post("/chat", json={"chat_name": chat_name, "content": "ping"}).status_code)
+
+    worker = threading.Thread(target=hammer)
+    worker.start()
+    try:
+        r = deploy(chat_name, new_key, model_name="gpt-4o", workers=2)
+        assert r.status_code == 200 and r.get_json()["model"] == "gpt-4o" and r.get_json()["workers"] == 2
+        for _ in range(5):  # a few more calls after the update settled
+            statuses.append(client.post("/chat", json={"chat_name": chat_name, "content": "ping"}).status_code)
+    finally:
+        stop.set()
+        worker.join()
+    assert statuses and set(statuses) == {200}, statuses
+    row = client.get(f"/deployments/{chat_name}").get_json()
+    assert row["model"] == "gpt-4o" and row["workers_running"] == 2 and row["created_at"] == created
+    assert fake_openai.requests_for(new_key)[-1]["json"]["model"] == "gpt-4o"
+    assert row["key_fingerprint"] == "sk-...0005"
+
+
+def test_same_name_under_another_provider_is_a_conflict(client, deploy, name):
+    chat_name = name()
+    assert deploy(chat_name, "sk-conflict-0006").status_code == 200
+    r = deploy(chat_name, "sk-conflict-0006", provider="relay")
+    assert r.status_code == 409
+    err = r.get_json()["error"]
+    assert err["type"] == "conflict" and "/openai/undeploy" in err["message"]
+    assert client.get(f"/deployments/{chat_name}").get_json()["provider"] == "openai"
+
+
+def test_provider_routes_only_answer_their_own_endpoints(client, deploy, name):
+    chat_name = name()
+    assert deploy(chat_name, "sk-relay-0007", provider="relay", model_type="saas/relay").status_code == 200
+    r = client.post("/openai/chat", json={"chat_name": chat_name, "content": "hi"})
+    assert r.status_code == 404
+    assert "relay endpoint" in r.get_json()["error"]["message"] and "/relay/chat" in r.get_json()["error"]["message"]
+    r = client.post("/openai/undeploy", json={"chat_name": chat_name})
+    assert r.status_code == 404 and "/relay/undeploy" in r.get_json()["error"]["message"]
+    assert client.post("/relay/chat", json={"chat_name": chat_name, "content": "hi"}).get_json() == "echo: hi"
+    assert client.post("/chat", json={"chat_name": chat_name, "content": "hi"}).get_json()["provider"] == "relay"
+    # The same model_type check per provider: openai's value is refused on /relay/deploy.
+    r = client.post("/relay/deploy", json={"api_key": "k", "chat_name": name(), "model_name": "m", "model_type": "saas/openai"})
+    assert r.status_code == 400 and "model_type" in r.get_json()["error"]["message"]
+
+
+def test_a_deploy_that_cannot_start_leaves_nothing_behind(ray_head, fake_openai, name):
+    from gateway import Settings, create_app
+
+    impatient = create_app(Settings.from_env(ray_address=ray_head.address, deploy_wait_s=3)).test_client()
+    chat_name = name()
+    r = impatient.post("/stuck/deploy", json={"api_key": "sk-stuck-0008", "chat_name": chat_name,
+                                              "model_name": "m", "base_url": fake_openai.base_url, "timeout": 1})
+    assert r.status_code == 503
+    err = r.get_json()["error"]
+    assert err["type"] == "endpoint_not_ready" and chat_name in err["message"] and r.headers["Retry-After"]
+    # The registry forgot it at once; Serve reaps the never-started replicas shortly after.
+    assert impatient.post("/chat", json={"chat_name": chat_name, "content": "hi"}).status_code == 404
+    for _ in range(120):
+        if chat_name not in serve.status().applications:
+            break
+        assert serve.status().applications[chat_name].status == "DELETING"
+        time.sleep(0.5)
+    assert chat_name not in serve.status().applications
+    assert impatient.get(f"/deployments/{chat_name}").status_code == 404
