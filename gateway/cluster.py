@@ -141,9 +141,13 @@ class EmbeddedHead:
 
 
 def export_embedded_env(address: str) -> None:
-    """Let the processes we fork (gunicorn workers) find the embedded head."""
+    """Let the processes we fork (gunicorn workers) find the embedded head.
+
+    Its workers already import our code from PYTHONPATH, so nothing is shipped.
+    """
     os.environ["RAY_ADDRESS"] = address
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ["GATEWAY_SHIP_CODE"] = "0"
 
 
 class Cluster:
@@ -184,9 +188,11 @@ class Cluster:
                 raise GatewayError("cluster_unavailable", f"the Ray cluster at {address} is not reachable", retry_after=2)
             try:
                 if not ray.is_initialized():
+                    ship = self.settings.ship_code if self.settings.ship_code is not None else True
                     ray.init(
                         address=address,
                         namespace=self.settings.ray_namespace,
+                        runtime_env={"py_modules": [str(PROJECT_ROOT / "gateway"), str(PROJECT_ROOT / "providers")]} if ship else None,
                         log_to_driver=False,
                         logging_level=logging.WARNING,
                         configure_logging=False,

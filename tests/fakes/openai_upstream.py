@@ -126,7 +126,11 @@ class FakeOpenAI:
         return web.Response(status=reply.status, text=str(reply.body or ""), content_type="application/json", headers=headers)
 
 
-if __name__ == "__main__":  # pragma: no cover - manual use: python -m tests.fakes.openai_upstream
-    fake = FakeOpenAI().start()
+if __name__ == "__main__":  # pragma: no cover - python -m tests.fakes.openai_upstream [--latency S]
+    import argparse
+
+    parser = argparse.ArgumentParser(description="fake OpenAI upstream on loopback")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    fake = FakeOpenAI(latency=parser.parse_args().latency).start()
     print(fake.base_url, flush=True)
     threading.Event().wait()

@@ -1,0 +1,28 @@
+"""Guards on the project's shape that bit the user before."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import providers
+
+ROOT = Path(__file__).resolve().parent.parent
+SDKS = {"openai", "zhipuai", "dashscope", "ray", "flask", "gunicorn", "httpx", "tenacity",
+        "prometheus_client", "pydantic", "aiohttp", "vllm", "transformers", "torch"}
+
+
+def test_no_module_shadows_an_sdk():
+    ours = [p for p in ROOT.rglob("*.py") if ".venv" not in p.parts]
+    assert ours
+    shadowing = [str(p.relative_to(ROOT)) for p in ours if p.stem in SDKS]
+    shadowing += [str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if p.is_dir() and p.name in SDKS and ".venv" not in p.parts]
+    assert not shadowing, f"these names shadow installed packages: {shadowing}"
+
+
+def test_every_provider_has_routes_and_a_spec(app):
+    rules = {r.rule for r in app.url_map.iter_rules()}
+    for name in providers.names():
+        provider = providers.get(name)
+        assert provider.spec_class.MODEL_TYPES, name
+        for action in ("deploy", "chat", "undeploy"):
+            assert f"/{name}/{action}" in rules
+    assert "openai" in providers.names()

@@ -1,0 +1,200 @@
+"""The real start commands: gunicorn (joined to a cluster, and with its own embedded head) and ``python app.py``."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.cluster import free_port, reachable
+from tests.fakes.openai_upstream import Reply
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start(cmd: list[str], env_extra: dict, log_path: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.pop("RAY_ADDRESS", None)
+    env.update(env_extra)
+    out = open(log_path, "wb")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(base: str, proc: subprocess.Popen, log_path: Path, limit: float = 120) -> dict:
+    deadline = time.monotonic() + limit
+    last = None
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            r = httpx.get(base + "/readyz", timeout=10)
+            last = r.json()
+            if r.status_code == 200:
+                return last
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"not ready: {last}\n{log_path.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen, limit: float = 60) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+@pytest.fixture
+def gunicorn_joined(ray_head, tmp_path):
+    port = free_port()
+    log_path = tmp_path / "gunicorn.log"
+    proc = start(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+        {"RAY_ADDRESS": ray_head.address, "GATEWAY_BIND": f"127.0.0.1:{port}", "GATEWAY_WORKERS": "2", "GATEWAY_THREADS": "8"},
+        log_path,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc, log_path)
+        yield base, proc, log_path
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_gunicorn_serves_the_user_session_and_stops_gracefully(gunicorn_joined, fake_openai):
+    base, proc, log_path = gunicorn_joined
+    chat_name = f"gunicorn_{uuid.uuid4().hex[:8]}"
+    key = f"sk-gunicorn-{uuid.uuid4().hex}"
+    with httpx.Client(base_url=base, timeout=60) as http:
+        r = http.post("/openai/deploy", json={
+            "api_key": key, "chat_name": chat_name, "model_name": "gpt-4o-mini",
+            "model_type": "saas/openai", "http_proxy": fake_openai.base_url, "workers": 2,
+        })
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "RUNNING"
+        for _ in range(10):  # spread over both workers and both replicas
+            r = http.post("/openai/chat", json={"chat_name": chat_name, "content": "你好，你是谁"})
+            assert r.status_code == 200 and r.json() == "echo: 你好，你是谁"
+        r = http.post("/chat", json={"chat_name": chat_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+        assert r.status_code == 200 and r.json()["output"] == "echo: hi"
+        assert any(d["chat_name"] == chat_name for d in http.get("/deployments").json()["deployments"])
+
+        # SIGTERM while a slow call is in flight: the call finishes, then gunicorn exits 0.
+        fake_openai.script(key, Reply(delay=2.0))
+        result = {}
+
+        def slow_call():
+            with httpx.Client(base_url=base, timeout=60) as other:
+                result["r"] = other.post("/chat", json={"chat_name": chat_name, "content": "slow"})
+
+        caller = threading.Thread(target=slow_call)
+        caller.start()
+        time.sleep(0.7)
+        proc.send_signal(signal.SIGTERM)
+        caller.join(30)
+        assert result["r"].status_code == 200 and result["r"].json()["output"] == "echo: slow"
+        assert proc.wait(40) == 0
+    # The endpoint outlives the gateway process: it lives in the cluster.
+    from ray import serve
+
+    assert serve.status().applications[chat_name].status == "RUNNING"
+    serve.delete(chat_name)
+    assert key not in log_path.read_text()
+
+
+def test_gunicorn_with_its_embedded_head_starts_and_stops_it(tmp_path, fake_openai):
+    port, ray_port, dash_port = free_port(), free_port(), free_port()
+    log_path = tmp_path / "gunicorn-embedded.log"
+    started = time.monotonic()
+    proc = start(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+        {"GATEWAY_BIND": f"127.0.0.1:{port}", "GATEWAY_WORKERS": "1", "GATEWAY_RAY_PORT": str(ray_port),
+         "GATEWAY_DASHBOARD_PORT": str(dash_port), "GATEWAY_OBJECT_STORE_MB": "100"},
+        log_path,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        ready = wait_ready(base, proc, log_path)
+        print(f"embedded start to ready: {time.monotonic() - started:.1f}s")
+        assert ready["ray_address"] == f"127.0.0.1:{ray_port}"
+        assert reachable(f"127.0.0.1:{dash_port}")  # the dashboard, on loopback
+        with httpx.Client(base_url=base, timeout=60) as http:
+            r = http.post("/openai/deploy", json={"api_key": "sk-embedded-0001", "chat_name": "openai_chat",
+                                                  "model_name": "gpt-4o-mini", "http_proxy": fake_openai.base_url})
+            assert r.status_code == 200, r.text
+            assert http.post("/openai/chat", json={"chat_name": "openai_chat", "content": "hi"}).json() == "echo: hi"
+    finally:
+        code = stop(proc)
+    assert code == 0, log_path.read_text()[-3000:]
+    for _ in range(50):
+        if not reachable(f"127.0.0.1:{ray_port}", 0.2):
+            break
+        time.sleep(0.2)
+    assert not reachable(f"127.0.0.1:{ray_port}", 0.2), "the embedded head outlived the gateway"
+
+
+def test_python_app_py_quick_try(ray_head, tmp_path):
+    port = free_port()
+    log_path = tmp_path / "app.log"
+    proc = start([sys.executable, "app.py"], {"RAY_ADDRESS": ray_head.address, "GATEWAY_BIND": f"127.0.0.1:{port}"}, log_path)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, log_path)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").json() == {"status": "ok"}
+    finally:
+        stop(proc)
+
+
+def test_joining_a_foreign_cluster_ships_the_gateway_code(tmp_path, fake_openai):
+    """A cluster started elsewhere (no checkout on its PYTHONPATH) still runs our replicas."""
+    import json
+    import urllib.request
+
+    from tests.test_secrets import ray_token
+
+    ray_port, dash_port, port = free_port(), free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    env["RAY_AUTH_MODE"] = "token"
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={ray_port}", f"--dashboard-port={dash_port}", "--num-cpus=1", f"--ray-client-server-port={free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", "--object-store-memory=100000000", "--disable-usage-stats"],
+        cwd=tmp_path, env=env, stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    log_path = tmp_path / "gunicorn.log"
+    gw = None
+    try:
+        for _ in range(300):
+            if reachable(f"127.0.0.1:{ray_port}", 0.2):
+                break
+            time.sleep(0.1)
+        gw = start([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+                   {"RAY_ADDRESS": f"127.0.0.1:{ray_port}", "GATEWAY_BIND": f"127.0.0.1:{port}", "GATEWAY_WORKERS": "1"},
+                   log_path)
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, gw, log_path)
+        with httpx.Client(base_url=base, timeout=60) as http:
+            r = http.post("/openai/deploy", json={"api_key": "sk-foreign-0001", "chat_name": "foreign",
+                                                  "model_name": "m", "base_url": fake_openai.base_url})
+            assert r.status_code == 200, r.text
+            assert http.post("/openai/chat", json={"chat_name": "foreign", "content": "hi"}).json() == "echo: hi"
+        req = urllib.request.Request(f"http://127.0.0.1:{dash_port}/api/serve/applications/",
+                                     headers={"Authorization": f"Bearer {ray_token()}"})
+        apps = json.loads(urllib.request.urlopen(req, timeout=30).read())["applications"]
+        options = apps["foreign"]["deployments"]["openai"]["deployment_config"]["ray_actor_options"]
+        assert len(options["runtime_env"]["py_modules"]) == 2  # gateway/ and providers/, shipped
+        assert "sk-foreign-0001" not in json.dumps(apps)
+    finally:
+        if gw is not None:
+            stop(gw)
+        head.send_signal(signal.SIGTERM)
+        head.wait(60)
