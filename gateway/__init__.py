@@ -37,11 +37,12 @@ def create_app(settings: Optional[Settings] = None) -> Flask:
     app.json.ensure_ascii = False  # legacy callers get the reply text as written
     app.json.sort_keys = False
     cluster = Cluster(settings)
+    dispatcher = Dispatcher(cluster, settings)
     app.extensions["gateway"] = Gateway(
         settings=settings,
         cluster=cluster,
-        endpoints=Endpoints(cluster, settings),
-        dispatcher=Dispatcher(cluster, settings),
+        endpoints=Endpoints(cluster, settings, on_change=dispatcher.forget),
+        dispatcher=dispatcher,
     )
     register_routes(app)
     return app

@@ -52,13 +52,16 @@ class Dispatcher:
             self.forget(chat_name)
             raise GatewayError("not_found", f"no endpoint named '{chat_name}'")
         with self._lock:
-            handle = self._handles.get(chat_name)
+            # A handle is bound to the deployment's name, which is the provider's: an endpoint
+            # undeployed and deployed again under another provider needs a new one.
+            handle_key = (chat_name, record["provider"])
+            handle = self._handles.get(handle_key)
             if handle is None:
                 try:
                     handle = serve.get_app_handle(chat_name)
                 except RayServeException:
                     raise GatewayError("endpoint_not_ready", f"'{chat_name}' is registered but not running", retry_after=2) from None
-                self._handles[chat_name] = handle
+                self._handles[handle_key] = handle
             endpoint = Endpoint(record, handle, now + self.settings.endpoint_cache_s)
             self._cache[chat_name] = endpoint
         return endpoint
@@ -66,7 +69,8 @@ class Dispatcher:
     def forget(self, chat_name: str) -> None:
         with self._lock:
             self._cache.pop(chat_name, None)
-            self._handles.pop(chat_name, None)
+            for key in [k for k in self._handles if k[0] == chat_name]:
+                del self._handles[key]
 
     def chat(self, chat_name: str, call: ChatCall, provider: Optional[str] = None) -> tuple[Endpoint, ChatResult]:
         """Answer ``call`` on ``chat_name``; ``provider`` restricts to that provider's endpoints."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Callable, Optional
 
 import ray
 from ray import serve
@@ -38,9 +38,10 @@ def _deployment_view(app_status) -> tuple[Optional[str], int]:
 
 
 class Endpoints:
-    def __init__(self, cluster: Cluster, settings: Settings) -> None:
+    def __init__(self, cluster: Cluster, settings: Settings, on_change: Callable[[str], None] = lambda name: None) -> None:
         self.cluster = cluster
         self.settings = settings
+        self._on_change = on_change  # this process's dispatch cache forgets a changed endpoint at once
 
     # -- deploy -------------------------------------------------------------
     def deploy(self, provider: Provider, spec: DeploySpec) -> dict:
@@ -88,6 +89,7 @@ class Endpoints:
             raise GatewayError("internal_error", redact(f"deploy of '{name}' failed: {exc}", secret)[:500]) from None
         finally:
             ray.get(registry.finish.remote(name, record))
+            self._on_change(name)
 
     def _wait_running(self, name: str, spec: DeploySpec) -> None:
         deadline = time.monotonic() + self.settings.deploy_wait_s
@@ -135,6 +137,7 @@ class Endpoints:
                 serve.delete(name)
         finally:
             ray.get(registry.finish.remote(name, None))
+            self._on_change(name)
         log.info("undeployed chat_name=%s provider=%s", name, provider.name)
         return {"ret": "ok", "chat_name": name, "provider": provider.name, "status": "DELETED"}
 

@@ -72,6 +72,14 @@ class ChatRequest(SamplingParams):
         return ChatCall(request_id=request_id, messages=messages, params=params)
 
 
+class UndeployRequest(BaseModel):
+    """Body of ``POST /<provider>/undeploy``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chat_name: ChatName
+
+
 class ChatCall(BaseModel):
     """What a replica is asked to do: provider-neutral, no secrets."""
 

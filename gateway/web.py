@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 import providers
 
 from .errors import GatewayError
-from .schemas import CHAT_NAME_RULE, ChatName, ChatRequest, validate
+from .schemas import ChatRequest, UndeployRequest, validate
 
 log = logging.getLogger("gateway.web")
 
@@ -38,15 +38,6 @@ def json_body() -> dict:
     if not isinstance(data, dict):
         raise GatewayError("invalid_request", "the body must be a JSON object")
     return data
-
-
-def chat_name_from(data: dict) -> str:
-    from pydantic import TypeAdapter, ValidationError
-
-    try:
-        return TypeAdapter(ChatName).validate_python(data.get("chat_name"))
-    except ValidationError:
-        raise GatewayError("invalid_request", f"chat_name: required, {CHAT_NAME_RULE}", fields=["chat_name"]) from None
 
 
 # -- request bookkeeping and errors ------------------------------------------
@@ -172,7 +163,7 @@ def provider_blueprint(provider: "providers.Provider") -> Blueprint:
 
     @bp.post("/undeploy")
     def undeploy():
-        return jsonify(gw().endpoints.undeploy(provider, chat_name_from(json_body())))
+        return jsonify(gw().endpoints.undeploy(provider, validate(UndeployRequest, json_body()).chat_name))
 
     return bp
 

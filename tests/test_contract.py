@@ -181,3 +181,10 @@ def test_unreachable_cluster_is_503(ray_head):
 
 def test_healthz(client):
     assert client.get("/healthz").get_json() == {"status": "ok"}
+
+
+def test_undeploy_body_is_validated(client):
+    r = client.post("/openai/undeploy", json={"chat_name": "a", "force": True})
+    assert r.status_code == 400 and "force" in error_of(r)["message"]
+    r = client.post("/openai/undeploy", json={"chat_name": "bad name"})
+    assert r.status_code == 400 and error_of(r)["fields"] == ["chat_name"]

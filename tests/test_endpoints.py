@@ -166,3 +166,13 @@ def test_a_deploy_that_cannot_start_leaves_nothing_behind(ray_head, fake_openai,
         time.sleep(0.5)
     assert chat_name not in serve.status().applications
     assert impatient.get(f"/deployments/{chat_name}").status_code == 404
+
+
+def test_a_name_can_move_to_another_provider_after_undeploy(client, deploy, name):
+    chat_name = name()
+    assert deploy(chat_name, "sk-move-0009").status_code == 200
+    assert client.post("/chat", json={"chat_name": chat_name, "content": "a"}).get_json()["provider"] == "openai"
+    assert client.post("/openai/undeploy", json={"chat_name": chat_name}).status_code == 200
+    assert deploy(chat_name, "sk-move-0009", provider="relay").status_code == 200
+    r = client.post("/chat", json={"chat_name": chat_name, "content": "b"})
+    assert r.status_code == 200 and r.get_json()["provider"] == "relay" and r.get_json()["output"] == "echo: b"
