@@ -49,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "RAY_ADDRESS"}
-    fake = subprocess.Popen([sys.executable, "-m", "tests.fakes.openai_upstream", "--latency", str(args.latency)],
+    fake = subprocess.Popen([sys.executable, "-m", "tests.fakes.upstreams", "--provider", "openai", "--latency", str(args.latency)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     upstream = fake.stdout.readline().strip()
     port = free_port()

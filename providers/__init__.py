@@ -29,7 +29,11 @@ def names() -> list[str]:
 
 # -- registrations -----------------------------------------------------------
 from .openai_provider import OpenAIProvider  # noqa: E402
+from .qwen_provider import QwenProvider  # noqa: E402
+from .zhipu_provider import ZhipuProvider  # noqa: E402
 
 register(OpenAIProvider())
+register(ZhipuProvider())
+register(QwenProvider())
 
 __all__ = ["ChatAdapter", "DeploySpec", "Provider", "SaaSDeploySpec", "get", "names", "register"]

@@ -112,6 +112,20 @@ def redact(text: str, secret: str, min_run: int = 8) -> str:
     return out
 
 
+def retry_after_seconds(headers: Any) -> Optional[float]:
+    """``retry-after-ms`` first, then ``retry-after`` in seconds (as the SDK reads them)."""
+    if headers is None:
+        return None
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                return max(0.0, float(value) / scale)
+            except ValueError:
+                continue
+    return None
+
+
 class ChatAdapter(abc.ABC):
     """Lives in a replica and talks to one upstream with one key."""
 

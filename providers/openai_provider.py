@@ -6,7 +6,7 @@ SDK for anything that runs with this folder on ``sys.path``.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import aiohttp
 import openai
@@ -14,27 +14,13 @@ import openai
 from gateway.errors import GatewayError
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import ChatAdapter, Provider, SaaSDeploySpec, reraise_as_gateway_error
+from .base import ChatAdapter, Provider, SaaSDeploySpec, reraise_as_gateway_error, retry_after_seconds
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
 class OpenAIDeploySpec(SaaSDeploySpec):
     MODEL_TYPES = ("saas/openai", "saas/official_openai")
-
-
-def retry_after_seconds(headers: Any) -> Optional[float]:
-    """``retry-after-ms`` first, then ``retry-after`` in seconds (as the SDK reads them)."""
-    if headers is None:
-        return None
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value:
-            try:
-                return max(0.0, float(value) / scale)
-            except ValueError:
-                continue
-    return None
 
 
 def _refused(exc: BaseException) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import uuid
 
 # Before anything imports ray: the session cluster runs with token authentication,
 # and Ray reads the mode once per process.
@@ -13,7 +14,7 @@ import pytest  # noqa: E402
 
 from gateway import Settings, create_app  # noqa: E402
 from gateway.cluster import EmbeddedHead, export_embedded_env, free_port
-from tests.fakes.openai_upstream import FakeOpenAI
+from tests.fakes.upstreams import FakeDashScope, FakeOpenAI, FakeZhipu
 from tests.providers_for_tests import register_test_providers
 
 _names = itertools.count()
@@ -42,6 +43,20 @@ def fake_openai():
 
 
 @pytest.fixture(scope="session")
+def fake_zhipu():
+    fake = FakeZhipu().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_dashscope():
+    fake = FakeDashScope().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
 def app(ray_head):
     register_test_providers()
     return create_app(Settings.from_env(ray_address=ray_head.address, deploy_wait_s=30))
@@ -56,6 +71,28 @@ def client(app):
 def name():
     """A fresh chat_name per call: tests never share endpoints."""
     return lambda prefix="ep": f"{prefix}_{os.getpid()}_{next(_names)}"
+
+
+@pytest.fixture(scope="module")
+def shared_endpoint(app, fake_openai, fake_zhipu, fake_dashscope):
+    """One endpoint per provider for a whole module (deploys cost seconds): (chat_name, key, fake)."""
+    client = app.test_client()
+    fakes = {"openai": fake_openai, "zhipu": fake_zhipu, "qwen": fake_dashscope}
+    made = {}
+
+    def _get(provider):
+        if provider not in made:
+            chat_name = f"shared_{provider}_{os.getpid()}_{next(_names)}"
+            key = f"{uuid.uuid4().hex[:8]}.{uuid.uuid4().hex}"
+            r = client.post(f"/{provider}/deploy", json={"api_key": key, "chat_name": chat_name, "model_name": "m",
+                                                         "base_url": fakes[provider].base_url})
+            assert r.status_code == 200, r.get_json()
+            made[provider] = (chat_name, key, fakes[provider])
+        return made[provider]
+
+    yield _get
+    for provider, (chat_name, _, _) in made.items():
+        client.post(f"/{provider}/undeploy", json={"chat_name": chat_name})
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from gateway.cluster import free_port, reachable
-from tests.fakes.openai_upstream import Reply
+from tests.fakes.upstreams import Reply
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from tests.fakes.openai_upstream import openai_error
+from tests.fakes.upstreams import openai_error
 
 
 def ray_token() -> str:

@@ -5,11 +5,9 @@ raises its own exceptions, which must come back as plain gateway errors.
 """
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
-from tests.fakes.openai_upstream import Reply, openai_error
+from tests.fakes.upstreams import Reply, openai_error
 
 
 @pytest.fixture
@@ -57,9 +55,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("reply, status, kind, code", CASES)
-def test_upstream_failure_maps_to_gateway_error(client, endpoint, fake_openai, reply, status, kind, code):
-    key = f"sk-map-{uuid.uuid4().hex}"
-    chat_name = endpoint(key)
+def test_upstream_failure_maps_to_gateway_error(client, shared_endpoint, reply, status, kind, code):
+    chat_name, key, fake_openai = shared_endpoint("openai")
+    before = len(fake_openai.requests_for(key))
     fake_openai.script(key, reply, reply)
     for path in ("/chat", "/openai/chat"):
         r = client.post(path, json={"chat_name": chat_name, "content": "hi"})
@@ -75,7 +73,7 @@ def test_upstream_failure_maps_to_gateway_error(client, endpoint, fake_openai, r
         if kind == "upstream_rate_limited":
             assert r.headers["Retry-After"] == "7" and err["retry_after"] == 7
     # One upstream call per request: the SDK's own retries are off.
-    assert len(fake_openai.requests_for(key)) == 2
+    assert len(fake_openai.requests_for(key)) == before + 2
 
 
 def test_upstream_that_hangs_past_the_timeout_is_504(client, endpoint, fake_openai):

@@ -1,0 +1,144 @@
+"""Qwen through Alibaba's official ``dashscope`` SDK (``AioGeneration``, ``result_format="message"``).
+
+The key and the base URL go with every call (``api_key=``, ``base_address=``), never
+into the SDK's module globals, so endpoints in one process cannot leak into each other.
+DashScope answers errors as values (``status_code``, ``code``), not exceptions; both are
+mapped here. Temperature is in [0, 2) on DashScope: 2 is sent as 1.99.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any, Optional
+
+import aiohttp
+import dashscope
+from pydantic import field_validator
+
+from gateway.errors import GatewayError
+from gateway.schemas import ChatCall, ChatResult, Usage
+
+from .base import ChatAdapter, Provider, SaaSDeploySpec, reraise_as_gateway_error
+
+DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
+
+QUOTA_CODES = {"Arrearage", "PrepaidBillOverdue", "PostpaidBillOverdue", "CommodityNotPurchased"}
+
+MESSAGES = {
+    "upstream_auth": "the provider rejected the endpoint's key",
+    "upstream_quota": "the provider's balance or quota is exhausted",
+    "upstream_rate_limited": "the provider is rate limiting this key",
+    "content_filter": "the provider refused the content",
+    "upstream_bad_request": "the provider refused the request",
+    "upstream_timeout": "the provider timed out",
+    "upstream_error": "the provider failed",
+}
+
+
+class QwenDeploySpec(SaaSDeploySpec):
+    MODEL_TYPES = ("saas/qwen", "saas/qianwen", "saas/dashscope")
+
+    @field_validator("proxy")
+    @classmethod
+    def _no_proxy(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            raise ValueError(
+                "the dashscope SDK cannot take a proxy per endpoint; set HTTPS_PROXY in the cluster's environment instead"
+            )
+        return value
+
+
+def classify(code: str, status: int) -> str:
+    """A DashScope error code (and HTTP status) -> the gateway's error type."""
+    if code == "InvalidApiKey" or code.startswith("AccessDenied"):
+        return "upstream_auth"
+    if code in QUOTA_CODES:
+        return "upstream_quota"
+    if code == "Throttling" or code.startswith("Throttling.") or code == "LimitRequests":
+        return "upstream_rate_limited"
+    if code.startswith("DataInspectionFailed") or code == "data_inspection_failed":
+        return "content_filter"
+    if code.startswith("InvalidParameter") or code == "ModelNotFound":
+        return "upstream_bad_request"
+    if code == "RequestTimeOut":
+        return "upstream_timeout"
+    return "upstream_error"  # InternalError*, SystemError, ModelUnavailable, 5xx and unknown codes
+
+
+def error_from_response(resp: Any) -> GatewayError:
+    code = str(resp.code or "") or None
+    kind = classify(code or "", int(resp.status_code))
+    message = str(resp.message or "")
+    return GatewayError(
+        kind,
+        MESSAGES[kind] + (f": {message}" if message else f" (HTTP {resp.status_code})"),
+        provider_code=code,
+        provider_request_id=resp.request_id or None,
+        upstream_status=int(resp.status_code),
+    )
+
+
+def map_dashscope_error(exc: Exception) -> GatewayError:
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return GatewayError("upstream_timeout", "the provider did not answer in time")
+    if isinstance(exc, aiohttp.ClientError):
+        return GatewayError("upstream_error", f"could not reach the provider ({type(exc).__name__})")
+    if isinstance(exc, (ValueError, KeyError, TypeError, AttributeError)):
+        return GatewayError("upstream_error", "the provider's answer was malformed")
+    return GatewayError("upstream_error", f"unexpected {type(exc).__name__} while calling the provider")
+
+
+class QwenAdapter(ChatAdapter):
+    def __init__(self, spec: QwenDeploySpec) -> None:
+        self._spec = spec
+
+    def _request(self, call: ChatCall) -> dict[str, Any]:
+        spec, p = self._spec, call.params
+        kwargs: dict[str, Any] = {
+            "model": spec.model_name,
+            "messages": [m.model_dump(exclude_none=True) for m in call.messages],
+            "result_format": "message",
+            "api_key": spec.api_key.get_secret_value(),
+            "base_address": spec.base_url or DEFAULT_BASE_URL,
+            "request_timeout": max(1, math.ceil(spec.timeout)),
+            "headers": {"X-Request-Id": call.request_id},
+        }
+        if p.temperature is not None:
+            kwargs["temperature"] = min(p.temperature, 1.99)
+        if p.top_p is not None:
+            kwargs["top_p"] = p.top_p
+        if p.max_tokens is not None:
+            kwargs["max_tokens"] = p.max_tokens
+        if p.stop is not None:
+            kwargs["stop"] = [p.stop] if isinstance(p.stop, str) else p.stop
+        return kwargs
+
+    async def chat(self, call: ChatCall) -> ChatResult:
+        started = time.perf_counter()
+        with reraise_as_gateway_error("qwen", self._spec.api_key.get_secret_value(), map_dashscope_error):
+            resp = await asyncio.wait_for(dashscope.AioGeneration.call(**self._request(call)), self._spec.timeout + 1)
+            if int(resp.status_code) != 200:
+                raise error_from_response(resp)
+            choices = (resp.output or {}).get("choices") or []
+            if not choices:
+                raise GatewayError("upstream_error", "the provider answered without choices")
+            choice = choices[0]
+            usage = resp.usage or {}
+            prompt, completion = int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
+            return ChatResult(
+                output=(choice.get("message") or {}).get("content") or "",
+                finish_reason=choice.get("finish_reason"),
+                usage=Usage(prompt_tokens=prompt, completion_tokens=completion,
+                            total_tokens=int(usage.get("total_tokens") or prompt + completion)),
+                provider_request_id=resp.request_id or None,
+                upstream_ms=(time.perf_counter() - started) * 1000,
+            )
+
+
+class QwenProvider(Provider):
+    name = "qwen"
+    spec_class = QwenDeploySpec
+
+    def create_adapter(self, spec: QwenDeploySpec) -> QwenAdapter:
+        return QwenAdapter(spec)

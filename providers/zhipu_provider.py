@@ -1,0 +1,185 @@
+"""Zhipu (GLM) through the official ``zhipuai`` SDK.
+
+The SDK is synchronous: calls run on a thread pool of the replica's own, so the event
+loop keeps serving other calls. Its own retries (3, ignoring Retry-After) are off.
+
+Parameters at the edges: Zhipu samples with temperature in (0, 1) and top_p in (0, 1).
+The gateway caps temperature at 1 and the SDK then sends 0.99; temperature 0 means
+greedy decoding (the SDK sends ``temperature: 0.01, do_sample: false``); top_p 1 is sent
+as 0.99 by the SDK.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import httpx
+import zhipuai
+from pydantic import field_validator
+
+from gateway.errors import GatewayError
+from gateway.schemas import ChatCall, ChatResult, Usage
+
+from .base import ChatAdapter, Provider, SaaSDeploySpec, reraise_as_gateway_error, retry_after_seconds
+
+DEFAULT_BASE_URL = "https://open.bigmodel.cn/api/paas/v4"
+
+#: Zhipu business codes -> gateway types (docs.bigmodel.cn api-code)
+CODE_TYPES: dict[str, str] = {
+    **{str(c): "upstream_auth" for c in range(1000, 1005)},
+    "1113": "upstream_quota",
+    "1304": "upstream_quota",  # daily call limit: does not pass in seconds
+    **{str(c): "upstream_quota" for c in range(1308, 1314)},
+    "1301": "content_filter",
+    "1302": "upstream_rate_limited",
+    "1303": "upstream_rate_limited",
+    "1305": "upstream_rate_limited",
+    **{str(c): "upstream_bad_request" for c in range(1210, 1235)},
+    "1261": "upstream_bad_request",
+}
+
+MESSAGES = {
+    "upstream_auth": "the provider rejected the endpoint's key",
+    "upstream_quota": "the provider's balance or quota is exhausted",
+    "upstream_rate_limited": "the provider is rate limiting this key",
+    "content_filter": "the provider refused the content",
+    "upstream_bad_request": "the provider refused the request",
+    "upstream_error": "the provider failed",
+}
+
+
+class ZhipuDeploySpec(SaaSDeploySpec):
+    MODEL_TYPES = ("saas/zhipu",)
+
+    @field_validator("api_key")
+    @classmethod
+    def _id_dot_secret(cls, value):
+        key = value.get_secret_value()
+        ident, dot, secret = key.partition(".")
+        if not (ident and dot and secret) or "." in secret:
+            raise ValueError("a Zhipu key has the form id.secret")
+        return value
+
+
+def _business_error(exc: zhipuai.APIStatusError) -> tuple[Optional[str], str, Optional[list]]:
+    try:
+        body = exc.response.json()
+    except ValueError:
+        return None, "", None
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return None, "", None
+    return (str(error["code"]) if error.get("code") is not None else None), str(error.get("message") or ""), body.get("contentFilter")
+
+
+def map_zhipu_error(exc: Exception) -> GatewayError:
+    if isinstance(exc, zhipuai.APITimeoutError):
+        return GatewayError("upstream_timeout", "the provider did not answer in time")
+    if isinstance(exc, zhipuai.APIConnectionError):
+        return GatewayError("upstream_error", "could not reach the provider (connection failed)")
+    if isinstance(exc, zhipuai.APIStatusError):
+        status = exc.status_code
+        code, message, content_filter = _business_error(exc)
+        if code in CODE_TYPES:
+            kind = CODE_TYPES[code]
+        elif code is None and status in (401, 403):
+            kind = "upstream_auth"
+        elif code is None and status == 429:
+            kind = "upstream_rate_limited"
+        elif code is None and 400 <= status < 500:
+            kind = "upstream_bad_request"
+        else:
+            kind = "upstream_error"  # unknown codes, 5xx: the code is kept
+        details: dict[str, Any] = dict(
+            provider_code=code,
+            upstream_status=status,
+            provider_request_id=exc.response.headers.get("x-request-id") or exc.response.headers.get("request-id"),
+        )
+        if kind == "upstream_rate_limited":
+            details["retry_after"] = retry_after_seconds(exc.response.headers)
+        text = MESSAGES[kind] + (f": {message}" if message else f" (HTTP {status})")
+        if content_filter:
+            text += f" (content filter: {content_filter})"
+        return GatewayError(kind, text, **details)
+    if isinstance(exc, (zhipuai.APIResponseValidationError, ValueError)):
+        return GatewayError("upstream_error", "the provider's answer was malformed")
+    return GatewayError("upstream_error", f"unexpected {type(exc).__name__} while calling the provider")
+
+
+class ZhipuAdapter(ChatAdapter):
+    def __init__(self, spec: ZhipuDeploySpec, threads: int = 64) -> None:
+        self._spec = spec
+        self._threads = threads
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._client: Optional[zhipuai.ZhipuAI] = None
+
+    def _get_client(self) -> zhipuai.ZhipuAI:
+        if self._client is None:
+            spec = self._spec
+            timeout = httpx.Timeout(spec.timeout, connect=min(spec.timeout, 10.0))
+            self._client = zhipuai.ZhipuAI(
+                api_key=spec.api_key.get_secret_value(),
+                base_url=spec.base_url or DEFAULT_BASE_URL,
+                max_retries=0,  # the gateway owns retries
+                timeout=timeout,
+                http_client=httpx.Client(proxy=spec.proxy, timeout=timeout) if spec.proxy else None,
+            )
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="zhipu")
+        return self._client
+
+    def _request(self, call: ChatCall) -> dict[str, Any]:
+        p = call.params
+        kwargs: dict[str, Any] = {
+            "model": self._spec.model_name,
+            "messages": [m.model_dump(exclude_none=True) for m in call.messages],
+            "request_id": call.request_id,
+        }
+        if p.temperature is not None:
+            kwargs["temperature"] = min(p.temperature, 1.0)
+        if p.top_p is not None:
+            kwargs["top_p"] = p.top_p
+        if p.max_tokens is not None:
+            kwargs["max_tokens"] = p.max_tokens
+        if p.stop is not None:
+            kwargs["stop"] = [p.stop] if isinstance(p.stop, str) else p.stop
+        return kwargs
+
+    async def chat(self, call: ChatCall) -> ChatResult:
+        client = self._get_client()
+        kwargs = self._request(call)
+        started = time.perf_counter()
+        with reraise_as_gateway_error("zhipu", self._spec.api_key.get_secret_value(), map_zhipu_error):
+            loop = asyncio.get_running_loop()
+            completion = await loop.run_in_executor(self._pool, lambda: client.chat.completions.create(**kwargs))
+            if not completion.choices:
+                raise GatewayError("upstream_error", "the provider answered without choices")
+            choice = completion.choices[0]
+            usage = completion.usage
+            return ChatResult(
+                output=choice.message.content or "",
+                finish_reason=choice.finish_reason,
+                usage=Usage(
+                    prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                    completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+                    total_tokens=getattr(usage, "total_tokens", 0) or 0,
+                ),
+                upstream_model=completion.model,
+                provider_request_id=completion.request_id or completion.id,
+                upstream_ms=(time.perf_counter() - started) * 1000,
+            )
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+class ZhipuProvider(Provider):
+    name = "zhipu"
+    spec_class = ZhipuDeploySpec
+
+    def create_adapter(self, spec: ZhipuDeploySpec) -> ZhipuAdapter:
+        return ZhipuAdapter(spec)

@@ -1,0 +1,222 @@
+"""Fake provider servers that speak each provider's real wire protocol over HTTP.
+
+Each runs an aiohttp server on loopback in a background thread, records every request
+(path, headers, JSON body) and answers from a per-key script (``script(key, Reply...)``),
+or by default echoes the last user message with deterministic usage. Shapes, paths, error
+bodies and statuses follow ``shared/reference/provider-protocols.md``:
+
+- ``FakeOpenAI``: ``POST /v1/chat/completions``, errors ``{"error": {message, type, param, code}}``
+- ``FakeZhipu``: ``POST /api/paas/v4/chat/completions``, errors ``{"error": {code, message}}`` (+ ``contentFilter``)
+- ``FakeDashScope``: ``POST /api/v1/services/aigc/text-generation/generation``, errors ``{code, message, request_id}``
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: Any = None  # dict -> JSON; str -> raw text; None -> the default completion
+    headers: dict = field(default_factory=dict)
+    delay: float = 0.0
+
+
+def openai_error(status: int, message: str, type_: str, code: Optional[str], headers: Optional[dict] = None) -> Reply:
+    return Reply(status, {"error": {"message": message, "type": type_, "param": None, "code": code}}, headers or {})
+
+
+def zhipu_error(status: int, code: str, message: str, content_filter: Optional[list] = None) -> Reply:
+    body: dict = {"error": {"code": code, "message": message}}
+    if content_filter is not None:
+        body = {"contentFilter": content_filter, **body}
+    return Reply(status, body)
+
+
+def dashscope_error(status: int, code: str, message: str) -> Reply:
+    return Reply(status, {"code": code, "message": message, "request_id": str(uuid.uuid4())})
+
+
+class FakeUpstream:
+    """Server thread, recording and scripting; subclasses give the protocol."""
+
+    path = ""
+    prefix = ""
+
+    def __init__(self, latency: float = 0.0) -> None:
+        self.latency = latency
+        self.requests: list[dict] = []
+        self._scripts: dict[str, deque] = defaultdict(deque)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._runner: Optional[web.AppRunner] = None
+        self.port = 0
+        self._thread = threading.Thread(target=self._serve, name=type(self).__name__, daemon=True)
+
+    def start(self) -> "FakeUpstream":
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        async def _down():
+            await self._runner.cleanup()
+        asyncio.run_coroutine_threadsafe(_down(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.prefix}"
+
+    def script(self, key: str, *replies: Reply) -> None:
+        """Answer the next requests made with ``key`` with ``replies``, in order."""
+        self._scripts[key].extend(replies)
+
+    def requests_for(self, key: str) -> list[dict]:
+        return [r for r in self.requests if r["headers"].get("Authorization") == f"Bearer {key}"]
+
+    def keys_seen(self) -> set[str]:
+        return {r["headers"].get("Authorization", "").removeprefix("Bearer ") for r in self.requests}
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post(self.path, self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        self.requests.append({"path": request.path, "headers": CIMultiDict(request.headers), "json": body})
+        key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if not key:
+            return self._send(self.missing_key())
+        queue = self._scripts.get(key)
+        reply = queue.popleft() if queue else Reply()
+        await asyncio.sleep(reply.delay or self.latency)
+        if reply.body is None and reply.status == 200:
+            messages = self.messages_of(body or {}) or [{"content": ""}]
+            last = str(messages[-1].get("content") or "")
+            prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in messages) + 4
+            text = "echo: " + last
+            reply = Reply(200, self.completion(body or {}, text, prompt_tokens, len(text.split())), reply.headers)
+        return self._send(reply)
+
+    def _send(self, reply: Reply) -> web.Response:
+        headers = {**self.reply_headers(), **reply.headers}
+        text = json.dumps(reply.body) if isinstance(reply.body, (dict, list)) else str(reply.body or "")
+        return web.Response(status=reply.status, text=text, content_type="application/json", headers=headers)
+
+    # -- protocol ---------------------------------------------------------------
+    def messages_of(self, body: dict) -> list:
+        return body.get("messages") or []
+
+    def reply_headers(self) -> dict:
+        return {}
+
+    def missing_key(self) -> Reply:
+        raise NotImplementedError
+
+    def completion(self, body: dict, text: str, prompt_tokens: int, completion_tokens: int) -> dict:
+        raise NotImplementedError
+
+
+class FakeOpenAI(FakeUpstream):
+    path = "/v1/chat/completions"
+    prefix = "/v1"
+
+    def reply_headers(self) -> dict:
+        return {"x-request-id": "req_" + uuid.uuid4().hex[:16]}
+
+    def missing_key(self) -> Reply:
+        return openai_error(401, "You didn't provide an API key.", "invalid_request_error", None)
+
+    def completion(self, body, text, prompt_tokens, completion_tokens):
+        return {
+            "id": "chatcmpl-" + uuid.uuid4().hex[:24],
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "?"),
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+            "service_tier": "default",
+        }
+
+
+class FakeZhipu(FakeUpstream):
+    path = "/api/paas/v4/chat/completions"
+    prefix = "/api/paas/v4"
+
+    def missing_key(self) -> Reply:
+        return zhipu_error(401, "1001", "Header中未收到Authorization参数，无法进行身份验证。")
+
+    def completion(self, body, text, prompt_tokens, completion_tokens):
+        rid = str(int(time.time() * 1e6))
+        return {
+            "created": int(time.time()),
+            "id": rid,
+            "model": body.get("model", "?"),
+            "request_id": rid,
+            "choices": [{"finish_reason": "stop", "index": 0, "message": {"content": text, "role": "assistant"}}],
+            "usage": {"completion_tokens": completion_tokens, "prompt_tokens": prompt_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+
+
+class FakeDashScope(FakeUpstream):
+    path = "/api/v1/services/aigc/text-generation/generation"
+    prefix = "/api/v1"
+
+    def messages_of(self, body: dict) -> list:
+        return (body.get("input") or {}).get("messages") or []
+
+    def missing_key(self) -> Reply:
+        return dashscope_error(401, "InvalidApiKey", "No API-key provided.")
+
+    def completion(self, body, text, prompt_tokens, completion_tokens):
+        return {
+            "output": {"choices": [{"finish_reason": "stop", "message": {"role": "assistant", "content": text}}]},
+            "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+            "request_id": str(uuid.uuid4()),
+        }
+
+
+FAKES = {"openai": FakeOpenAI, "zhipu": FakeZhipu, "qwen": FakeDashScope}
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m tests.fakes.upstreams [--provider P] [--latency S]
+    import argparse
+
+    parser = argparse.ArgumentParser(description="a fake provider upstream on loopback; prints its base URL")
+    parser.add_argument("--provider", choices=sorted(FAKES), default="openai")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    args = parser.parse_args()
+    fake = FAKES[args.provider](latency=args.latency).start()
+    print(fake.base_url, flush=True)
+    threading.Event().wait()
