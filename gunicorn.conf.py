@@ -48,6 +48,22 @@ def post_worker_init(worker):
 
     threading.Thread(target=connect, name="ray-connect", daemon=True).start()
 
+    # A Ray driver cannot reconnect to a restarted cluster in-process: when the lost
+    # cluster answers again, this worker stops gracefully and the master starts a fresh one.
+    import os
+    import signal
+
+    gateway.cluster.on_recovered = lambda: os.kill(os.getpid(), signal.SIGTERM)
+
+
+def worker_exit(server, worker):
+    """Skip Ray's exit hooks when the cluster is gone: they would wait on it."""
+    import os
+
+    gateway = worker.wsgi.extensions["gateway"] if worker.wsgi else None
+    if gateway is not None and gateway.cluster.lost:
+        os._exit(0)
+
 
 def on_exit(server):
     """Master, last: stop the embedded head (endpoints die with it)."""

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .config import Settings
 from .errors import GatewayError
@@ -157,6 +157,32 @@ class Cluster:
         self.settings = settings
         self._lock = threading.Lock()
         self._registry = None
+        #: the cluster went away after we connected; a Ray driver cannot reconnect in-process
+        self.lost = False
+        #: called once when a lost cluster answers again (gunicorn: restart this worker)
+        self.on_recovered: Optional[Callable[[], None]] = None
+
+    def ensure_up(self) -> None:
+        """Connect if needed; fail at once, without touching Ray, when the cluster is gone."""
+        if self.lost:
+            raise GatewayError(
+                "cluster_unavailable", f"the Ray cluster at {self.address} stopped answering; the gateway reconnects when it is back",
+                retry_after=2,
+            )
+        self.connect()
+
+    def _watch(self, address: str, period: float = 0.5) -> None:
+        while True:
+            time.sleep(period)
+            up = reachable(address, period)
+            if not up and not self.lost:
+                self.lost = True
+                log.error("the Ray cluster at %s stopped answering; requests get 503 cluster_unavailable", address)
+            elif up and self.lost:
+                log.warning("the Ray cluster at %s answers again; this process reconnects by restarting", address)
+                if self.on_recovered is not None:
+                    self.on_recovered()
+                return
 
     @property
     def address(self) -> Optional[str]:
@@ -206,6 +232,8 @@ class Cluster:
                 raise
             except Exception as exc:  # noqa: BLE001 - report why, in words
                 raise GatewayError("cluster_unavailable", describe_connect_error(exc, address), retry_after=2) from None
+            if _host_port(address) is not None:
+                threading.Thread(target=self._watch, args=(address,), name="ray-watchdog", daemon=True).start()
 
     def readiness(self) -> tuple[bool, dict]:
         """What ``/readyz`` reports: cluster reachable, Serve up, versions equal."""
@@ -215,7 +243,7 @@ class Cluster:
             import ray
             from ray import serve
 
-            self.connect()
+            self.ensure_up()
             cluster = ray.get(self.registry().versions.remote(), timeout=5)
             report["cluster"] = cluster
             serve.status()

@@ -43,8 +43,15 @@ class Settings(BaseModel):
     saas_max_ongoing_requests: int = Field(256, ge=1)
     #: how long a deploy may wait for its replicas before it is reported as failed
     deploy_wait_s: float = Field(60.0, gt=0)
-    #: how long a worker caches what it learnt about an endpoint (provider, model)
+    #: how long a worker caches what it learnt about an endpoint (provider, model, health)
     endpoint_cache_s: float = Field(2.0, ge=0)
+    #: a provider's Retry-After is waited out up to this; longer, the 429 goes to the caller
+    retry_after_cap_s: float = Field(10.0, ge=0)
+    #: cooldown: this many upstream failures in a row within the window (or one auth/quota
+    #: failure) and the endpoint is skipped for cooldown_s; then one request probes it
+    cooldown_failures: int = Field(3, ge=1)
+    cooldown_window_s: float = Field(60.0, gt=0)
+    cooldown_s: float = Field(30.0, ge=0)
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "Settings":

@@ -58,6 +58,11 @@ class Endpoints:
             raise self._conflict(name, existing["provider"])
         if state == "busy":
             raise GatewayError("conflict", f"another deploy or undeploy of '{name}' is in progress; try again when it ends")
+        try:
+            self._check_fallbacks(name, spec.fallbacks)
+        except GatewayError:
+            ray.get(registry.release.remote(name))
+            raise
         fresh = existing is None and name not in apps
         record = None
         try:
@@ -90,6 +95,32 @@ class Endpoints:
         finally:
             ray.get(registry.finish.remote(name, record))
             self._on_change(name)
+
+    def _check_fallbacks(self, name: str, fallbacks: list[str]) -> None:
+        """Fallbacks must name deployed endpoints and must not lead back to ``name``."""
+        if not fallbacks:
+            return
+        if name in fallbacks:
+            raise GatewayError("invalid_request", f"'{name}' cannot be its own fallback", fields=["fallbacks"])
+        graph = {r["chat_name"]: list(r.get("fallbacks") or []) for r in ray.get(self.cluster.registry().list.remote())}
+        unknown = [f for f in fallbacks if f not in graph]
+        if unknown:
+            raise GatewayError("invalid_request", f"fallbacks name endpoints that are not deployed: {', '.join(unknown)}",
+                               fields=["fallbacks"])
+        graph[name] = list(fallbacks)
+        path: list[str] = []
+
+        def leads_back(node: str, seen: set) -> bool:
+            for nxt in graph.get(node, []):
+                path.append(nxt)
+                if nxt == name or (nxt not in seen and leads_back(nxt, seen | {nxt})):
+                    return True
+                path.pop()
+            return False
+
+        if leads_back(name, {name}):
+            cycle = " -> ".join([name] + path)
+            raise GatewayError("invalid_request", f"fallbacks form a cycle: {cycle}", fields=["fallbacks"])
 
     def _wait_running(self, name: str, spec: DeploySpec) -> None:
         deadline = time.monotonic() + self.settings.deploy_wait_s
@@ -168,5 +199,7 @@ class Endpoints:
 def bind_endpoint(provider: Provider, spec: DeploySpec, settings: Settings):
     """The bound Serve application of one endpoint: the key travels only in ``bind`` args."""
     from .replica import ChatDeployment
+    from .retry import RetryPolicy
 
-    return ChatDeployment.options(name=provider.name, **provider.replica_options(spec, settings)).bind(provider, spec)
+    policy = RetryPolicy(max_retries=spec.max_retries, deadline_s=spec.timeout, retry_after_cap_s=settings.retry_after_cap_s)
+    return ChatDeployment.options(name=provider.name, **provider.replica_options(spec, settings)).bind(provider, spec, policy)

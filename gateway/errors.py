@@ -53,6 +53,8 @@ class ErrorInfo(BaseModel):
     retry_after: Optional[float] = None
     fields: Optional[list[str]] = None
     attempts: Optional[int] = None
+    #: the endpoints tried before giving up, and why (fallbacks)
+    tried: Optional[list[dict]] = None
 
 
 class GatewayError(Exception):

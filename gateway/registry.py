@@ -21,15 +21,64 @@ class EndpointRegistry:
     def __init__(self) -> None:
         self._records: dict[str, dict] = {}
         self._busy: dict[str, float] = {}
+        self._healths: dict[str, dict] = {}
 
     def versions(self) -> dict:
         return {"ray": ray.__version__, "python": platform.python_version()}
 
     def get(self, name: str) -> Optional[dict]:
-        return self._records.get(name)
+        record = self._records.get(name)
+        return None if record is None else {**record, "health": self._health_view(name)}
 
     def list(self) -> list[dict]:
-        return list(self._records.values())
+        return [{**r, "health": self._health_view(n)} for n, r in self._records.items()]
+
+    # -- health: shared cooldown state -----------------------------------------------
+    def _health(self, name: str) -> dict:
+        return self._healths.setdefault(name, {"failures": [], "cooldown_until": 0.0, "probe_until": 0.0,
+                                               "last_error": None, "cooldowns": 0})
+
+    def _health_view(self, name: str) -> dict:
+        h = self._healths.get(name)
+        if h is None:
+            return {"state": "ok", "consecutive_failures": 0}
+        now = time.time()
+        if h["cooldown_until"] > now:
+            state = "cooling_down"
+        elif h["cooldown_until"] and h["probe_until"] > now:
+            state = "probing"
+        elif h["cooldown_until"]:
+            state = "probe_due"
+        else:
+            state = "ok"
+        return {"state": state, "consecutive_failures": len(h["failures"]), "cooldown_until": h["cooldown_until"] or None,
+                "last_error": h["last_error"], "cooldowns": h["cooldowns"]}
+
+    def record_failure(self, name: str, error_type: str, immediate: bool, failures: int, window_s: float,
+                       cooldown_s: float) -> dict:
+        """Count an upstream failure; the caller's cooldown policy decides (no global config here)."""
+        h, now = self._health(name), time.time()
+        h["failures"] = [t for t in h["failures"] if now - t <= window_s] + [now]
+        h["last_error"] = error_type
+        h["probe_until"] = 0.0
+        if immediate or len(h["failures"]) >= failures or h["cooldown_until"]:
+            # a failed probe (cooldown_until still set) starts a new period at once
+            h["cooldown_until"] = now + cooldown_s
+            h["cooldowns"] += 1
+        return self._health_view(name)
+
+    def record_success(self, name: str) -> dict:
+        h = self._health(name)
+        h.update(failures=[], cooldown_until=0.0, probe_until=0.0)
+        return self._health_view(name)
+
+    def claim_probe(self, name: str, lease_s: float) -> bool:
+        """After a cooldown, exactly one caller at a time may try the endpoint again."""
+        h, now = self._health(name), time.time()
+        if h["cooldown_until"] > now or h["probe_until"] > now:
+            return False
+        h["probe_until"] = now + lease_s
+        return True
 
     def begin(self, name: str, provider: str, ttl_s: float) -> tuple[str, Optional[dict]]:
         """Claim ``name`` for a deploy/undeploy: ("ok", record) | ("conflict", record) | ("busy", None)."""
@@ -46,6 +95,7 @@ class EndpointRegistry:
         self._busy.pop(name, None)
         if record is None:
             self._records.pop(name, None)
+            self._healths.pop(name, None)
         else:
             self._records[name] = record
 

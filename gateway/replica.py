@@ -6,39 +6,47 @@ deployment openai, 4/4 replicas healthy". The key arrives only as a bound
 constructor argument (a ``SecretStr`` inside the spec): never in ``user_config``,
 ``runtime_env``, environment variables or logs.
 
-Nothing raised by an SDK crosses the Ray boundary: ``chat`` answers a
-``ChatResult`` or an ``ErrorInfo`` value.
+Nothing raised by an SDK crosses the Ray boundary: ``chat`` answers a ``ChatResult``
+or an ``ErrorInfo`` value; ``stream`` yields event dicts and ends with an ``{"error":
+ErrorInfo}`` event when it fails. Retries (``gateway.retry``) happen here, next to the
+upstream, and for streams only until the first event.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import Union
+from typing import AsyncIterator, Union
 
 from ray import serve
 
 from providers.base import DeploySpec, Provider
 from gateway.errors import ErrorInfo, GatewayError
+from gateway.retry import RetryPolicy, call_with_retries
 from gateway.schemas import ChatCall, ChatResult
 
 log = logging.getLogger("ray.serve")
 
 
 class ChatEndpoint:
-    def __init__(self, provider: "Provider", spec: "DeploySpec") -> None:
+    def __init__(self, provider: "Provider", spec: "DeploySpec", policy: RetryPolicy) -> None:
         self._provider = provider
-        self._adapter = self._provider.create_adapter(spec)
+        self._adapter = provider.create_adapter(spec)
         self._chat_name = spec.chat_name
+        self._policy = policy
+
+    def _info(self, err: GatewayError) -> ErrorInfo:
+        return err.info if err.info.provider else err.info.model_copy(update={"provider": self._provider.name})
 
     async def chat(self, call: ChatCall) -> Union[ChatResult, ErrorInfo]:
         started = time.perf_counter()
         try:
-            result = await self._adapter.chat(call)
+            result, attempts = await call_with_retries(self._policy, lambda: self._adapter.chat(call))
         except GatewayError as err:
-            info = err.info if err.info.provider else err.info.model_copy(update={"provider": self._provider.name})
+            info = self._info(err)
             log.warning(
-                "chat failed request_id=%s chat_name=%s type=%s provider_code=%s upstream_status=%s",
-                call.request_id, self._chat_name, info.type, info.provider_code, info.upstream_status,
+                "chat failed request_id=%s chat_name=%s type=%s provider_code=%s upstream_status=%s attempts=%s",
+                call.request_id, self._chat_name, info.type, info.provider_code, info.upstream_status, info.attempts,
             )
             return info
         except Exception as exc:  # noqa: BLE001 - a replica never lets an error escape raw
@@ -48,12 +56,53 @@ class ChatEndpoint:
                 message=f"the {self._provider.name} adapter failed unexpectedly ({type(exc).__name__})",
                 provider=self._provider.name,
             )
-        log.info(
-            "chat ok request_id=%s chat_name=%s attempts=%d upstream_ms=%.1f total_ms=%.1f",
-            call.request_id, self._chat_name, result.attempts, result.upstream_ms,
-            (time.perf_counter() - started) * 1000,
-        )
+        result.attempts = attempts
+        result.upstream_ms = (time.perf_counter() - started) * 1000
+        log.info("chat ok request_id=%s chat_name=%s attempts=%d upstream_ms=%.1f",
+                 call.request_id, self._chat_name, attempts, result.upstream_ms)
         return result
+
+    async def stream(self, call: ChatCall) -> AsyncIterator[dict]:
+        """Events: ``{"delta"}``..., then ``{"finish_reason", "usage", "attempts"}`` or ``{"error"}``."""
+        started = time.perf_counter()
+        stream = None
+
+        async def first_event():
+            nonlocal stream
+            if stream is not None:
+                await stream.aclose()
+            stream = self._adapter.stream(call).__aiter__()
+            return await stream.__anext__()
+
+        try:
+            try:
+                event, attempts = await call_with_retries(self._policy, first_event)
+            except GatewayError as err:
+                yield {"error": self._info(err)}
+                return
+            except StopAsyncIteration:
+                yield {"error": ErrorInfo(type="upstream_error", message="the provider's stream was empty", provider=self._provider.name)}
+                return
+            first_ms = (time.perf_counter() - started) * 1000
+            while True:
+                if "finish_reason" in event:
+                    yield {**event, "attempts": attempts, "upstream_ms": (time.perf_counter() - started) * 1000,
+                           "first_event_ms": first_ms}
+                    break
+                yield event
+                try:
+                    event = await asyncio.wait_for(stream.__anext__(), self._policy.deadline_s)
+                except asyncio.TimeoutError:
+                    yield {"error": ErrorInfo(type="upstream_timeout", message="the provider's stream stalled", provider=self._provider.name)}
+                    break
+                except GatewayError as err:  # after the first byte: reported in the stream, no retry
+                    yield {"error": self._info(err)}
+                    break
+                except StopAsyncIteration:
+                    break
+        finally:
+            if stream is not None:
+                await stream.aclose()  # also on cancellation: the upstream stream is closed
 
     async def ping(self) -> str:
         return self._provider.name

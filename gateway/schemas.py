@@ -51,15 +51,14 @@ class SamplingParams(BaseModel):
         return self
 
 
-class ChatRequest(SamplingParams):
-    """Body of ``POST /chat`` and ``POST /<provider>/chat``."""
+class ChatInput(SamplingParams):
+    """What to ask: ``content`` (one user message) or ``messages``, plus sampling parameters."""
 
-    chat_name: ChatName
     content: Optional[str] = Field(None, min_length=1)
     messages: Optional[list[Message]] = None
 
     @model_validator(mode="after")
-    def _one_input(self) -> "ChatRequest":
+    def _one_input(self) -> "ChatInput":
         if (self.content is None) == (self.messages is None):
             raise ValueError("give either 'content' (one user message) or 'messages' (a list)")
         if self.messages is not None and not self.messages:
@@ -70,6 +69,28 @@ class ChatRequest(SamplingParams):
         messages = self.messages or [Message(role="user", content=self.content)]
         params = SamplingParams(**self.model_dump(include=set(SamplingParams.model_fields)))
         return ChatCall(request_id=request_id, messages=messages, params=params)
+
+
+class ChatRequest(ChatInput):
+    """Body of ``POST /chat`` and ``POST /<provider>/chat``."""
+
+    chat_name: ChatName
+    #: answer ``text/event-stream`` instead of one JSON answer
+    stream: bool = False
+    #: other endpoints to try, in order, instead of the endpoint's own ``fallbacks``
+    fallbacks: Optional[list[ChatName]] = Field(None, max_length=8)
+
+
+class BroadcastRequest(ChatInput):
+    """Body of ``POST /chat/broadcast``: the same question to several endpoints at once."""
+
+    chat_names: list[ChatName] = Field(min_length=1, max_length=16)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "BroadcastRequest":
+        if len(set(self.chat_names)) != len(self.chat_names):
+            raise ValueError("chat_names lists an endpoint twice")
+        return self
 
 
 class UndeployRequest(BaseModel):

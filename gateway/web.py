@@ -8,13 +8,13 @@ import traceback
 import uuid
 from typing import Optional
 
-from flask import Blueprint, Flask, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
 import providers
 
 from .errors import GatewayError
-from .schemas import ChatRequest, UndeployRequest, validate
+from .schemas import BroadcastRequest, ChatRequest, UndeployRequest, validate
 
 log = logging.getLogger("gateway.web")
 
@@ -99,21 +99,86 @@ def chat():
 
 def _chat(data: dict, provider: Optional[str], legacy: bool):
     req = validate(ChatRequest, data)
-    endpoint, result = gw().dispatcher.chat(req.chat_name, req.to_call(g.request_id), provider=provider)
-    g.upstream_ms = result.upstream_ms
+    call = req.to_call(g.request_id)
+    dispatcher = gw().dispatcher
+    if req.stream:
+        outcome, rest = dispatcher.stream(req.chat_name, call, provider=provider, fallbacks=req.fallbacks)
+        return _sse(req, outcome, rest)
+    outcome = dispatcher.chat(req.chat_name, call, provider=provider, fallbacks=req.fallbacks)
+    g.upstream_ms = outcome.result.upstream_ms
     if legacy:
-        return jsonify(result.output)
-    return jsonify(
-        chat_name=req.chat_name,
-        provider=endpoint.provider,
-        model=endpoint.record.get("model"),
-        output=result.output,
-        finish_reason=result.finish_reason,
-        usage=result.usage.model_dump(),
-        attempts=result.attempts,
-        latency_ms=round((time.perf_counter() - g.started) * 1000, 1),
-        request_id=g.request_id,
-    )
+        return jsonify(outcome.result.output)
+    return jsonify(_result_body(req.chat_name, outcome))
+
+
+def _result_body(chat_name: str, outcome) -> dict:
+    result, endpoint = outcome.result, outcome.endpoint
+    return {
+        "chat_name": chat_name,
+        "provider": endpoint.provider,
+        "model": endpoint.record.get("model"),
+        "output": result.output,
+        "finish_reason": result.finish_reason,
+        "usage": result.usage.model_dump(),
+        "attempts": result.attempts,
+        "latency_ms": round((time.perf_counter() - g.started) * 1000, 1),
+        "request_id": g.request_id,
+        "served_by": endpoint.name,
+        "tried": outcome.tried,
+    }
+
+
+def _sse_data(payload) -> str:
+    return "data: " + current_app.json.dumps(payload) + "\n\n"
+
+
+def _sse(req: ChatRequest, outcome, rest):
+    """``data: {"delta"}``..., a last event with ``finish_reason`` and ``usage``, then ``[DONE]``.
+
+    A failure after the first byte is an ``event: error`` with the error object, and the end.
+    Closing this generator (the client hung up) closes ``rest``, which cancels the upstream.
+    """
+    endpoint, request_id = outcome.endpoint, g.request_id
+    g.upstream_ms = outcome.result.get("first_event_ms") or 0.0
+
+    def events():
+        event = outcome.result
+        try:
+            while True:
+                if "error" in event:
+                    err = GatewayError.from_info(event["error"])
+                    yield "event: error\n" + _sse_data(err.body(request_id))
+                    return
+                if "finish_reason" in event:
+                    yield _sse_data({
+                        "finish_reason": event["finish_reason"], "usage": event["usage"],
+                        "chat_name": req.chat_name, "served_by": endpoint.name, "provider": endpoint.provider,
+                        "model": endpoint.record.get("model"), "attempts": event.get("attempts", 1),
+                        "tried": outcome.tried, "request_id": request_id,
+                    })
+                    yield "data: [DONE]\n\n"
+                    return
+                yield _sse_data({"delta": event["delta"]})
+                event = next(rest, None)
+                if event is None:
+                    err = GatewayError("upstream_error", "the stream ended before it finished")
+                    yield "event: error\n" + _sse_data(err.body(request_id))
+                    return
+        finally:
+            rest.close()
+
+    return Response(stream_with_context(events()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@core.post("/chat/broadcast")
+def broadcast():
+    req = validate(BroadcastRequest, json_body())
+    outcomes = gw().dispatcher.broadcast(req.chat_names, lambda name: req.to_call(f"{g.request_id}.{name}"))
+    results = {}
+    for name, outcome in outcomes.items():
+        results[name] = outcome.body(None) if isinstance(outcome, GatewayError) else _result_body(name, outcome)
+    return jsonify(results=results, request_id=g.request_id)
 
 
 @core.get("/deployments")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, AsyncIterator, ClassVar, Iterator, Optional
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -31,7 +31,12 @@ class DeploySpec(BaseModel):
     chat_name: ChatName
     model_name: str = Field(min_length=1, max_length=200)
     workers: int = Field(1, ge=1, le=64)
+    #: the deadline of one chat call, retries included (and of each attempt)
     timeout: float = Field(60.0, gt=0, le=3600)
+    #: upstream retries inside the replica (rate limits, 5xx, timeouts, broken connections)
+    max_retries: int = Field(2, ge=0, le=10)
+    #: other chat_names (any provider) tried in order when this one fails upstream
+    fallbacks: list[ChatName] = Field(default_factory=list, max_length=8)
     model_type: Optional[str] = None
 
     @field_validator("model_type")
@@ -41,9 +46,17 @@ class DeploySpec(BaseModel):
             raise ValueError(f"{value!r} does not match this provider; use one of {list(cls.MODEL_TYPES)} or omit it")
         return value
 
+    @field_validator("fallbacks")
+    @classmethod
+    def _fallbacks(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("fallbacks name an endpoint twice")
+        return value
+
     def public(self) -> dict[str, Any]:
         """What may be shown about this endpoint (listing, logs): never a secret."""
-        return {"model": self.model_name, "workers": self.workers, "timeout": self.timeout}
+        return {"model": self.model_name, "workers": self.workers, "timeout": self.timeout,
+                "max_retries": self.max_retries, "fallbacks": list(self.fallbacks)}
 
 
 def _http_url(value: Optional[str], field: str) -> Optional[str]:
@@ -127,11 +140,20 @@ def retry_after_seconds(headers: Any) -> Optional[float]:
 
 
 class ChatAdapter(abc.ABC):
-    """Lives in a replica and talks to one upstream with one key."""
+    """Lives in a replica and talks to one upstream with one key.
+
+    ``stream`` yields ``{"delta": text}`` events and ends with one
+    ``{"finish_reason": ..., "usage": {...}}`` event; failures raise ``GatewayError``.
+    Being cancelled (the caller went away) must close the upstream stream.
+    """
 
     @abc.abstractmethod
     async def chat(self, call: ChatCall) -> ChatResult:
         """Answer one call or raise ``GatewayError``."""
+
+    async def stream(self, call: ChatCall) -> AsyncIterator[dict]:
+        raise GatewayError("upstream_bad_request", "this provider cannot stream")
+        yield {}  # pragma: no cover - makes this an async generator
 
     async def aclose(self) -> None:
         """Release connections (called when the replica stops)."""
@@ -159,6 +181,13 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def create_adapter(self, spec: DeploySpec) -> ChatAdapter:
         """Build the adapter inside the replica (also called once at deploy to validate)."""
+
+
+def end_event(finish_reason: Optional[str], usage: Any) -> dict:
+    """The last event of a stream; a stream that never said why it ended was cut."""
+    if not finish_reason:
+        raise GatewayError("upstream_error", "the provider's stream ended before it finished")
+    return {"finish_reason": finish_reason, "usage": usage.model_dump() if hasattr(usage, "model_dump") else usage}
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ SDK for anything that runs with this folder on ``sys.path``.
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import AsyncIterator, Optional
 
 import aiohttp
 import openai
@@ -14,7 +14,7 @@ import openai
 from gateway.errors import GatewayError
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import ChatAdapter, Provider, SaaSDeploySpec, reraise_as_gateway_error, retry_after_seconds
+from .base import ChatAdapter, Provider, SaaSDeploySpec, end_event, reraise_as_gateway_error, retry_after_seconds
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -120,6 +120,32 @@ class OpenAIAdapter(ChatAdapter):
                 provider_request_id=getattr(completion, "_request_id", None),
                 upstream_ms=(time.perf_counter() - started) * 1000,
             )
+
+    async def stream(self, call: ChatCall) -> AsyncIterator[dict]:
+        spec = self._spec
+        with reraise_as_gateway_error("openai", spec.api_key.get_secret_value(), map_openai_error):
+            chunks = await self._get_client().chat.completions.create(
+                model=spec.model_name,
+                messages=[m.model_dump(exclude_none=True) for m in call.messages],
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_headers={"X-Request-Id": call.request_id},
+                **call.params.model_dump(exclude_none=True),
+            )
+            finish, usage = None, Usage()
+            try:
+                async for chunk in chunks:
+                    if chunk.usage:
+                        usage = Usage(prompt_tokens=chunk.usage.prompt_tokens, completion_tokens=chunk.usage.completion_tokens,
+                                      total_tokens=chunk.usage.total_tokens)
+                    for choice in chunk.choices:
+                        if choice.delta and choice.delta.content:
+                            yield {"delta": choice.delta.content}
+                        if choice.finish_reason:
+                            finish = choice.finish_reason
+            finally:
+                await chunks.close()  # also when cancelled: the upstream stream is closed
+            yield end_event(finish, usage)
 
     async def aclose(self) -> None:
         if self._client is not None:

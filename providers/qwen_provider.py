@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 import aiohttp
 import dashscope
@@ -19,7 +19,7 @@ from pydantic import field_validator
 from gateway.errors import GatewayError
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import ChatAdapter, Provider, SaaSDeploySpec, reraise_as_gateway_error
+from .base import ChatAdapter, Provider, SaaSDeploySpec, end_event, reraise_as_gateway_error
 
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 
@@ -134,6 +134,28 @@ class QwenAdapter(ChatAdapter):
                 provider_request_id=resp.request_id or None,
                 upstream_ms=(time.perf_counter() - started) * 1000,
             )
+
+
+    async def stream(self, call: ChatCall) -> AsyncIterator[dict]:
+        with reraise_as_gateway_error("qwen", self._spec.api_key.get_secret_value(), map_dashscope_error):
+            responses = await dashscope.AioGeneration.call(**self._request(call), stream=True, incremental_output=True)
+            finish, usage = None, Usage()
+            try:
+                async for resp in responses:
+                    if int(resp.status_code) != 200:
+                        raise error_from_response(resp)
+                    for choice in (resp.output or {}).get("choices") or []:
+                        text = (choice.get("message") or {}).get("content")
+                        if text:
+                            yield {"delta": text}
+                        if choice.get("finish_reason") not in (None, "null"):
+                            finish = choice["finish_reason"]
+                    if resp.usage:
+                        p, c = int(resp.usage.get("input_tokens") or 0), int(resp.usage.get("output_tokens") or 0)
+                        usage = Usage(prompt_tokens=p, completion_tokens=c, total_tokens=int(resp.usage.get("total_tokens") or p + c))
+            finally:
+                await responses.aclose()
+            yield end_event(finish, usage)
 
 
 class QwenProvider(Provider):

@@ -11,9 +11,10 @@ as 0.99 by the SDK.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 import httpx
 import zhipuai
@@ -22,7 +23,7 @@ from pydantic import field_validator
 from gateway.errors import GatewayError
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import ChatAdapter, Provider, SaaSDeploySpec, reraise_as_gateway_error, retry_after_seconds
+from .base import ChatAdapter, Provider, SaaSDeploySpec, end_event, reraise_as_gateway_error, retry_after_seconds
 
 DEFAULT_BASE_URL = "https://open.bigmodel.cn/api/paas/v4"
 
@@ -169,6 +170,52 @@ class ZhipuAdapter(ChatAdapter):
                 provider_request_id=completion.request_id or completion.id,
                 upstream_ms=(time.perf_counter() - started) * 1000,
             )
+
+    async def stream(self, call: ChatCall) -> AsyncIterator[dict]:
+        """The SDK's stream is a blocking iterator: a pool thread pumps it into a queue."""
+        client = self._get_client()
+        kwargs = {**self._request(call), "stream": True}
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def pump() -> None:
+            response = None
+            try:
+                response = client.chat.completions.create(**kwargs)
+                for chunk in response:
+                    if stop.is_set():
+                        break
+                    loop.call_soon_threadsafe(queue.put_nowait, ("chunk", chunk))
+                loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+            except Exception as exc:  # noqa: BLE001 - handed to the event loop as a value
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+            finally:
+                if response is not None:
+                    response.response.close()  # frees the upstream connection, also when abandoned
+
+        with reraise_as_gateway_error("zhipu", self._spec.api_key.get_secret_value(), map_zhipu_error):
+            loop.run_in_executor(self._pool, pump)
+            finish, usage = None, Usage()
+            try:
+                while True:
+                    kind, item = await queue.get()
+                    if kind == "error":
+                        raise item
+                    if kind == "end":
+                        break
+                    if item.usage:
+                        usage = Usage(prompt_tokens=item.usage.prompt_tokens or 0,
+                                      completion_tokens=item.usage.completion_tokens or 0,
+                                      total_tokens=item.usage.total_tokens or 0)
+                    for choice in item.choices:
+                        if choice.delta and choice.delta.content:
+                            yield {"delta": choice.delta.content}
+                        if choice.finish_reason:
+                            finish = choice.finish_reason
+            finally:
+                stop.set()
+            yield end_event(finish, usage)
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -59,7 +59,8 @@ def fake_dashscope():
 @pytest.fixture(scope="session")
 def app(ray_head):
     register_test_providers()
-    return create_app(Settings.from_env(ray_address=ray_head.address, deploy_wait_s=30))
+    # Cooldowns off for the shared app: error-mapping tests fail endpoints on purpose.
+    return create_app(Settings.from_env(ray_address=ray_head.address, deploy_wait_s=30, cooldown_s=0))
 
 
 @pytest.fixture
@@ -75,7 +76,10 @@ def name():
 
 @pytest.fixture(scope="module")
 def shared_endpoint(app, fake_openai, fake_zhipu, fake_dashscope):
-    """One endpoint per provider for a whole module (deploys cost seconds): (chat_name, key, fake)."""
+    """One endpoint per provider for a whole module (deploys cost seconds): (chat_name, key, fake).
+
+    No retries: these endpoints show how one upstream answer maps, not how it is retried.
+    """
     client = app.test_client()
     fakes = {"openai": fake_openai, "zhipu": fake_zhipu, "qwen": fake_dashscope}
     made = {}
@@ -85,7 +89,7 @@ def shared_endpoint(app, fake_openai, fake_zhipu, fake_dashscope):
             chat_name = f"shared_{provider}_{os.getpid()}_{next(_names)}"
             key = f"{uuid.uuid4().hex[:8]}.{uuid.uuid4().hex}"
             r = client.post(f"/{provider}/deploy", json={"api_key": key, "chat_name": chat_name, "model_name": "m",
-                                                         "base_url": fakes[provider].base_url})
+                                                         "base_url": fakes[provider].base_url, "max_retries": 0})
             assert r.status_code == 200, r.get_json()
             made[provider] = (chat_name, key, fakes[provider])
         return made[provider]

@@ -35,7 +35,8 @@ def test_user_session_from_the_issue(client, deploy, fake_openai, name):
         body = r.get_json()
         assert r.status_code == 200, body
         assert list(body) == ["chat_name", "provider", "model", "output", "finish_reason", "usage",
-                              "attempts", "latency_ms", "request_id"]
+                              "attempts", "latency_ms", "request_id", "served_by", "tried"]
+        assert body["served_by"] == chat_name and body["tried"] == []
         assert body["chat_name"] == chat_name and body["provider"] == "openai" and body["model"] == "gpt-4o-mini"
         assert body["output"] == "echo: hi" and body["finish_reason"] == "stop" and body["attempts"] == 1
         assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}

@@ -30,6 +30,13 @@ class Reply:
     body: Any = None  # dict -> JSON; str -> raw text; None -> the default completion
     headers: dict = field(default_factory=dict)
     delay: float = 0.0
+    #: streams only: the text pieces (default: the echo text word by word), the pause
+    #: between them, and where to cut the connection without finishing the stream
+    pieces: Optional[list] = None
+    piece_delay: float = 0.0
+    cut_after: Optional[int] = None
+    #: drop the connection instead of answering (a reset)
+    reset: bool = False
 
 
 def openai_error(status: int, message: str, type_: str, code: Optional[str], headers: Optional[dict] = None) -> Reply:
@@ -56,6 +63,8 @@ class FakeUpstream:
     def __init__(self, latency: float = 0.0) -> None:
         self.latency = latency
         self.requests: list[dict] = []
+        #: streams whose client went away before the end: (key, pieces sent)
+        self.abandoned: list[tuple[str, int]] = []
         self._scripts: dict[str, deque] = defaultdict(deque)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -106,20 +115,59 @@ class FakeUpstream:
             body = json.loads(raw)
         except ValueError:
             body = None
-        self.requests.append({"path": request.path, "headers": CIMultiDict(request.headers), "json": body})
+        self.requests.append({"path": request.path, "headers": CIMultiDict(request.headers), "json": body,
+                              "at": time.monotonic()})
         key = request.headers.get("Authorization", "").removeprefix("Bearer ")
         if not key:
             return self._send(self.missing_key())
         queue = self._scripts.get(key)
         reply = queue.popleft() if queue else Reply()
         await asyncio.sleep(reply.delay or self.latency)
+        if reply.reset:
+            request.transport.close()
+            return web.Response(status=500)
+        messages = self.messages_of(body or {}) or [{"content": ""}]
+        text = "echo: " + str(messages[-1].get("content") or "")
+        prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in messages) + 4
+        if reply.status == 200 and reply.body is None and self.is_stream(request, body or {}):
+            pieces = reply.pieces if reply.pieces is not None else [w + " " for w in text.split(" ")[:-1]] + [text.split(" ")[-1]]
+            return await self._stream(request, body or {}, key, reply, pieces, prompt_tokens)
         if reply.body is None and reply.status == 200:
-            messages = self.messages_of(body or {}) or [{"content": ""}]
-            last = str(messages[-1].get("content") or "")
-            prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in messages) + 4
-            text = "echo: " + last
             reply = Reply(200, self.completion(body or {}, text, prompt_tokens, len(text.split())), reply.headers)
         return self._send(reply)
+
+    async def _stream(self, request, body, key, reply, pieces, prompt_tokens) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers={**self.reply_headers(), **reply.headers})
+        resp.content_type = "text/event-stream"
+        await resp.prepare(request)
+        sent = 0
+        try:
+            for index, piece in enumerate(pieces):
+                if reply.cut_after is not None and index >= reply.cut_after:
+                    request.transport.close()  # the connection drops mid-stream
+                    return resp
+                await resp.write(self.stream_event(body, index, piece, None, None).encode())
+                sent += 1
+                if reply.piece_delay:
+                    await asyncio.sleep(reply.piece_delay)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces)}
+            for event in self.stream_end(body, len(pieces), usage):
+                await resp.write(event.encode())
+            await resp.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError, RuntimeError):
+            self.abandoned.append((key, sent))
+            raise
+        return resp
+
+    # -- streaming protocol (OpenAI's framing; DashScope overrides) --------------------
+    def is_stream(self, request, body: dict) -> bool:
+        return bool(body.get("stream"))
+
+    def stream_event(self, body, index, piece, finish, usage) -> str:
+        raise NotImplementedError
+
+    def stream_end(self, body, count, usage) -> list[str]:
+        raise NotImplementedError
 
     def _send(self, reply: Reply) -> web.Response:
         headers = {**self.reply_headers(), **reply.headers}
@@ -168,6 +216,27 @@ class FakeOpenAI(FakeUpstream):
         }
 
 
+    def _chunk(self, body, choices, usage=None, with_usage_field=False):
+        chunk = {"id": "chatcmpl-stream", "object": "chat.completion.chunk", "created": int(time.time()),
+                 "model": body.get("model", "?"), "system_fingerprint": "fp_fake", "choices": choices}
+        if with_usage_field:
+            chunk["usage"] = usage
+        return "data: " + json.dumps(chunk) + "\n\n"
+
+    def stream_event(self, body, index, piece, finish, usage):
+        include = bool((body.get("stream_options") or {}).get("include_usage"))
+        delta = {"role": "assistant", "content": piece} if index == 0 else {"content": piece}
+        return self._chunk(body, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}], None, include)
+
+    def stream_end(self, body, count, usage):
+        include = bool((body.get("stream_options") or {}).get("include_usage"))
+        usage = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+        events = [self._chunk(body, [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], None, include)]
+        if include:
+            events.append(self._chunk(body, [], usage, True))
+        return events + ["data: [DONE]\n\n"]
+
+
 class FakeZhipu(FakeUpstream):
     path = "/api/paas/v4/chat/completions"
     prefix = "/api/paas/v4"
@@ -188,6 +257,19 @@ class FakeZhipu(FakeUpstream):
         }
 
 
+    def stream_event(self, body, index, piece, finish, usage):
+        chunk = {"id": "8313807536837492492", "created": int(time.time()), "model": body.get("model", "?"),
+                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece}}]}
+        return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"
+
+    def stream_end(self, body, count, usage):
+        usage = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+        chunk = {"id": "8313807536837492492", "created": int(time.time()), "model": body.get("model", "?"),
+                 "choices": [{"index": 0, "finish_reason": "stop", "delta": {"role": "assistant", "content": ""}}],
+                 "usage": usage}
+        return ["data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n", "data: [DONE]\n\n"]
+
+
 class FakeDashScope(FakeUpstream):
     path = "/api/v1/services/aigc/text-generation/generation"
     prefix = "/api/v1"
@@ -205,6 +287,30 @@ class FakeDashScope(FakeUpstream):
                       "total_tokens": prompt_tokens + completion_tokens},
             "request_id": str(uuid.uuid4()),
         }
+
+
+    def is_stream(self, request, body: dict) -> bool:
+        return request.headers.get("X-DashScope-SSE", "").lower() == "enable"
+
+    def _event(self, index, content, finish, usage) -> str:
+        data = {"output": {"choices": [{"message": {"content": content, "role": "assistant"}, "finish_reason": finish}]},
+                "usage": usage, "request_id": "d30a9914-ac97-9102-b746-ce0cb35e3fa2"}
+        return f"id:{index + 1}\nevent:result\n:HTTP_STATUS/200\ndata:{json.dumps(data, ensure_ascii=False)}\n\n"
+
+    def stream_event(self, body, index, piece, finish, usage):
+        prompt = sum(len(str(m.get("content") or "").split()) for m in self.messages_of(body)) + 4
+        return self._event(index, piece, "null", {"input_tokens": prompt, "output_tokens": index + 1,
+                                                  "total_tokens": prompt + index + 1})
+
+    def stream_end(self, body, count, usage):
+        return [self._event(count, "", "stop", {"input_tokens": usage["prompt_tokens"], "output_tokens": count,
+                                               "total_tokens": usage["prompt_tokens"] + count})]
+
+
+def dashscope_stream_error(code: str, message: str) -> str:
+    """An in-stream DashScope error event (the SDK wants ``event:error`` without a space)."""
+    data = {"code": code, "message": message, "request_id": "0cbe6006-faec-9854-bf8b-c906d75c3bd8"}
+    return f"event:error\n:HTTP_STATUS/400\ndata:{json.dumps(data)}\n\n"
 
 
 FAKES = {"openai": FakeOpenAI, "zhipu": FakeZhipu, "qwen": FakeDashScope}
