@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from flask import Flask
 
 from .config import Settings
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+    from .dispatch import Dispatcher
+    from .endpoints import Endpoints
 
 __all__ = ["Gateway", "Settings", "create_app"]
 

@@ -19,6 +19,8 @@ from typing import Any, Iterator, Optional
 
 import ray
 from ray import serve
+
+import providers
 from ray.exceptions import RayActorError, RayError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 
@@ -177,6 +179,7 @@ class Dispatcher:
                     raise
 
     def _call(self, endpoint: Endpoint, call: ChatCall) -> ChatResult:
+        providers.get(endpoint.provider).check_call(call)
         timeout = float(endpoint.record.get("timeout", 60)) + 5.0
         for attempt in range(_RAY_ATTEMPTS):
             self.cluster.ensure_up()
@@ -266,6 +269,7 @@ class Dispatcher:
         raise _with_tried(last, tried)
 
     def _open_stream(self, endpoint: Endpoint, call: ChatCall) -> tuple[dict, Any]:
+        providers.get(endpoint.provider).check_call(call)
         timeout = float(endpoint.record.get("timeout", 60)) + 5.0
         for attempt in range(_RAY_ATTEMPTS):
             self.cluster.ensure_up()

@@ -42,7 +42,20 @@ class SamplingParams(BaseModel):
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     max_tokens: Optional[int] = Field(None, ge=1, le=1_000_000)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=1_000_000)
     stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    user: Optional[str] = Field(None, max_length=256)
+    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[dict[str, Any]]] = Field(None, max_length=128)
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+
+    def given(self) -> set[str]:
+        """The parameters the caller set (what a provider must support)."""
+        return {k for k, v in self.model_dump(include=set(SamplingParams.model_fields)).items() if v is not None}
+
+    def max_output(self) -> Optional[int]:
+        return self.max_completion_tokens or self.max_tokens
 
     @model_validator(mode="after")
     def _stop_list(self) -> "SamplingParams":
@@ -121,6 +134,8 @@ class ChatResult(BaseModel):
     """A replica's answer, in the gateway's one shape whatever the provider."""
 
     output: str
+    #: OpenAI's shape: ``[{"id", "type": "function", "function": {"name", "arguments"}}]``
+    tool_calls: Optional[list[dict[str, Any]]] = None
     finish_reason: Optional[str] = None
     usage: Usage = Usage()
     upstream_model: Optional[str] = None

@@ -58,7 +58,12 @@ def _after(response):
 
 
 def render_error(err: GatewayError):
-    response = jsonify(err.body(g.get("request_id")))
+    if request.path.startswith("/v1/"):
+        from .openai_compat import openai_error_body
+
+        response = jsonify(openai_error_body(err, g.get("request_id")))
+    else:
+        response = jsonify(err.body(g.get("request_id")))
     response.status_code = err.status
     response.headers.update(err.headers())
     return response
@@ -125,6 +130,7 @@ def _result_body(chat_name: str, outcome) -> dict:
         "request_id": g.request_id,
         "served_by": endpoint.name,
         "tried": outcome.tried,
+        **({"tool_calls": result.tool_calls} if result.tool_calls else {}),
     }
 
 
@@ -158,7 +164,7 @@ def _sse(req: ChatRequest, outcome, rest):
                     })
                     yield "data: [DONE]\n\n"
                     return
-                yield _sse_data({"delta": event["delta"]})
+                yield _sse_data({"tool_calls": event["tool_calls"]} if "tool_calls" in event else {"delta": event["delta"]})
                 event = next(rest, None)
                 if event is None:
                     err = GatewayError("upstream_error", "the stream ended before it finished")
@@ -240,5 +246,8 @@ def register_routes(app: Flask) -> None:
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)
     app.register_blueprint(core)
+    from .openai_compat import v1
+
+    app.register_blueprint(v1)
     for name in providers.names():
         app.register_blueprint(provider_blueprint(providers.get(name)))

@@ -166,6 +166,15 @@ class Provider(abc.ABC):
     spec_class: ClassVar[type[DeploySpec]]
     #: ``saas`` (I/O-bound, a fraction of a CPU) or ``local`` (holds a model)
     kind: ClassVar[str] = "saas"
+    #: the sampling parameters (``SamplingParams`` fields) this provider honours
+    params: ClassVar[frozenset] = frozenset({"temperature", "top_p", "max_tokens", "max_completion_tokens", "stop"})
+
+    def check_call(self, call: ChatCall) -> None:
+        """What this provider cannot do is a clear 400, never silently dropped."""
+        missing = sorted(call.params.given() - self.params)
+        if missing:
+            raise GatewayError("invalid_request", f"the {self.name} provider does not support: {', '.join(missing)}",
+                               fields=missing)
 
     def replica_options(self, spec: DeploySpec, settings: Any) -> dict[str, Any]:
         """Serve deployment options; SaaS replicas are I/O-bound and take many calls each."""

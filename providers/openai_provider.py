@@ -108,8 +108,10 @@ class OpenAIAdapter(ChatAdapter):
                 raise GatewayError("upstream_error", "the provider answered without choices")
             choice = completion.choices[0]
             usage = completion.usage
+            tool_calls = [tc.model_dump(exclude_none=True) for tc in choice.message.tool_calls or []] or None
             return ChatResult(
                 output=choice.message.content or "",
+                tool_calls=tool_calls,
                 finish_reason=choice.finish_reason,
                 usage=Usage(
                     prompt_tokens=usage.prompt_tokens if usage else 0,
@@ -141,6 +143,8 @@ class OpenAIAdapter(ChatAdapter):
                     for choice in chunk.choices:
                         if choice.delta and choice.delta.content:
                             yield {"delta": choice.delta.content}
+                        if choice.delta and choice.delta.tool_calls:
+                            yield {"tool_calls": [tc.model_dump(exclude_none=True) for tc in choice.delta.tool_calls]}
                         if choice.finish_reason:
                             finish = choice.finish_reason
             finally:
@@ -155,6 +159,7 @@ class OpenAIAdapter(ChatAdapter):
 class OpenAIProvider(Provider):
     name = "openai"
     spec_class = OpenAIDeploySpec
+    params = Provider.params | {"seed", "user", "response_format", "tools", "tool_choice"}
 
     def create_adapter(self, spec: OpenAIDeploySpec) -> OpenAIAdapter:
         return OpenAIAdapter(spec)

@@ -89,6 +89,13 @@ def map_dashscope_error(exc: Exception) -> GatewayError:
     return GatewayError("upstream_error", f"unexpected {type(exc).__name__} while calling the provider")
 
 
+def _tool_call(tc: Any) -> dict:
+    """DashScope's tool call (it adds ``index``) in OpenAI's shape."""
+    fn = dict(tc.get("function") or {})
+    return {"id": tc.get("id"), "type": tc.get("type") or "function",
+            "function": {"name": fn.get("name"), "arguments": fn.get("arguments") or ""}}
+
+
 class QwenAdapter(ChatAdapter):
     def __init__(self, spec: QwenDeploySpec) -> None:
         self._spec = spec
@@ -108,10 +115,13 @@ class QwenAdapter(ChatAdapter):
             kwargs["temperature"] = min(p.temperature, 1.99)
         if p.top_p is not None:
             kwargs["top_p"] = p.top_p
-        if p.max_tokens is not None:
-            kwargs["max_tokens"] = p.max_tokens
+        if p.max_output() is not None:
+            kwargs["max_tokens"] = p.max_output()
         if p.stop is not None:
             kwargs["stop"] = [p.stop] if isinstance(p.stop, str) else p.stop
+        for name in ("seed", "response_format", "tools", "tool_choice"):
+            if getattr(p, name) is not None:
+                kwargs[name] = getattr(p, name)
         return kwargs
 
     async def chat(self, call: ChatCall) -> ChatResult:
@@ -126,8 +136,10 @@ class QwenAdapter(ChatAdapter):
             choice = choices[0]
             usage = resp.usage or {}
             prompt, completion = int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
+            message = choice.get("message") or {}
             return ChatResult(
-                output=(choice.get("message") or {}).get("content") or "",
+                output=message.get("content") or "",
+                tool_calls=[_tool_call(tc) for tc in message.get("tool_calls") or []] or None,
                 finish_reason=choice.get("finish_reason"),
                 usage=Usage(prompt_tokens=prompt, completion_tokens=completion,
                             total_tokens=int(usage.get("total_tokens") or prompt + completion)),
@@ -148,6 +160,8 @@ class QwenAdapter(ChatAdapter):
                         text = (choice.get("message") or {}).get("content")
                         if text:
                             yield {"delta": text}
+                        if (choice.get("message") or {}).get("tool_calls"):
+                            yield {"tool_calls": [dict(tc) for tc in choice["message"]["tool_calls"]]}
                         if choice.get("finish_reason") not in (None, "null"):
                             finish = choice["finish_reason"]
                     if resp.usage:
@@ -161,6 +175,7 @@ class QwenAdapter(ChatAdapter):
 class QwenProvider(Provider):
     name = "qwen"
     spec_class = QwenDeploySpec
+    params = Provider.params | {"seed", "response_format", "tools", "tool_choice"}
 
     def create_adapter(self, spec: QwenDeploySpec) -> QwenAdapter:
         return QwenAdapter(spec)

@@ -141,10 +141,15 @@ class ZhipuAdapter(ChatAdapter):
             kwargs["temperature"] = min(p.temperature, 1.0)
         if p.top_p is not None:
             kwargs["top_p"] = p.top_p
-        if p.max_tokens is not None:
-            kwargs["max_tokens"] = p.max_tokens
+        if p.max_output() is not None:
+            kwargs["max_tokens"] = p.max_output()
         if p.stop is not None:
             kwargs["stop"] = [p.stop] if isinstance(p.stop, str) else p.stop
+        if p.user is not None:
+            kwargs["user_id"] = p.user
+        for name in ("seed", "response_format", "tools", "tool_choice"):
+            if getattr(p, name) is not None:
+                kwargs[name] = getattr(p, name)
         return kwargs
 
     async def chat(self, call: ChatCall) -> ChatResult:
@@ -158,8 +163,10 @@ class ZhipuAdapter(ChatAdapter):
                 raise GatewayError("upstream_error", "the provider answered without choices")
             choice = completion.choices[0]
             usage = completion.usage
+            tool_calls = [tc.model_dump(exclude_none=True) for tc in choice.message.tool_calls or []] or None
             return ChatResult(
                 output=choice.message.content or "",
+                tool_calls=tool_calls,
                 finish_reason=choice.finish_reason,
                 usage=Usage(
                     prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
@@ -211,6 +218,8 @@ class ZhipuAdapter(ChatAdapter):
                     for choice in item.choices:
                         if choice.delta and choice.delta.content:
                             yield {"delta": choice.delta.content}
+                        if choice.delta and choice.delta.tool_calls:
+                            yield {"tool_calls": [tc.model_dump(exclude_none=True) for tc in choice.delta.tool_calls]}
                         if choice.finish_reason:
                             finish = choice.finish_reason
             finally:
@@ -227,6 +236,7 @@ class ZhipuAdapter(ChatAdapter):
 class ZhipuProvider(Provider):
     name = "zhipu"
     spec_class = ZhipuDeploySpec
+    params = Provider.params | {"seed", "user", "response_format", "tools", "tool_choice"}
 
     def create_adapter(self, spec: ZhipuDeploySpec) -> ZhipuAdapter:
         return ZhipuAdapter(spec)

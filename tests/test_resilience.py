@@ -9,10 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
-from ray import serve
 
 from gateway import Settings, create_app
-from tests.fakes.upstreams import Reply, openai_error, zhipu_error
+from tests.fakes.upstreams import Reply, openai_error
 
 
 def key() -> str:

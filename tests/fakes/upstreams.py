@@ -128,6 +128,15 @@ class FakeUpstream:
             return web.Response(status=500)
         messages = self.messages_of(body or {}) or [{"content": ""}]
         text = "echo: " + str(messages[-1].get("content") or "")
+        tools = self.tools_of(body or {})
+        if reply.status == 200 and reply.body is None and tools:
+            # A tool loop: a user turn asks for the first tool; a tool result is answered in words.
+            if messages[-1].get("role") == "tool":
+                text = "tool said: " + str(messages[-1].get("content") or "")
+            else:
+                name = tools[0]["function"]["name"]
+                args = json.dumps({"q": str(messages[-1].get("content") or "")})
+                return self._send(Reply(200, self.tool_completion(body, name, args), reply.headers))
         prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in messages) + 4
         if reply.status == 200 and reply.body is None and self.is_stream(request, body or {}):
             pieces = reply.pieces if reply.pieces is not None else [w + " " for w in text.split(" ")[:-1]] + [text.split(" ")[-1]]
@@ -158,6 +167,20 @@ class FakeUpstream:
             self.abandoned.append((key, sent))
             raise
         return resp
+
+    def tools_of(self, body: dict) -> list:
+        return body.get("tools") or []
+
+    def tool_completion(self, body: dict, name: str, arguments: str) -> dict:
+        """OpenAI's (and Zhipu's) shape of an answer that calls a tool."""
+        return {
+            "id": "chatcmpl-tool", "object": "chat.completion", "created": int(time.time()), "model": body.get("model", "?"),
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None,
+                "tool_calls": [{"id": "call_" + uuid.uuid4().hex[:12], "type": "function",
+                                "function": {"name": name, "arguments": arguments}}]}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        }
 
     # -- streaming protocol (OpenAI's framing; DashScope overrides) --------------------
     def is_stream(self, request, body: dict) -> bool:
@@ -291,6 +314,19 @@ class FakeDashScope(FakeUpstream):
 
     def is_stream(self, request, body: dict) -> bool:
         return request.headers.get("X-DashScope-SSE", "").lower() == "enable"
+
+    def tools_of(self, body: dict) -> list:
+        return (body.get("parameters") or {}).get("tools") or []
+
+    def tool_completion(self, body: dict, name: str, arguments: str) -> dict:
+        return {
+            "output": {"choices": [{"finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": "",
+                "tool_calls": [{"function": {"name": name, "arguments": arguments}, "index": 0,
+                                "id": "call_" + uuid.uuid4().hex[:12], "type": "function"}]}}]},
+            "usage": {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15},
+            "request_id": str(uuid.uuid4()),
+        }
 
     def _event(self, index, content, finish, usage) -> str:
         data = {"output": {"choices": [{"message": {"content": content, "role": "assistant"}, "finish_reason": finish}]},
