@@ -23,8 +23,17 @@ loglevel = "info"
 
 
 def on_starting(server):
-    """Master, before any fork: start the embedded Ray head unless RAY_ADDRESS is set."""
+    """Master, before any fork: metrics directory for all workers; the embedded Ray head."""
     global _head
+    import os
+    import shutil
+    import tempfile
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+    else:  # samples of a previous run are not this run's
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
     if _settings.embedded:
         from gateway.cluster import EmbeddedHead, export_embedded_env
 
@@ -63,6 +72,13 @@ def worker_exit(server, worker):
     gateway = worker.wsgi.extensions["gateway"] if worker.wsgi else None
     if gateway is not None and gateway.cluster.lost:
         os._exit(0)
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges leave /metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def on_exit(server):

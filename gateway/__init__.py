@@ -37,6 +37,13 @@ def create_app(settings: Optional[Settings] = None) -> Flask:
     settings = settings or Settings.from_env()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    access = logging.getLogger("gateway.access")
+    if not access.handlers:  # one JSON object per line, nothing around it
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
     app = Flask("gateway", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.ensure_ascii = False  # legacy callers get the reply text as written

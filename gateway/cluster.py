@@ -188,6 +188,10 @@ class Cluster:
     def address(self) -> Optional[str]:
         return self.settings.ray_address or os.environ.get("RAY_ADDRESS") or None
 
+    @property
+    def connected(self) -> bool:
+        return self._registry is not None
+
     def registry(self):
         """The endpoint registry actor (connecting first if needed)."""
         if self._registry is None:

@@ -108,18 +108,22 @@ def get_model(model_id: str):
 def chat_completions():
     from .web import gw, json_body
 
+    from .web import note_endpoint, note_served, start_stream_record, stream_ended
+
     req = validate(CompletionRequest, json_body())
     call = req.to_call(g.request_id)
     dispatcher = gw().dispatcher
+    note_endpoint(req.model)
     completion_id = "chatcmpl-" + g.request_id
     created = int(time.time())
     if req.stream:
         outcome, rest = dispatcher.stream(req.model, call, fallbacks=req.fallbacks)
         g.upstream_ms = outcome.result.get("first_event_ms") or 0.0
-        return _stream(req, completion_id, created, outcome, rest)
+        return _stream(req, completion_id, created, outcome, rest, start_stream_record(outcome), stream_ended)
     outcome = dispatcher.chat(req.model, call, fallbacks=req.fallbacks)
     result = outcome.result
     g.upstream_ms = result.upstream_ms
+    note_served(outcome, result.attempts, result.usage.model_dump(), result.upstream_ms)
     message: dict[str, Any] = {"role": "assistant", "content": result.output if (result.output or not result.tool_calls) else None}
     if result.tool_calls:
         message["tool_calls"] = result.tool_calls
@@ -146,7 +150,7 @@ def _finish(reason: Optional[str], tool_calls: Any) -> str:
     return "stop"
 
 
-def _stream(req: CompletionRequest, completion_id: str, created: int, outcome, rest):
+def _stream(req: CompletionRequest, completion_id: str, created: int, outcome, rest, record, stream_ended):
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     request_id = g.request_id
 
@@ -158,16 +162,21 @@ def _stream(req: CompletionRequest, completion_id: str, created: int, outcome, r
         return "data: " + current_app.json.dumps(body) + "\n\n"
 
     def events():
+        from .web import _finish
+
         event = outcome.result
         saw_tools = False
+        error_type = None
         try:
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
             while True:
                 if "error" in event:
                     err = GatewayError.from_info(event["error"])
+                    error_type = err.type
                     yield "data: " + current_app.json.dumps(openai_error_body(err, request_id)) + "\n\n"
                     return
                 if "finish_reason" in event:
+                    stream_ended(record, event)
                     reason = _finish(event["finish_reason"], saw_tools)
                     yield chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
                     if include_usage:
@@ -183,10 +192,12 @@ def _stream(req: CompletionRequest, completion_id: str, created: int, outcome, r
                 event = next(rest, None)
                 if event is None:
                     err = GatewayError("upstream_error", "the stream ended before it finished")
+                    error_type = err.type
                     yield "data: " + current_app.json.dumps(openai_error_body(err, request_id)) + "\n\n"
                     return
         finally:
             rest.close()
+            _finish(record, 200, error_type)
 
     response = Response(stream_with_context(events()), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

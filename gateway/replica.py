@@ -19,6 +19,7 @@ import time
 from typing import AsyncIterator, Union
 
 from ray import serve
+from ray.util import metrics as ray_metrics
 
 from providers.base import DeploySpec, Provider
 from gateway.errors import ErrorInfo, GatewayError
@@ -34,6 +35,26 @@ class ChatEndpoint:
         self._adapter = provider.create_adapter(spec)
         self._chat_name = spec.chat_name
         self._policy = policy
+        # Ray's own metrics (dashboard, Prometheus via Ray): per endpoint, no user input in tags.
+        tags = {"chat_name": spec.chat_name, "provider": provider.name}
+        self._latency = ray_metrics.Histogram(
+            "gateway_replica_upstream_latency_seconds", description="Upstream call time in the replica, retries included",
+            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60], tag_keys=("chat_name", "provider"))
+        self._errors = ray_metrics.Counter(
+            "gateway_replica_upstream_errors_total", description="Upstream failures by gateway error type",
+            tag_keys=("chat_name", "provider", "type"))
+        self._retries = ray_metrics.Counter(
+            "gateway_replica_upstream_retries_total", description="Upstream calls beyond the first",
+            tag_keys=("chat_name", "provider"))
+        for metric in (self._latency, self._errors, self._retries):
+            metric.set_default_tags(tags)
+
+    def _observe(self, started: float, attempts: int, error: "ErrorInfo | None" = None) -> None:
+        self._latency.observe(time.perf_counter() - started)
+        if attempts > 1:
+            self._retries.inc(attempts - 1)
+        if error is not None:
+            self._errors.inc(1, tags={"type": error.type})
 
     def _info(self, err: GatewayError) -> ErrorInfo:
         return err.info if err.info.provider else err.info.model_copy(update={"provider": self._provider.name})
@@ -44,6 +65,7 @@ class ChatEndpoint:
             result, attempts = await call_with_retries(self._policy, lambda: self._adapter.chat(call))
         except GatewayError as err:
             info = self._info(err)
+            self._observe(started, info.attempts or 1, info)
             log.warning(
                 "chat failed request_id=%s chat_name=%s type=%s provider_code=%s upstream_status=%s attempts=%s",
                 call.request_id, self._chat_name, info.type, info.provider_code, info.upstream_status, info.attempts,
@@ -58,6 +80,7 @@ class ChatEndpoint:
             )
         result.attempts = attempts
         result.upstream_ms = (time.perf_counter() - started) * 1000
+        self._observe(started, attempts)
         log.info("chat ok request_id=%s chat_name=%s attempts=%d upstream_ms=%.1f",
                  call.request_id, self._chat_name, attempts, result.upstream_ms)
         return result
@@ -78,7 +101,9 @@ class ChatEndpoint:
             try:
                 event, attempts = await call_with_retries(self._policy, first_event)
             except GatewayError as err:
-                yield {"error": self._info(err)}
+                info = self._info(err)
+                self._observe(started, info.attempts or 1, info)
+                yield {"error": info}
                 return
             except StopAsyncIteration:
                 yield {"error": ErrorInfo(type="upstream_error", message="the provider's stream was empty", provider=self._provider.name)}
@@ -86,6 +111,7 @@ class ChatEndpoint:
             first_ms = (time.perf_counter() - started) * 1000
             while True:
                 if "finish_reason" in event:
+                    self._observe(started, attempts)
                     yield {**event, "attempts": attempts, "upstream_ms": (time.perf_counter() - started) * 1000,
                            "first_event_ms": first_ms}
                     break

@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 import providers
 
+from . import metrics
 from .errors import GatewayError
 from .schemas import BroadcastRequest, ChatRequest, UndeployRequest, validate
 
@@ -46,6 +47,9 @@ def _before() -> None:
     g.upstream_ms = None
     rid = request.headers.get("X-Request-Id", "")
     g.request_id = rid if _SANE_REQUEST_ID.match(rid) else uuid.uuid4().hex
+    route = request.url_rule.rule if request.url_rule is not None else "_unmatched"
+    g.record = metrics.RequestRecord(route, g.request_id)
+    metrics.IN_FLIGHT.labels(route).inc()
 
 
 def _after(response):
@@ -54,10 +58,24 @@ def _after(response):
         total = (time.perf_counter() - g.started) * 1000
         upstream = g.get("upstream_ms") or 0.0
         response.headers["X-Gateway-Overhead-Ms"] = f"{max(0.0, total - upstream):.2f}"
+    record = g.get("record")
+    if record is not None and not g.get("streaming"):
+        _finish(record, response.status_code, g.get("error_type"))
     return response
 
 
+def _finish(record, status: int, error_type) -> None:
+    if not record.done:
+        metrics.IN_FLIGHT.labels(record.route).dec()
+        record.finish(status, error_type)
+
+
 def render_error(err: GatewayError):
+    g.error_type = err.type
+    record = g.get("record")
+    if record is not None:
+        record.tried = err.info.tried or record.tried
+        record.attempts = err.info.attempts or record.attempts
     if request.path.startswith("/v1/"):
         from .openai_compat import openai_error_body
 
@@ -102,15 +120,27 @@ def chat():
     return _chat(data, provider=None, legacy=False)
 
 
+def note_endpoint(chat_name: str) -> None:
+    """Resolve the requested endpoint (cached) so that metrics may name it: only deployed names become labels."""
+    endpoint = gw().dispatcher.resolve(chat_name)
+    g.record.endpoint(endpoint.name, endpoint.provider)
+
+
+def note_served(outcome, attempts, usage, upstream_ms) -> None:
+    g.record.served(outcome.endpoint.name, outcome.endpoint.provider, attempts, usage, upstream_ms, outcome.tried)
+
+
 def _chat(data: dict, provider: Optional[str], legacy: bool):
     req = validate(ChatRequest, data)
     call = req.to_call(g.request_id)
     dispatcher = gw().dispatcher
+    note_endpoint(req.chat_name)
     if req.stream:
         outcome, rest = dispatcher.stream(req.chat_name, call, provider=provider, fallbacks=req.fallbacks)
         return _sse(req, outcome, rest)
     outcome = dispatcher.chat(req.chat_name, call, provider=provider, fallbacks=req.fallbacks)
     g.upstream_ms = outcome.result.upstream_ms
+    note_served(outcome, outcome.result.attempts, outcome.result.usage.model_dump(), outcome.result.upstream_ms)
     if legacy:
         return jsonify(outcome.result.output)
     return jsonify(_result_body(req.chat_name, outcome))
@@ -146,16 +176,20 @@ def _sse(req: ChatRequest, outcome, rest):
     """
     endpoint, request_id = outcome.endpoint, g.request_id
     g.upstream_ms = outcome.result.get("first_event_ms") or 0.0
+    record = start_stream_record(outcome)
 
     def events():
         event = outcome.result
+        error_type = None
         try:
             while True:
                 if "error" in event:
                     err = GatewayError.from_info(event["error"])
+                    error_type = err.type
                     yield "event: error\n" + _sse_data(err.body(request_id))
                     return
                 if "finish_reason" in event:
+                    stream_ended(record, event)
                     yield _sse_data({
                         "finish_reason": event["finish_reason"], "usage": event["usage"],
                         "chat_name": req.chat_name, "served_by": endpoint.name, "provider": endpoint.provider,
@@ -168,13 +202,35 @@ def _sse(req: ChatRequest, outcome, rest):
                 event = next(rest, None)
                 if event is None:
                     err = GatewayError("upstream_error", "the stream ended before it finished")
+                    error_type = err.type
                     yield "event: error\n" + _sse_data(err.body(request_id))
                     return
         finally:
             rest.close()
+            _finish(record, 200, error_type)
 
     return Response(stream_with_context(events()), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def start_stream_record(outcome):
+    """A stream's metrics and access log line are written when it ends, not when it starts."""
+    g.streaming = True
+    record = g.record
+    record.first_event_ms = (time.perf_counter() - g.started) * 1000
+    record.served(outcome.endpoint.name, outcome.endpoint.provider, None, None, None, outcome.tried)
+    return record
+
+
+def stream_ended(record, event: dict) -> None:
+    record.attempts, record.usage, record.upstream_ms = event.get("attempts"), event.get("usage"), event.get("upstream_ms")
+
+
+@core.get("/metrics")
+def prometheus_metrics():
+    cluster = gw().cluster
+    snapshot = gw().endpoints.list if (cluster.connected and not cluster.lost) else (lambda: [])
+    return Response(metrics.render(snapshot), mimetype="text/plain; version=0.0.4")
 
 
 @core.post("/chat/broadcast")
