@@ -12,11 +12,13 @@ if __name__ == "__main__":
     from gateway.cluster import EmbeddedHead, export_embedded_env
 
     settings = Settings.from_env()
+    settings.check_bind()
     head = None
     if settings.embedded:
         head = EmbeddedHead(settings)
         export_embedded_env(head.start())
     host, _, port = settings.bind.rpartition(":")
+    app.extensions["gateway"].startup()
     try:
         app.run(host=host or "127.0.0.1", port=int(port), threaded=True)
     finally:

@@ -7,6 +7,7 @@ GATEWAY_THREADS, RAY_ADDRESS, ...
 from gateway.config import Settings
 
 _settings = Settings.from_env()
+_settings.check_bind()
 _head = None
 
 bind = _settings.bind
@@ -51,8 +52,8 @@ def post_worker_init(worker):
 
     def connect():
         try:
-            gateway.cluster.connect()
-        except Exception as exc:  # noqa: BLE001 - /readyz reports it; requests retry the connect
+            gateway.startup()  # connect; deploy GATEWAY_ENDPOINTS_FILE if set
+        except BaseException as exc:  # noqa: BLE001 - /readyz reports it; requests retry the connect
             worker.log.warning("Ray connect failed: %s", exc)
 
     threading.Thread(target=connect, name="ray-connect", daemon=True).start()

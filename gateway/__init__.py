@@ -1,6 +1,7 @@
 """LLM gateway for legacy applications: named chat endpoints on Ray Serve behind plain HTTP."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
@@ -10,6 +11,7 @@ from flask import Flask
 from .config import Settings
 
 if TYPE_CHECKING:
+    from .auth import Auth
     from .cluster import Cluster
     from .dispatch import Dispatcher
     from .endpoints import Endpoints
@@ -25,10 +27,35 @@ class Gateway:
     cluster: "Cluster"
     endpoints: "Endpoints"
     dispatcher: "Dispatcher"
+    auth: "Auth"
+
+    def startup(self) -> None:
+        """Connect to Ray, then deploy ``GATEWAY_ENDPOINTS_FILE`` (one process at a time; idempotent).
+
+        Runs in each fresh gateway process, so endpoints come back after a cluster restart.
+        """
+        import ray
+
+        from .apply import apply_in_process
+
+        self.cluster.connect()
+        path = self.settings.endpoints_file
+        if not path:
+            return
+        registry = self.cluster.registry()
+        if not ray.get(registry.claim_apply.remote(900), timeout=30):
+            return
+        log = logging.getLogger("gateway.apply")
+        try:
+            for report in apply_in_process(self, path):
+                (log.error if report["status"] == "error" else log.info)("endpoints file %s: %s", path, json.dumps(report))
+        finally:
+            ray.get(registry.release_apply.remote(), timeout=30)
 
 
 def create_app(settings: Optional[Settings] = None) -> Flask:
     """Build the WSGI app. Nothing here touches Ray: each process connects on first use."""
+    from .auth import Auth, load_keys
     from .cluster import Cluster
     from .dispatch import Dispatcher
     from .endpoints import Endpoints
@@ -55,6 +82,10 @@ def create_app(settings: Optional[Settings] = None) -> Flask:
         cluster=cluster,
         endpoints=Endpoints(cluster, settings, on_change=dispatcher.forget),
         dispatcher=dispatcher,
+        auth=Auth(
+            settings.admin_token.get_secret_value() if settings.admin_token else None,
+            load_keys(settings.api_keys.get_secret_value() if settings.api_keys else None, settings.api_keys_file),
+        ),
     )
     register_routes(app)
     return app

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 _ENV_OVERRIDES = {"ray_address": "RAY_ADDRESS"}
 
@@ -53,6 +53,14 @@ class Settings(BaseModel):
     cooldown_window_s: float = Field(60.0, gt=0)
     cooldown_s: float = Field(30.0, ge=0)
 
+    #: admin token for deploy/undeploy/listings/metrics; without it only loopback binds are allowed
+    admin_token: Optional[SecretStr] = None
+    #: client keys for chat routes: ``key1,key2`` and/or a YAML/JSON file of scoped, rate-limited keys
+    api_keys: Optional[SecretStr] = None
+    api_keys_file: Optional[str] = None
+    #: endpoints to deploy on start (and again after a cluster restart); keys come from env vars
+    endpoints_file: Optional[str] = None
+
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "Settings":
         env = os.environ if env is None else env
@@ -74,3 +82,14 @@ class Settings(BaseModel):
     @property
     def embedded(self) -> bool:
         return not self.ray_address
+
+    def check_bind(self) -> None:
+        """Without an admin token anyone who reaches the port could deploy: loopback only."""
+        from .auth import is_loopback
+
+        if self.admin_token is None and not is_loopback(self.bind):
+            raise SystemExit(
+                f"refusing to listen on {self.bind} without GATEWAY_ADMIN_TOKEN: anyone who can reach it could deploy "
+                "endpoints and run code on the Ray cluster. Set GATEWAY_ADMIN_TOKEN (and GATEWAY_API_KEYS for callers), "
+                "or bind to 127.0.0.1."
+            )

@@ -74,6 +74,7 @@ class Endpoints:
                 "chat_name": name,
                 "provider": provider.name,
                 **spec.public(),
+                "config_digest": spec.digest(),
                 "created_at": existing["created_at"] if existing else now,
                 "updated_at": now,
             }

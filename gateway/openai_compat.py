@@ -94,13 +94,18 @@ def _model_card(record: dict) -> dict:
 def list_models():
     from .web import gw
 
-    return jsonify(object="list", data=[_model_card(r) for r in gw().endpoints.list() if r.get("provider")])
+    key = g.client_key
+    cards = [_model_card(r) for r in gw().endpoints.list() if r.get("provider") and (key is None or key.allows(r["chat_name"]))]
+    return jsonify(object="list", data=cards)
 
 
 @v1.get("/models/<model_id>")
 def get_model(model_id: str):
     from .web import gw
 
+    from .auth import check_chat_names
+
+    check_chat_names(g.client_key, [model_id])
     return jsonify(_model_card(gw().endpoints.get(model_id)))
 
 
@@ -113,7 +118,7 @@ def chat_completions():
     req = validate(CompletionRequest, json_body())
     call = req.to_call(g.request_id)
     dispatcher = gw().dispatcher
-    note_endpoint(req.model)
+    note_endpoint(req.model, req.fallbacks)
     completion_id = "chatcmpl-" + g.request_id
     created = int(time.time())
     if req.stream:
@@ -210,6 +215,8 @@ _OPENAI_TYPES = {
     "invalid_request": "invalid_request_error",
     "not_found": "invalid_request_error",
     "unauthorized": "authentication_error",
+    "forbidden": "permission_error",
+    "rate_limited": "rate_limit_error",
     "upstream_rate_limited": "rate_limit_error",
 }
 

@@ -101,3 +101,14 @@ class EndpointRegistry:
 
     def release(self, name: str) -> None:
         self._busy.pop(name, None)
+
+    def claim_apply(self, lease_s: float) -> bool:
+        """One gateway process at a time applies the endpoints file."""
+        now = time.time()
+        if getattr(self, "_apply_until", 0.0) > now:
+            return False
+        self._apply_until = now + lease_s
+        return True
+
+    def release_apply(self) -> None:
+        self._apply_until = 0.0

@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 import providers
 
 from . import metrics
+from .auth import check_chat_names
 from .errors import GatewayError
 from .schemas import BroadcastRequest, ChatRequest, UndeployRequest, validate
 
@@ -50,6 +51,24 @@ def _before() -> None:
     route = request.url_rule.rule if request.url_rule is not None else "_unmatched"
     g.record = metrics.RequestRecord(route, g.request_id)
     metrics.IN_FLIGHT.labels(route).inc()
+
+
+#: routes anyone may call; admin routes; everything else is a chat (client) route
+_OPEN = {"core.healthz", "core.readyz"}
+_ADMIN = {"core.deployments", "core.deployment", "core.prometheus_metrics"}
+
+
+def _authorize() -> None:
+    g.client_key = None
+    auth = gw().auth
+    endpoint = request.endpoint
+    if not auth.enabled or endpoint is None or endpoint in _OPEN:
+        return
+    header = request.headers.get("Authorization")
+    if endpoint in _ADMIN or endpoint.rpartition(".")[2] in ("deploy", "undeploy"):
+        auth.admin(header)
+    else:
+        g.client_key = auth.client(header)
 
 
 def _after(response):
@@ -120,8 +139,9 @@ def chat():
     return _chat(data, provider=None, legacy=False)
 
 
-def note_endpoint(chat_name: str) -> None:
-    """Resolve the requested endpoint (cached) so that metrics may name it: only deployed names become labels."""
+def note_endpoint(chat_name: str, fallbacks=None) -> None:
+    """Check the caller may use it, then resolve it (cached) so that metrics may name it."""
+    check_chat_names(g.client_key, [chat_name, *(fallbacks or [])])
     endpoint = gw().dispatcher.resolve(chat_name)
     g.record.endpoint(endpoint.name, endpoint.provider)
 
@@ -134,7 +154,7 @@ def _chat(data: dict, provider: Optional[str], legacy: bool):
     req = validate(ChatRequest, data)
     call = req.to_call(g.request_id)
     dispatcher = gw().dispatcher
-    note_endpoint(req.chat_name)
+    note_endpoint(req.chat_name, req.fallbacks)
     if req.stream:
         outcome, rest = dispatcher.stream(req.chat_name, call, provider=provider, fallbacks=req.fallbacks)
         return _sse(req, outcome, rest)
@@ -236,6 +256,7 @@ def prometheus_metrics():
 @core.post("/chat/broadcast")
 def broadcast():
     req = validate(BroadcastRequest, json_body())
+    check_chat_names(g.client_key, req.chat_names)
     outcomes = gw().dispatcher.broadcast(req.chat_names, lambda name: req.to_call(f"{g.request_id}.{name}"))
     results = {}
     for name, outcome in outcomes.items():
@@ -297,6 +318,7 @@ def provider_blueprint(provider: "providers.Provider") -> Blueprint:
 
 def register_routes(app: Flask) -> None:
     app.before_request(_before)
+    app.before_request(_authorize)
     app.after_request(_after)
     app.register_error_handler(GatewayError, render_error)
     app.register_error_handler(HTTPException, _http_error)

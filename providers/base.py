@@ -53,6 +53,17 @@ class DeploySpec(BaseModel):
             raise ValueError("fallbacks name an endpoint twice")
         return value
 
+    def digest(self) -> str:
+        """A one-way digest of the whole spec, key included: tells an unchanged redeploy apart."""
+        import hashlib
+        import json
+
+        data = self.model_dump(mode="json")
+        for name, value in self:
+            if isinstance(value, SecretStr):
+                data[name] = value.get_secret_value()
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
     def public(self) -> dict[str, Any]:
         """What may be shown about this endpoint (listing, logs): never a secret."""
         return {"model": self.model_name, "workers": self.workers, "timeout": self.timeout,

@@ -26,7 +26,8 @@ def dashboard_get(head, path: str) -> str:
         return resp.read().decode("utf-8", "replace")
 
 
-def test_key_appears_nowhere_but_at_the_provider(client, deploy, fake_openai, name, ray_head, caplog, capfd):
+def test_key_appears_nowhere_but_at_the_provider(client, deploy, fake_openai, fake_zhipu, fake_dashscope, name, ray_head,
+                                                caplog, capfd):
     caplog.set_level("DEBUG")
     key = f"sk-canary-{uuid.uuid4().hex}"
     chat_name = name("secret")
@@ -45,6 +46,20 @@ def test_key_appears_nowhere_but_at_the_provider(client, deploy, fake_openai, na
     keep(client.get(f"/deployments/{chat_name}"))
     keep(deploy(chat_name, key, workers=1))  # an update travels the same way
     keep(client.post("/openai/deploy", json={"api_key": key, "chat_name": chat_name, "model_name": "m", "workers": "x"}))
+    # The other providers, and a deploy that fails: the key is in none of their traces either.
+    zkey, qkey = f"{uuid.uuid4().hex[:10]}.{key}", f"sk-{key}"
+    for provider, k, fake in (("zhipu", zkey, fake_zhipu), ("qwen", qkey, fake_dashscope)):
+        other = name(f"secret_{provider}")
+        keep(deploy(other, k, provider=provider, base_url=fake.base_url))
+        keep(client.post("/chat", json={"chat_name": other, "content": "hi"}))
+        assert fake.requests_for(k)
+    from gateway import Settings, create_app
+
+    impatient = create_app(Settings.from_env(ray_address=ray_head.address, deploy_wait_s=2)).test_client()
+    failed = impatient.post("/stuck/deploy", json={"api_key": key, "chat_name": name("secret_f"), "model_name": "m",
+                                                  "base_url": fake_openai.base_url, "timeout": 1})
+    assert failed.status_code == 503
+    keep(failed)
 
     # The key did reach the provider (otherwise the checks below prove nothing).
     assert fake_openai.requests_for(key)
