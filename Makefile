@@ -14,7 +14,7 @@ test: install-dev
 	$(BIN)/python -m pytest
 
 bench: install-dev
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench run
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev

@@ -71,6 +71,10 @@ class EmbeddedHead:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
         env.setdefault("RAY_AUTH_MODE", "token")
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Replicas: run our (all-async) code on the replica's own event loop instead of a second
+        # thread, and write Serve's logs once (to their files), not also to stderr.
+        env.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
+        env.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
         return env
 
     @staticmethod

@@ -137,7 +137,7 @@ def chat_completions():
         "object": "chat.completion",
         "created": created,
         "model": req.model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(result.finish_reason, result.tool_calls)}],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(result.finish_reason, result.tool_calls)}],
         "usage": result.usage.model_dump(),
         "system_fingerprint": None,
     })
@@ -145,7 +145,7 @@ def chat_completions():
     return response
 
 
-def _finish(reason: Optional[str], tool_calls: Any) -> str:
+def _finish_reason(reason: Optional[str], tool_calls: Any) -> str:
     if tool_calls and reason in (None, "stop"):
         return "tool_calls"
     if reason in ("stop", "length", "tool_calls", "content_filter", "function_call"):
@@ -167,7 +167,7 @@ def _stream(req: CompletionRequest, completion_id: str, created: int, outcome, r
         return "data: " + current_app.json.dumps(body) + "\n\n"
 
     def events():
-        from .web import _finish
+        from .web import finish_record
 
         event = outcome.result
         saw_tools = False
@@ -182,7 +182,7 @@ def _stream(req: CompletionRequest, completion_id: str, created: int, outcome, r
                     return
                 if "finish_reason" in event:
                     stream_ended(record, event)
-                    reason = _finish(event["finish_reason"], saw_tools)
+                    reason = _finish_reason(event["finish_reason"], saw_tools)
                     yield chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
                     if include_usage:
                         yield chunk([], event["usage"], True)
@@ -202,7 +202,7 @@ def _stream(req: CompletionRequest, completion_id: str, created: int, outcome, r
                     return
         finally:
             rest.close()
-            _finish(record, 200, error_type)
+            finish_record(record, 200, error_type)
 
     response = Response(stream_with_context(events()), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -79,11 +79,11 @@ def _after(response):
         response.headers["X-Gateway-Overhead-Ms"] = f"{max(0.0, total - upstream):.2f}"
     record = g.get("record")
     if record is not None and not g.get("streaming"):
-        _finish(record, response.status_code, g.get("error_type"))
+        finish_record(record, response.status_code, g.get("error_type"))
     return response
 
 
-def _finish(record, status: int, error_type) -> None:
+def finish_record(record, status: int, error_type) -> None:
     if not record.done:
         metrics.IN_FLIGHT.labels(record.route).dec()
         record.finish(status, error_type)
@@ -227,7 +227,7 @@ def _sse(req: ChatRequest, outcome, rest):
                     return
         finally:
             rest.close()
-            _finish(record, 200, error_type)
+            finish_record(record, 200, error_type)
 
     return Response(stream_with_context(events()), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

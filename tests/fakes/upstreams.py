@@ -62,6 +62,10 @@ class FakeUpstream:
 
     def __init__(self, latency: float = 0.0) -> None:
         self.latency = latency
+        #: default pause between the pieces of a stream (a script's Reply can set its own)
+        self.piece_delay = 0.0
+        #: keep a record of each request (off for load benchmarks: memory)
+        self.record = True
         self.requests: list[dict] = []
         #: streams whose client went away before the end: (key, pieces sent)
         self.abandoned: list[tuple[str, int]] = []
@@ -115,8 +119,9 @@ class FakeUpstream:
             body = json.loads(raw)
         except ValueError:
             body = None
-        self.requests.append({"path": request.path, "headers": CIMultiDict(request.headers), "json": body,
-                              "at": time.monotonic()})
+        if self.record:
+            self.requests.append({"path": request.path, "headers": CIMultiDict(request.headers), "json": body,
+                                  "at": time.monotonic()})
         key = request.headers.get("Authorization", "").removeprefix("Bearer ")
         if not key:
             return self._send(self.missing_key())
@@ -157,8 +162,8 @@ class FakeUpstream:
                     return resp
                 await resp.write(self.stream_event(body, index, piece, None, None).encode())
                 sent += 1
-                if reply.piece_delay:
-                    await asyncio.sleep(reply.piece_delay)
+                if reply.piece_delay or self.piece_delay:
+                    await asyncio.sleep(reply.piece_delay or self.piece_delay)
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces)}
             for event in self.stream_end(body, len(pieces), usage):
                 await resp.write(event.encode())
@@ -358,7 +363,11 @@ if __name__ == "__main__":  # pragma: no cover - python -m tests.fakes.upstreams
     parser = argparse.ArgumentParser(description="a fake provider upstream on loopback; prints its base URL")
     parser.add_argument("--provider", choices=sorted(FAKES), default="openai")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument("--piece-delay", type=float, default=0.0, help="streams: seconds between pieces")
     args = parser.parse_args()
-    fake = FAKES[args.provider](latency=args.latency).start()
+    fake = FAKES[args.provider](latency=args.latency)
+    fake.piece_delay = args.piece_delay
+    fake.record = False
+    fake.start()
     print(fake.base_url, flush=True)
     threading.Event().wait()
