@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-LITELLM = "litellm[proxy]==1.109.1"
+LITELLM = "litellm[proxy]==1.106.0"  # the version the issue measured; newer ones need a certifi the registry lacks
 VENV = Path(__file__).resolve().parent / ".peer-venv"
 
 

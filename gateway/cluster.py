@@ -75,6 +75,8 @@ class EmbeddedHead:
         # thread, and write Serve's logs once (to their files), not also to stderr.
         env.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
         env.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+        # Ray starts workers at nice 15; replicas are on every request's path, next to gunicorn.
+        env.setdefault("RAY_worker_niceness", "0")
         return env
 
     @staticmethod

@@ -168,9 +168,11 @@ class FakeUpstream:
             for event in self.stream_end(body, len(pieces), usage):
                 await resp.write(event.encode())
             await resp.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError, RuntimeError):
+        except asyncio.CancelledError:
             self.abandoned.append((key, sent))
             raise
+        except (ConnectionResetError, RuntimeError):  # the client went away: that is all this records
+            self.abandoned.append((key, sent))
         return resp
 
     def tools_of(self, body: dict) -> list:
