@@ -134,7 +134,8 @@ class EmbeddedHead:
         self.stop()
         raise SystemExit(f"the embedded Ray head did not come up in {s.ray_start_timeout_s:.0f}s; see {self.log_path}")
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the head; what it runs dies with it, so a short grace period is enough."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
