@@ -15,7 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import ray
 from ray import serve
@@ -203,43 +203,11 @@ class Dispatcher:
         raise AssertionError("unreachable")
 
     # -- the dispatch path ----------------------------------------------------------
-    def chat(self, chat_name: str, call: ChatCall, provider: Optional[str] = None,
-             fallbacks: Optional[list[str]] = None) -> Outcome:
-        """Answer ``call`` on ``chat_name`` or its fallbacks; ``provider`` restricts the primary."""
-        primary, chain = self._chain(chat_name, provider, fallbacks)
-        tried: list[dict] = []
-        last: Optional[GatewayError] = None
-        for name in chain:
-            try:
-                endpoint = primary if name == chat_name else self.resolve(name)
-            except GatewayError as err:
-                tried.append(_tried(name, err))
-                last = last or err
-                continue
-            skip = self._skip_reason(endpoint)
-            if skip is not None:
-                tried.append(_tried(name, skip))
-                last = skip
-                continue
-            try:
-                result = self._call(endpoint, call)
-            except GatewayError as err:
-                self._report(endpoint, err)
-                tried.append(_tried(name, err))
-                if err.type not in FALLBACK_ON:
-                    raise _with_tried(err, tried) from None
-                last = err
-                continue
-            self._report(endpoint, None)
-            return Outcome(endpoint, result, tried)
-        raise _with_tried(last, tried)
+    def _walk(self, chat_name: str, provider: Optional[str], fallbacks: Optional[list[str]],
+              attempt: Callable[[Endpoint], Any]) -> tuple[Endpoint, Any, list[dict]]:
+        """Try ``chat_name``, then its fallbacks, with ``attempt``; the first answer wins.
 
-    def stream(self, chat_name: str, call: ChatCall, provider: Optional[str] = None,
-               fallbacks: Optional[list[str]] = None) -> tuple[Outcome, Iterator[dict]]:
-        """Like ``chat``, but retries and fallbacks only until the first event is in hand.
-
-        Answers the outcome (``result`` is the first event) and an iterator over the rest;
-        closing the iterator cancels the replica's stream, which closes the upstream one.
+        Endpoints that cool down are skipped; an upstream failure moves on, a caller error stops.
         """
         primary, chain = self._chain(chat_name, provider, fallbacks)
         tried: list[dict] = []
@@ -257,16 +225,32 @@ class Dispatcher:
                 last = skip
                 continue
             try:
-                first, rest = self._open_stream(endpoint, call)
+                return endpoint, attempt(endpoint), tried
             except GatewayError as err:
                 self._report(endpoint, err)
                 tried.append(_tried(name, err))
                 if err.type not in FALLBACK_ON:
                     raise _with_tried(err, tried) from None
                 last = err
-                continue
-            return Outcome(endpoint, first, tried), self._follow(endpoint, rest)
         raise _with_tried(last, tried)
+
+    def chat(self, chat_name: str, call: ChatCall, provider: Optional[str] = None,
+             fallbacks: Optional[list[str]] = None) -> Outcome:
+        """Answer ``call`` on ``chat_name`` or its fallbacks; ``provider`` restricts the primary."""
+        endpoint, result, tried = self._walk(chat_name, provider, fallbacks, lambda ep: self._call(ep, call))
+        self._report(endpoint, None)
+        return Outcome(endpoint, result, tried)
+
+    def stream(self, chat_name: str, call: ChatCall, provider: Optional[str] = None,
+               fallbacks: Optional[list[str]] = None) -> tuple[Outcome, Iterator[dict]]:
+        """Like ``chat``, but retries and fallbacks only until the first event is in hand.
+
+        Answers the outcome (``result`` is the first event) and an iterator over the rest;
+        closing the iterator cancels the replica's stream, which closes the upstream one.
+        Success or failure is reported to the cooldown state when the stream ends.
+        """
+        endpoint, (first, rest), tried = self._walk(chat_name, provider, fallbacks, lambda ep: self._open_stream(ep, call))
+        return Outcome(endpoint, first, tried), self._follow(endpoint, rest)
 
     def _open_stream(self, endpoint: Endpoint, call: ChatCall) -> tuple[dict, Any]:
         providers.get(endpoint.provider).check_call(call)
