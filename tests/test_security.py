@@ -220,6 +220,10 @@ def test_a_cluster_restart_brings_the_endpoints_back_from_the_file(tmp_path, fak
     try:
         wait_ready(base, gw, log_path)
         wait_for({names[0], names[1]})  # applied on start
+        for _ in range(100):  # the report is logged once the whole file has been applied
+            if "TEST_NOT_SET_ANYWHERE is not set" in log_path.read_text():
+                break
+            time.sleep(0.2)
         assert "TEST_NOT_SET_ANYWHERE is not set" in log_path.read_text()  # reported per endpoint
         head.stop()
         head = EmbeddedHead(settings)
