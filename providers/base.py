@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from gateway.errors import GatewayError
-from gateway.schemas import ChatCall, ChatName, ChatResult
+from gateway.schemas import ChatCall, ChatName, ChatResult, Usage
 
 
 class DeploySpec(BaseModel):
@@ -201,6 +201,41 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def create_adapter(self, spec: DeploySpec) -> ChatAdapter:
         """Build the adapter inside the replica (also called once at deploy to validate)."""
+
+
+def usage_of(usage: Any) -> Usage:
+    """An OpenAI-shaped usage object (openai and zhipuai SDKs) in the gateway's shape."""
+    return Usage(prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                 completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+                 total_tokens=getattr(usage, "total_tokens", 0) or 0)
+
+
+def result_of(completion: Any, provider_request_id: Optional[str]) -> ChatResult:
+    """An OpenAI-shaped completion (openai and zhipuai SDKs) as a ``ChatResult``."""
+    if not completion.choices:
+        raise GatewayError("upstream_error", "the provider answered without choices")
+    choice = completion.choices[0]
+    return ChatResult(
+        output=choice.message.content or "",
+        tool_calls=[tc.model_dump(exclude_none=True) for tc in choice.message.tool_calls or []] or None,
+        finish_reason=choice.finish_reason,
+        usage=usage_of(completion.usage),
+        upstream_model=completion.model,
+        provider_request_id=provider_request_id,
+    )
+
+
+def chunk_events(chunk: Any) -> tuple[list[dict], Optional[str]]:
+    """Events and finish reason of an OpenAI-shaped stream chunk (openai and zhipuai SDKs)."""
+    events, finish = [], None
+    for choice in chunk.choices:
+        if choice.delta and choice.delta.content:
+            events.append({"delta": choice.delta.content})
+        if choice.delta and choice.delta.tool_calls:
+            events.append({"tool_calls": [tc.model_dump(exclude_none=True) for tc in choice.delta.tool_calls]})
+        if choice.finish_reason:
+            finish = choice.finish_reason
+    return events, finish
 
 
 def end_event(finish_reason: Optional[str], usage: Any) -> dict:

@@ -14,7 +14,8 @@ import openai
 from gateway.errors import GatewayError
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import ChatAdapter, Provider, SaaSDeploySpec, end_event, reraise_as_gateway_error, retry_after_seconds
+from .base import (ChatAdapter, Provider, SaaSDeploySpec, chunk_events, end_event, reraise_as_gateway_error, result_of,
+                   retry_after_seconds, usage_of)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -104,24 +105,9 @@ class OpenAIAdapter(ChatAdapter):
                 extra_headers={"X-Request-Id": call.request_id},
                 **kwargs,
             )
-            if not completion.choices:
-                raise GatewayError("upstream_error", "the provider answered without choices")
-            choice = completion.choices[0]
-            usage = completion.usage
-            tool_calls = [tc.model_dump(exclude_none=True) for tc in choice.message.tool_calls or []] or None
-            return ChatResult(
-                output=choice.message.content or "",
-                tool_calls=tool_calls,
-                finish_reason=choice.finish_reason,
-                usage=Usage(
-                    prompt_tokens=usage.prompt_tokens if usage else 0,
-                    completion_tokens=usage.completion_tokens if usage else 0,
-                    total_tokens=usage.total_tokens if usage else 0,
-                ),
-                upstream_model=completion.model,
-                provider_request_id=getattr(completion, "_request_id", None),
-                upstream_ms=(time.perf_counter() - started) * 1000,
-            )
+            result = result_of(completion, getattr(completion, "_request_id", None))
+            result.upstream_ms = (time.perf_counter() - started) * 1000
+            return result
 
     async def stream(self, call: ChatCall) -> AsyncIterator[dict]:
         spec = self._spec
@@ -138,15 +124,11 @@ class OpenAIAdapter(ChatAdapter):
             try:
                 async for chunk in chunks:
                     if chunk.usage:
-                        usage = Usage(prompt_tokens=chunk.usage.prompt_tokens, completion_tokens=chunk.usage.completion_tokens,
-                                      total_tokens=chunk.usage.total_tokens)
-                    for choice in chunk.choices:
-                        if choice.delta and choice.delta.content:
-                            yield {"delta": choice.delta.content}
-                        if choice.delta and choice.delta.tool_calls:
-                            yield {"tool_calls": [tc.model_dump(exclude_none=True) for tc in choice.delta.tool_calls]}
-                        if choice.finish_reason:
-                            finish = choice.finish_reason
+                        usage = usage_of(chunk.usage)
+                    events, chunk_finish = chunk_events(chunk)
+                    finish = chunk_finish or finish
+                    for event in events:
+                        yield event
             finally:
                 await chunks.close()  # also when cancelled: the upstream stream is closed
             yield end_event(finish, usage)

@@ -23,7 +23,8 @@ from pydantic import field_validator
 from gateway.errors import GatewayError
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import ChatAdapter, Provider, SaaSDeploySpec, end_event, reraise_as_gateway_error, retry_after_seconds
+from .base import (ChatAdapter, Provider, SaaSDeploySpec, chunk_events, end_event, reraise_as_gateway_error, result_of,
+                   retry_after_seconds, usage_of)
 
 DEFAULT_BASE_URL = "https://open.bigmodel.cn/api/paas/v4"
 
@@ -104,6 +105,8 @@ def map_zhipu_error(exc: Exception) -> GatewayError:
         if content_filter:
             text += f" (content filter: {content_filter})"
         return GatewayError(kind, text, **details)
+    if isinstance(exc, httpx.TransportError):  # e.g. a stream cut half-way
+        return GatewayError("upstream_error", "the connection to the provider broke")
     if isinstance(exc, (zhipuai.APIResponseValidationError, ValueError)):
         return GatewayError("upstream_error", "the provider's answer was malformed")
     return GatewayError("upstream_error", f"unexpected {type(exc).__name__} while calling the provider")
@@ -159,24 +162,9 @@ class ZhipuAdapter(ChatAdapter):
         with reraise_as_gateway_error("zhipu", self._spec.api_key.get_secret_value(), map_zhipu_error):
             loop = asyncio.get_running_loop()
             completion = await loop.run_in_executor(self._pool, lambda: client.chat.completions.create(**kwargs))
-            if not completion.choices:
-                raise GatewayError("upstream_error", "the provider answered without choices")
-            choice = completion.choices[0]
-            usage = completion.usage
-            tool_calls = [tc.model_dump(exclude_none=True) for tc in choice.message.tool_calls or []] or None
-            return ChatResult(
-                output=choice.message.content or "",
-                tool_calls=tool_calls,
-                finish_reason=choice.finish_reason,
-                usage=Usage(
-                    prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                    completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-                    total_tokens=getattr(usage, "total_tokens", 0) or 0,
-                ),
-                upstream_model=completion.model,
-                provider_request_id=completion.request_id or completion.id,
-                upstream_ms=(time.perf_counter() - started) * 1000,
-            )
+            result = result_of(completion, completion.request_id or completion.id)
+            result.upstream_ms = (time.perf_counter() - started) * 1000
+            return result
 
     async def stream(self, call: ChatCall) -> AsyncIterator[dict]:
         """The SDK's stream is a blocking iterator: a pool thread pumps it into a queue."""
@@ -212,16 +200,11 @@ class ZhipuAdapter(ChatAdapter):
                     if kind == "end":
                         break
                     if item.usage:
-                        usage = Usage(prompt_tokens=item.usage.prompt_tokens or 0,
-                                      completion_tokens=item.usage.completion_tokens or 0,
-                                      total_tokens=item.usage.total_tokens or 0)
-                    for choice in item.choices:
-                        if choice.delta and choice.delta.content:
-                            yield {"delta": choice.delta.content}
-                        if choice.delta and choice.delta.tool_calls:
-                            yield {"tool_calls": [tc.model_dump(exclude_none=True) for tc in choice.delta.tool_calls]}
-                        if choice.finish_reason:
-                            finish = choice.finish_reason
+                        usage = usage_of(item.usage)
+                    events, chunk_finish = chunk_events(item)
+                    finish = chunk_finish or finish
+                    for event in events:
+                        yield event
             finally:
                 stop.set()
             yield end_event(finish, usage)
