@@ -158,7 +158,7 @@ def test_error_classes(sdk, gateway):
 
 def test_a_stream_that_fails_mid_way_raises_in_the_sdk(sdk, gateway):
     name, key, fake = gateway[1]["openai"]
-    fake.script(key, Reply(pieces=["a ", "b ", "c"], cut_after=2))
+    fake.script(key, Reply(pieces=["a ", "b ", "c"], cut_after=2, piece_delay=0.2))  # sent, then cut
     stream = sdk.chat.completions.create(model=name, messages=[{"role": "user", "content": "x"}], stream=True)
     seen = []
     with pytest.raises(openai.APIError) as exc:

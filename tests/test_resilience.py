@@ -218,7 +218,7 @@ def test_stream_retries_and_falls_back_before_the_first_byte(client, ep, fake_op
 
 def test_stream_cut_half_way_ends_with_an_error_event(client, ep, fake_openai):
     chat_name, k = ep()
-    fake_openai.script(k, Reply(pieces=["one ", "two ", "three ", "four"], cut_after=2))
+    fake_openai.script(k, Reply(pieces=["one ", "two ", "three ", "four"], cut_after=2, piece_delay=0.2))
     r = client.post("/chat", json={"chat_name": chat_name, "content": "x", "stream": True})
     events = sse_events(r.get_data(as_text=True))
     assert [d["delta"] for e, d in events if e == "message"] == ["one ", "two "]
