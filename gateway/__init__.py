@@ -39,6 +39,7 @@ class Gateway:
         from .apply import apply_in_process
 
         self.cluster.connect()
+        self.endpoints.list()  # settles deploys whose watcher died with an earlier process
         path = self.settings.endpoints_file
         if not path:
             return

@@ -111,7 +111,7 @@ def plan(entries: list[EndpointEntry], env: Mapping[str, str]) -> list[tuple[End
 
 
 def apply(entries: list[EndpointEntry], env: Mapping[str, str], current: Callable[[str], Optional[dict]],
-          deploy: Callable[[str, Any], None]) -> list[dict]:
+          deploy: Callable[[str, Any], str]) -> list[dict]:
     """Deploy what differs from ``current(chat_name)``; one report per endpoint."""
     reports = []
     for entry, spec in plan(entries, env):
@@ -120,15 +120,20 @@ def apply(entries: list[EndpointEntry], env: Mapping[str, str], current: Callabl
             reports.append({**report, "status": "error", "error": spec.info.type, "message": spec.info.message})
             continue
         existing = current(entry.chat_name)
-        if existing and existing.get("config_digest") == spec.digest() and existing.get("status", "RUNNING") == "RUNNING":
-            reports.append({**report, "status": "unchanged"})
+        state = (existing or {}).get("status")
+        if existing and existing.get("pending_digest", existing.get("config_digest")) == spec.digest() \
+                and state in ("RUNNING", "DEPLOYING", "UPDATING"):
+            reports.append({**report, "status": "unchanged" if state == "RUNNING" else "deploying"})
             continue
         try:
-            deploy(entry.provider, spec)
+            status = deploy(entry.provider, spec)
         except GatewayError as err:
             reports.append({**report, "status": "error", "error": err.info.type, "message": err.info.message})
             continue
-        reports.append({**report, "status": "updated" if existing else "deployed"})
+        if status != "RUNNING":  # still loading; GET /deployments/<chat_name> tells when it runs
+            reports.append({**report, "status": "deploying"})
+            continue
+        reports.append({**report, "status": "updated" if existing and state != "DEPLOY_FAILED" else "deployed"})
     return reports
 
 
@@ -143,7 +148,7 @@ def apply_in_process(gateway, path: str, env: Optional[Mapping[str, str]] = None
             return None
 
     return apply(load(path), os.environ if env is None else env, current,
-                 lambda provider, spec: endpoints.deploy(providers.get(provider), spec))
+                 lambda provider, spec: endpoints.deploy(providers.get(provider), spec)["status"])
 
 
 def apply_over_http(base_url: str, path: str, admin_token: Optional[str], env: Optional[Mapping[str, str]] = None) -> list[dict]:
@@ -157,13 +162,14 @@ def apply_over_http(base_url: str, path: str, admin_token: Optional[str], env: O
             raise SystemExit(f"GET /deployments answered {listing.status_code}: {listing.text[:300]}")
         rows = {r["chat_name"]: r for r in listing.json()["deployments"]}
 
-        def deploy(provider: str, spec) -> None:
+        def deploy(provider: str, spec) -> str:
             body = spec.model_dump(mode="json", exclude_none=True)
             body["api_key"] = spec.api_key.get_secret_value() if hasattr(spec, "api_key") else None
             r = http.post(f"/{provider}/deploy", json={k: v for k, v in body.items() if v is not None})
-            if r.status_code != 200:
+            if r.status_code not in (200, 202):
                 err = r.json().get("error", {}) if r.headers.get("content-type", "").startswith("application/json") else {}
                 raise GatewayError(err.get("type") if err.get("type") in STATUS else "internal_error",
                                    err.get("message", r.text[:300]))
+            return r.json()["status"]
 
         return apply(load(path), os.environ if env is None else env, rows.get, deploy)

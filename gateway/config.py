@@ -41,7 +41,8 @@ class Settings(BaseModel):
     #: Serve options of SaaS replicas: I/O-bound, a sliver of a CPU, many calls each
     saas_replica_cpus: float = Field(0.05, gt=0)
     saas_max_ongoing_requests: int = Field(256, ge=1)
-    #: how long a deploy may wait for its replicas before it is reported as failed
+    #: how long a deploy request waits for its replicas; later it answers 202 DEPLOYING and the
+    #: deploy goes on (each endpoint's ``deploy_timeout`` decides when it has failed)
     deploy_wait_s: float = Field(60.0, gt=0)
     #: how long a worker caches what it learnt about an endpoint (provider, model, health)
     endpoint_cache_s: float = Field(2.0, ge=0)

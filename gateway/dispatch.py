@@ -101,6 +101,14 @@ class Dispatcher:
         if record is None:
             self.forget(chat_name)
             raise GatewayError("not_found", f"no endpoint named '{chat_name}'")
+        status = record.get("status", "RUNNING")
+        if status == "DEPLOYING":
+            raise GatewayError("endpoint_not_ready", f"'{chat_name}' is still deploying (loading its model); "
+                               f"GET /deployments/{chat_name} shows progress", retry_after=5)
+        if status == "DEPLOY_FAILED":
+            failure = record.get("failure") or {}
+            raise GatewayError("endpoint_not_ready", f"'{chat_name}' failed to deploy ({failure.get('reason')}): "
+                               f"{failure.get('message')}; deploy it again")
         with self._lock:
             # A handle is bound to the deployment's name, which is the provider's: an endpoint
             # undeployed and deployed again under another provider needs a new one.

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import logging
+import re
+import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from typing import Callable, Optional
 
@@ -45,57 +48,159 @@ class Endpoints:
 
     # -- deploy -------------------------------------------------------------
     def deploy(self, provider: Provider, spec: DeploySpec) -> dict:
+        """Start a deploy and wait up to ``deploy_wait_s`` for it.
+
+        Answers the endpoint's view: ``status`` is ``RUNNING``, or ``DEPLOYING``/``UPDATING``
+        when it is still loading (a watcher thread, or the next reader, settles it). A deploy
+        that fails within the wait raises ``deploy_failed`` with a ``reason``; a new endpoint
+        that fails leaves nothing behind in the cluster.
+        """
         name = spec.chat_name
-        provider.create_adapter(spec)  # fails here, before the cluster, on a spec the adapter refuses
+        provider.check_deploy(spec)  # fails here, before the cluster, on a spec the adapter refuses
         registry = self.cluster.registry()
         apps = _app_statuses()
         if name in apps:
             running_as, _ = _deployment_view(apps[name])
             if running_as and running_as != provider.name:
                 raise self._conflict(name, running_as)
-        state, existing = ray.get(registry.begin.remote(name, provider.name, self.settings.deploy_wait_s + 30))
+        state, existing = ray.get(registry.begin.remote(name, provider.name, 60))
         if state == "conflict":
             raise self._conflict(name, existing["provider"])
         if state == "busy":
             raise GatewayError("conflict", f"another deploy or undeploy of '{name}' is in progress; try again when it ends")
+        digest = spec.digest()
         try:
+            pending = (existing or {}).get("pending")
+            if pending and pending["deadline"] > time.time():
+                if pending["digest"] == digest:  # the same deploy again: report on the one under way
+                    ray.get(registry.release.remote(name))
+                    return self._view(existing, apps.get(name))
+                raise GatewayError("conflict", f"'{name}' is still deploying; wait for it (GET /deployments/{name}) "
+                                               f"or undeploy it first")
             self._check_fallbacks(name, spec.fallbacks)
-        except GatewayError:
-            ray.get(registry.release.remote(name))
+            self._check_resources(provider, spec)
+        except GatewayError as err:
+            if err.type == "deploy_failed" and (existing is None or existing.get("status") == "DEPLOY_FAILED") \
+                    and name not in apps:  # nothing was started; GET /deployments/<name> still says why
+                now = _now()
+                ray.get(registry.finish.remote(name, {
+                    "chat_name": name, "provider": provider.name, **spec.public(), "status": "DEPLOY_FAILED",
+                    "failure": {"reason": err.info.reason, "message": err.info.message}, "created_at": now, "updated_at": now,
+                }))
+                self._on_change(name)
+            else:
+                ray.get(registry.release.remote(name))
             raise
-        fresh = existing is None and name not in apps
-        record = None
+        # An update keeps the serving replicas until the new ones run; anything else starts anew.
+        fresh = not (name in apps and (existing is None or existing.get("status") == "RUNNING"))
+        now = _now()
+        deploy_id = uuid.uuid4().hex
+        public = {**spec.public(), "provider": provider.name}
+        pending = {"id": deploy_id, "fresh": fresh, "public": public, "digest": digest,
+                   "started": time.time(), "deadline": time.time() + spec.deploy_timeout}
+        if fresh:
+            record = {"chat_name": name, **public, "config_digest": digest, "status": "DEPLOYING",
+                      "created_at": now, "updated_at": now, "pending": pending}
+        else:  # (no record: an application the registry forgot, e.g. after the registry restarted)
+            record = {**(existing or {"chat_name": name, **public, "config_digest": "", "status": "RUNNING",
+                                      "created_at": now, "updated_at": now}), "pending": pending}
         try:
             app = bind_endpoint(provider, spec, self.settings)
+            if fresh and name in apps:  # what a failed deploy left: start from nothing
+                serve.delete(name)
             serve._run(app, name=name, route_prefix=None, _blocking=False)
-            self._wait_running(name, spec)
-            now = _now()
-            record = {
-                "chat_name": name,
-                "provider": provider.name,
-                **spec.public(),
-                "config_digest": spec.digest(),
-                "created_at": existing["created_at"] if existing else now,
-                "updated_at": now,
-            }
-            log.info("deployed chat_name=%s provider=%s model=%s workers=%d", name, provider.name, spec.model_name, spec.workers)
-            return record
         except Exception as exc:
-            if fresh:  # nothing half-deploys: a new endpoint that failed leaves nothing behind
-                try:
-                    # Not blocking: replicas that never started are reaped by Serve after
-                    # their graceful-shutdown timeout; the caller need not wait for that.
-                    serve.delete(name, _blocking=False)
-                except Exception as cleanup_exc:  # noqa: BLE001
-                    log.error("cleanup of failed deploy %s: %s", name, type(cleanup_exc).__name__)
-            record = existing
-            if isinstance(exc, GatewayError):
-                raise
+            ray.get(registry.finish.remote(name, existing if not fresh else None))
+            self._on_change(name)
             secret = spec.api_key.get_secret_value() if isinstance(spec, SaaSDeploySpec) else ""
             raise GatewayError("internal_error", redact(f"deploy of '{name}' failed: {exc}", secret)[:500]) from None
-        finally:
-            ray.get(registry.finish.remote(name, record))
+        ray.get(registry.finish.remote(name, record))
+        self._on_change(name)
+        log.info("deploying chat_name=%s provider=%s model=%s workers=%d", name, provider.name, spec.model_name, spec.workers)
+        status = self._follow(name, deploy_id, pending["deadline"], self.settings.deploy_wait_s)
+        if status is None:  # still loading: keep watching in the background
+            threading.Thread(target=self._follow, args=(name, deploy_id, pending["deadline"], None),
+                             name=f"deploy-{name}", daemon=True).start()
+        view = self.get(name)
+        if status in ("DEPLOY_FAILED", "UPDATE_FAILED"):
+            failure = view.get("failure") or view.get("last_update_failure") or {}
+            raise GatewayError("deploy_failed", failure.get("message", f"deploy of '{name}' failed"),
+                               reason=failure.get("reason", "replica_failed"), provider=provider.name)
+        return view
+
+    def _follow(self, name: str, deploy_id: str, deadline: float, wait: Optional[float]) -> Optional[str]:
+        """Poll Serve until the deploy ends (or ``wait`` runs out: None); settle it once."""
+        until = time.monotonic() + wait if wait is not None else float("inf")  # settles by the deadline anyway
+        delay = 0.02
+        try:
+            while True:
+                app = _app_statuses().get(name)
+                settled = self._settle_if_done(name, deploy_id, app, deadline)
+                if settled is not False:
+                    return settled
+                if time.monotonic() >= until:
+                    return None
+                time.sleep(delay)
+                delay = min(delay * 1.5, 0.5 if wait is not None else 2.0)
+        except Exception as exc:  # noqa: BLE001 - a watcher never dies loudly; readers settle too
+            log.warning("watching the deploy of %s stopped: %s", name, type(exc).__name__)
+            return None
+
+    def _settle_if_done(self, name: str, deploy_id: str, app, deadline: float):
+        """Settle the pending deploy when Serve says it ended or its time is up.
+
+        Answers the settled status, None when someone else settled it (or it was
+        undeployed), or False while it is still under way.
+        """
+        status = _status(app.status) if app is not None else None
+        if status == "RUNNING":
+            outcome = ray.get(self.cluster.registry().settle.remote(name, deploy_id, True, None, _now()))
+        elif status in ("DEPLOY_FAILED", "UNHEALTHY") or time.time() > deadline or app is None:
+            if app is None:
+                failure = {"reason": "replica_failed", "message": f"the application of '{name}' disappeared while deploying"}
+            elif status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                failure = failure_of(app)
+            else:
+                failure = {"reason": "timeout", "message": f"'{name}' was not running within its deploy_timeout; "
+                                                            f"Serve said: {_message_of(app)[:400]}"}
+            outcome = ray.get(self.cluster.registry().settle.remote(name, deploy_id, False, failure, _now()))
+            if outcome == "DEPLOY_FAILED" and app is not None:
+                try:  # nothing half-deploys: the failed application goes, the failure report stays
+                    serve.delete(name, _blocking=False)
+                except Exception as exc:  # noqa: BLE001
+                    log.error("cleanup of failed deploy %s: %s", name, type(exc).__name__)
+            if outcome:
+                log.error("deploy failed chat_name=%s reason=%s", name, failure["reason"])
+        else:
+            return False
+        if outcome:
             self._on_change(name)
+        return outcome
+
+    def _check_resources(self, provider: Provider, spec: DeploySpec) -> None:
+        """Refuse at once what the cluster can never place (it would wait forever)."""
+        options = provider.replica_options(spec, self.settings)
+        actor = options.get("ray_actor_options") or {}
+        bundles = options.get("placement_group_bundles")
+        need: dict[str, float] = {}
+        for bundle in bundles or [{"CPU": actor.get("num_cpus", 1), "GPU": actor.get("num_gpus", 0),
+                                   **(actor.get("resources") or {})}]:
+            for key, value in bundle.items():
+                if value:
+                    need[key] = need.get(key, 0) + float(value)
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        total = {key: sum(n.get(key, 0) for n in nodes) for key in need}
+        workers = spec.workers
+        for key, per in sorted(need.items(), key=lambda kv: kv[0] != "GPU"):
+            if not any(n.get(key, 0) >= per for n in nodes) or total[key] < per * workers:
+                noun = {"GPU": "GPUs", "CPU": "CPUs"}.get(key, f"'{key}' resources")
+                have = ", ".join(f"{n.get(key, 0):g}" for n in nodes) or "no nodes"
+                raise GatewayError(
+                    "deploy_failed",
+                    f"not enough {noun} in the cluster for '{spec.chat_name}': {workers} worker(s) x {per:g} = "
+                    f"{per * workers:g} needed, each worker on one node; the nodes have {have}",
+                    reason="insufficient_gpus" if key == "GPU" else "insufficient_resources", provider=provider.name,
+                )
 
     def _check_fallbacks(self, name: str, fallbacks: list[str]) -> None:
         """Fallbacks must name deployed endpoints and must not lead back to ``name``."""
@@ -123,27 +228,6 @@ class Endpoints:
             cycle = " -> ".join([name] + path)
             raise GatewayError("invalid_request", f"fallbacks form a cycle: {cycle}", fields=["fallbacks"])
 
-    def _wait_running(self, name: str, spec: DeploySpec) -> None:
-        deadline = time.monotonic() + self.settings.deploy_wait_s
-        delay = 0.02
-        while True:
-            app = _app_statuses().get(name)
-            status = _status(app.status) if app is not None else None
-            if status == "RUNNING":
-                return
-            if status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                secret = spec.api_key.get_secret_value() if isinstance(spec, SaaSDeploySpec) else ""
-                message = redact(str(app.message or app.status), secret)
-                raise GatewayError("endpoint_not_ready", f"deploy of '{name}' failed: {message[:500]}")
-            if time.monotonic() > deadline:
-                raise GatewayError(
-                    "endpoint_not_ready",
-                    f"'{name}' was not running after {self.settings.deploy_wait_s:.0f}s",
-                    retry_after=5,
-                )
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
-
     @staticmethod
     def _conflict(name: str, other: str) -> GatewayError:
         return GatewayError(
@@ -153,6 +237,7 @@ class Endpoints:
 
     # -- undeploy -----------------------------------------------------------
     def undeploy(self, provider: Provider, name: str) -> dict:
+        """Remove an endpoint in any state (a deploy still loading is cancelled)."""
         registry = self.cluster.registry()
         record = ray.get(registry.get.remote(name))
         apps = _app_statuses()
@@ -161,7 +246,7 @@ class Endpoints:
             raise GatewayError("not_found", f"no endpoint named '{name}'")
         if owner != provider.name:
             raise GatewayError("not_found", f"'{name}' is a {owner} endpoint; use POST /{owner}/undeploy")
-        state, _ = ray.get(registry.begin.remote(name, provider.name, self.settings.deploy_wait_s + 30))
+        state, _ = ray.get(registry.begin.remote(name, provider.name, 60))
         if state == "busy":
             raise GatewayError("conflict", f"another deploy or undeploy of '{name}' is in progress; try again when it ends")
         try:
@@ -177,24 +262,72 @@ class Endpoints:
     def list(self) -> list[dict]:
         records = {r["chat_name"]: r for r in ray.get(self.cluster.registry().list.remote())}
         apps = _app_statuses()
-        out = []
-        for name in sorted(set(records) | set(apps)):
-            record = dict(records.get(name) or {"chat_name": name})
-            app = apps.get(name)
-            if app is None:
-                record.update(status="MISSING", workers_running=0)
-            else:
-                deployment, running = _deployment_view(app)
-                record.setdefault("provider", deployment)
-                record.update(status=_status(app.status), workers_running=running)
-            out.append(record)
-        return out
+        for name, record in list(records.items()):  # a reader settles what a lost watcher left
+            pending = record.get("pending")
+            if pending and self._settle_if_done(name, pending["id"], apps.get(name), pending["deadline"]):
+                records[name] = ray.get(self.cluster.registry().get.remote(name)) or record
+                apps = _app_statuses()
+        return [self._view(records.get(name), apps.get(name), name) for name in sorted(set(records) | set(apps))]
+
+    @staticmethod
+    def _view(record: Optional[dict], app, name: Optional[str] = None) -> dict:
+        """What ``GET /deployments`` shows of one endpoint: the record, Serve's state, progress."""
+        view = dict(record or {"chat_name": name})
+        pending = view.pop("pending", None)
+        if view.get("status") == "DEPLOY_FAILED":
+            view["workers_running"] = 0
+            return view
+        if app is None:
+            view.update(status="MISSING", workers_running=0)
+            return view
+        deployment, running = _deployment_view(app)
+        view.setdefault("provider", deployment)
+        view["workers_running"] = running
+        if pending:
+            view["status"] = "DEPLOYING" if pending["fresh"] else "UPDATING"
+            view["progress"] = {"workers_running": running, "workers": pending["public"]["workers"],
+                                "elapsed_s": round(time.time() - pending["started"], 1),
+                                "deadline_in_s": round(pending["deadline"] - time.time(), 1),
+                                "message": _message_of(app)[:500]}
+            if not pending["fresh"]:
+                view["pending_digest"] = pending["digest"]
+        else:
+            view["status"] = _status(app.status)
+        return view
 
     def get(self, name: str) -> dict:
         for record in self.list():
             if record["chat_name"] == name:
                 return record
         raise GatewayError("not_found", f"no endpoint named '{name}'")
+
+
+def _message_of(app) -> str:
+    """Serve's own words on an application (its deployment's message first)."""
+    for dep in app.deployments.values():
+        if dep.message:
+            return str(dep.message)
+    return str(app.message or _status(app.status))
+
+
+#: a replica that fails to load raises ``providers.base.DeployFailure("<reason>: <message>")``
+_REASON = re.compile(r"DeployFailure: ([a-z_]+): (.+)")
+
+
+def failure_of(app) -> dict:
+    """``{"reason", "message"}`` of a failed application, from Serve's message.
+
+    The traceback Serve keeps is not shown; the reason a replica gave is, or the
+    last line of the traceback (adapters scrub keys from what they raise).
+    """
+    text = _message_of(app)
+    found = _REASON.findall(text)
+    if found:
+        reason, message = found[-1]
+        return {"reason": reason, "message": message.strip()[:500]}
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else "the replicas failed to start"
+    return {"reason": "replica_failed", "message": f"a replica failed to start: {last[:400]}"}
 
 
 def bind_endpoint(provider: Provider, spec: DeploySpec, settings: Settings):

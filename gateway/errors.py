@@ -29,6 +29,7 @@ STATUS: dict[str, int] = {
     "method_not_allowed": 405,
     "conflict": 409,
     "payload_too_large": 413,
+    "deploy_failed": 422,
     "upstream_rate_limited": 429,
     "rate_limited": 429,
     "internal_error": 500,
@@ -55,6 +56,9 @@ class ErrorInfo(BaseModel):
     retry_after: Optional[float] = None
     fields: Optional[list[str]] = None
     attempts: Optional[int] = None
+    #: why a deploy failed, a stable code: model_not_found, insufficient_gpus, insufficient_resources,
+    #: out_of_gpu_memory, bad_engine_argument, engine_missing, load_error, replica_failed, timeout
+    reason: Optional[str] = None
     #: the endpoints tried before giving up, and why (fallbacks)
     tried: Optional[list[dict]] = None
 

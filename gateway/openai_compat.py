@@ -95,7 +95,7 @@ def list_models():
     from .web import gw
 
     key = g.client_key
-    cards = [_model_card(r) for r in gw().endpoints.list() if r.get("provider") and (key is None or key.allows(r["chat_name"]))]
+    cards = [_model_card(r) for r in gw().endpoints.list() if r.get("provider") and r.get("status") in ("RUNNING", "UPDATING") and (key is None or key.allows(r["chat_name"]))]
     return jsonify(object="list", data=cards)
 
 

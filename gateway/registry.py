@@ -83,8 +83,8 @@ class EndpointRegistry:
     def begin(self, name: str, provider: str, ttl_s: float) -> tuple[str, Optional[dict]]:
         """Claim ``name`` for a deploy/undeploy: ("ok", record) | ("conflict", record) | ("busy", None)."""
         record = self._records.get(name)
-        if record is not None and record["provider"] != provider:
-            return "conflict", record
+        if record is not None and record["provider"] != provider and record.get("status") != "DEPLOY_FAILED":
+            return "conflict", record  # (a failed deploy holds its name for no provider)
         if self._busy.get(name, 0.0) > time.time():
             return "busy", None
         self._busy[name] = time.time() + ttl_s
@@ -98,6 +98,28 @@ class EndpointRegistry:
             self._healths.pop(name, None)
         else:
             self._records[name] = record
+
+    def settle(self, name: str, deploy_id: str, ok: bool, failure: Optional[dict], now: str) -> Optional[str]:
+        """End the pending deploy ``deploy_id`` of ``name`` exactly once (compare-and-set).
+
+        Answers ``RUNNING``, ``DEPLOY_FAILED`` (a fresh endpoint: the caller deletes its
+        application), ``UPDATE_FAILED`` (the previous replicas keep serving) or None when
+        that deploy was already settled, replaced or undeployed.
+        """
+        record = self._records.get(name)
+        pending = (record or {}).get("pending")
+        if not pending or pending["id"] != deploy_id:
+            return None
+        del record["pending"]
+        if ok:
+            record.update(pending["public"], config_digest=pending["digest"], status="RUNNING", updated_at=now)
+            record.pop("failure", None)
+            return "RUNNING"
+        if pending["fresh"]:
+            record.update(status="DEPLOY_FAILED", failure=failure, updated_at=now)
+            return "DEPLOY_FAILED"
+        record["last_update_failure"] = failure
+        return "UPDATE_FAILED"
 
     def release(self, name: str) -> None:
         self._busy.pop(name, None)

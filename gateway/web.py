@@ -299,11 +299,18 @@ def provider_blueprint(provider: "providers.Provider") -> Blueprint:
     @bp.post("/deploy")
     def deploy():
         spec = validate(provider.spec_class, json_body())
-        record = gw().endpoints.deploy(provider, spec)
-        return jsonify(
-            ret="ok", chat_name=record["chat_name"], provider=provider.name,
-            model=record["model"], workers=record["workers"], status="RUNNING",
-        )
+        view = gw().endpoints.deploy(provider, spec)
+        body = {"ret": "ok", "chat_name": view["chat_name"], "provider": provider.name,
+                "model": spec.model_name, "workers": spec.workers, "status": view["status"]}
+        if view["status"] == "RUNNING":
+            return jsonify(body)
+        # Still loading (weights take minutes): 202, and where to watch it.
+        body["progress"] = view.get("progress")
+        response = jsonify(body)
+        response.status_code = 202
+        response.headers["Location"] = f"/deployments/{view['chat_name']}"
+        response.headers["Retry-After"] = "5"
+        return response
 
     @bp.post("/chat")
     def chat():

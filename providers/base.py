@@ -38,6 +38,8 @@ class DeploySpec(BaseModel):
     #: other chat_names (any provider) tried in order when this one fails upstream
     fallbacks: list[ChatName] = Field(default_factory=list, max_length=8)
     model_type: Optional[str] = None
+    #: how long replicas may take to start (load weights) before the deploy is failed
+    deploy_timeout: float = Field(300.0, gt=0, le=86400)
 
     @field_validator("model_type")
     @classmethod
@@ -150,6 +152,18 @@ def retry_after_seconds(headers: Any) -> Optional[float]:
     return None
 
 
+class DeployFailure(Exception):
+    """Raised by an adapter that cannot start in a replica; ``reason`` is a stable code.
+
+    The gateway reads ``DeployFailure: <reason>: <message>`` from Serve's report of the
+    failed replica and shows it in ``GET /deployments/<chat_name>`` (see ``ErrorInfo.reason``).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {' '.join(message.split())}")
+
+
 class ChatAdapter(abc.ABC):
     """Lives in a replica and talks to one upstream with one key.
 
@@ -197,6 +211,14 @@ class Provider(abc.ABC):
             "graceful_shutdown_wait_loop_s": 0.5,
             "graceful_shutdown_timeout_s": spec.timeout + 5,
         }
+
+    def check_deploy(self, spec: DeploySpec) -> None:
+        """Refuse, in the gateway and before the cluster, a spec that cannot work.
+
+        SaaS adapters are cheap to build, so building one is the check; providers that
+        load a model in the replica override this with checks that load nothing.
+        """
+        self.create_adapter(spec)
 
     @abc.abstractmethod
     def create_adapter(self, spec: DeploySpec) -> ChatAdapter:

@@ -148,25 +148,22 @@ def test_provider_routes_only_answer_their_own_endpoints(client, deploy, name):
     assert r.status_code == 400 and "model_type" in r.get_json()["error"]["message"]
 
 
-def test_a_deploy_that_cannot_start_leaves_nothing_behind(ray_head, fake_openai, name):
-    from gateway import Settings, create_app
-
-    impatient = create_app(Settings.from_env(ray_address=ray_head.address, deploy_wait_s=3)).test_client()
+def test_a_deploy_the_cluster_can_never_place_fails_at_once_and_leaves_nothing(client, fake_openai, name):
     chat_name = name()
-    r = impatient.post("/stuck/deploy", json={"api_key": "sk-stuck-0008", "chat_name": chat_name,
-                                              "model_name": "m", "base_url": fake_openai.base_url, "timeout": 1})
-    assert r.status_code == 503
+    r = client.post("/stuck/deploy", json={"api_key": "sk-stuck-0008", "chat_name": chat_name,
+                                           "model_name": "m", "base_url": fake_openai.base_url, "timeout": 1})
+    assert r.status_code == 422
     err = r.get_json()["error"]
-    assert err["type"] == "endpoint_not_ready" and chat_name in err["message"] and r.headers["Retry-After"]
-    # The registry forgot it at once; Serve reaps the never-started replicas shortly after.
-    assert impatient.post("/chat", json={"chat_name": chat_name, "content": "hi"}).status_code == 404
-    for _ in range(120):
-        if chat_name not in serve.status().applications:
-            break
-        assert serve.status().applications[chat_name].status == "DELETING"
-        time.sleep(0.5)
+    assert err["type"] == "deploy_failed" and err["reason"] == "insufficient_resources"
+    assert "'no_such_node' resources" in err["message"] and chat_name in err["message"]
+    # Nothing was started; the listing says why, and chat calls are told.
     assert chat_name not in serve.status().applications
-    assert impatient.get(f"/deployments/{chat_name}").status_code == 404
+    view = client.get(f"/deployments/{chat_name}").get_json()
+    assert view["status"] == "DEPLOY_FAILED" and view["failure"]["reason"] == "insufficient_resources"
+    r = client.post("/chat", json={"chat_name": chat_name, "content": "hi"})
+    assert r.status_code == 503 and r.get_json()["error"]["type"] == "endpoint_not_ready"
+    assert client.post("/stuck/undeploy", json={"chat_name": chat_name}).status_code == 200
+    assert client.get(f"/deployments/{chat_name}").status_code == 404
 
 
 def test_a_name_can_move_to_another_provider_after_undeploy(client, deploy, name):
