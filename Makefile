@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: start test install install-dev bench clean
+.PHONY: start test install install-dev install-local install-gpu bench clean
 
 start: install
 	exec $(BIN)/gunicorn -c gunicorn.conf.py app:app
@@ -18,6 +18,10 @@ bench: install-dev
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+# local models: transformers on CPU (make install-local), vLLM on GPU nodes (make install-gpu)
+install-local: $(VENV)/.installed-local
+install-gpu: $(VENV)/.installed
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements-gpu.txt
 
 $(VENV)/bin/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required (Ray and the cluster must match); set PYTHON=/path/to/python3.11"'
@@ -27,7 +31,11 @@ $(VENV)/.installed: requirements.txt $(VENV)/bin/python
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
 	touch $@
 
-$(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
+$(VENV)/.installed-local: requirements-local.txt $(VENV)/.installed
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements-local.txt
+	touch $@
+
+$(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed-local
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements-dev.txt
 	touch $@
 

@@ -28,12 +28,16 @@ def names() -> list[str]:
 
 
 # -- registrations -----------------------------------------------------------
+from .hf_provider import HFProvider  # noqa: E402
 from .openai_provider import OpenAIProvider  # noqa: E402
 from .qwen_provider import QwenProvider  # noqa: E402
+from .vllm_provider import VLLMProvider  # noqa: E402
 from .zhipu_provider import ZhipuProvider  # noqa: E402
 
 register(OpenAIProvider())
 register(ZhipuProvider())
 register(QwenProvider())
+register(HFProvider())  # local models: transformers (CPU, or a GPU without vLLM)
+register(VLLMProvider())  # local models: vLLM on GPUs
 
 __all__ = ["ChatAdapter", "DeploySpec", "Provider", "SaaSDeploySpec", "get", "names", "register"]
