@@ -11,10 +11,13 @@ SDKS = {"openai", "zhipuai", "dashscope", "ray", "flask", "gunicorn", "httpx", "
 
 
 def test_no_module_shadows_an_sdk():
-    ours = [p for p in ROOT.rglob("*.py") if ".venv" not in p.parts]
-    assert ours
-    shadowing = [str(p.relative_to(ROOT)) for p in ours if p.stem in SDKS]
-    shadowing += [str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if p.is_dir() and p.name in SDKS and ".venv" not in p.parts]
+    def ours(path: Path) -> bool:  # not in a hidden folder (.venv, bench/.peer-venv, .git)
+        return not any(part.startswith(".") for part in path.relative_to(ROOT).parts)
+
+    modules = [p for p in ROOT.rglob("*.py") if ours(p)]
+    assert modules
+    shadowing = [str(p.relative_to(ROOT)) for p in modules if p.stem in SDKS]
+    shadowing += [str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if p.is_dir() and p.name in SDKS and ours(p)]
     assert not shadowing, f"these names shadow installed packages: {shadowing}"
 
 
