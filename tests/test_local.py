@@ -105,7 +105,7 @@ def test_a_local_model_deploys_in_the_background_then_answers_like_transformers(
         assert chunks[-1]["usage"]["completion_tokens"] == completion_tokens
 
         # A stop string ends the answer before it, as providers do.
-        if len(expected) >= 6 and expected[3:5].strip():
+        if len(expected) >= 6 and expected[3:5].strip() and "\ufffd" not in expected[:5]:
             stop = expected[3:5]
             r = client.post("/chat", json={"chat_name": chat_name, "content": "hello world", "temperature": 0,
                                            "max_tokens": 12, "stop": [stop]}).get_json()

@@ -56,6 +56,7 @@ def greedy(folder: str | Path, messages: list[dict], max_new_tokens: int) -> tup
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch.set_num_threads(1)  # as the replica (cpus_per_worker < 2): the same kernels, the same argmax
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
