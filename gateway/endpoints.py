@@ -262,12 +262,16 @@ class Endpoints:
     def list(self) -> list[dict]:
         records = {r["chat_name"]: r for r in ray.get(self.cluster.registry().list.remote())}
         apps = _app_statuses()
-        for name, record in list(records.items()):  # a reader settles what a lost watcher left
-            pending = record.get("pending")
-            if pending and self._settle_if_done(name, pending["id"], apps.get(name), pending["deadline"]):
-                records[name] = ray.get(self.cluster.registry().get.remote(name)) or record
-                apps = _app_statuses()
+        for name, record in list(records.items()):
+            records[name], apps = self._settled(name, record, apps)
         return [self._view(records.get(name), apps.get(name), name) for name in sorted(set(records) | set(apps))]
+
+    def _settled(self, name: str, record: dict, apps: dict) -> tuple[dict, dict]:
+        """A reader settles what a lost watcher left: (record, apps) as they are after that."""
+        pending = record.get("pending")
+        if pending and self._settle_if_done(name, pending["id"], apps.get(name), pending["deadline"]):
+            return ray.get(self.cluster.registry().get.remote(name)) or record, _app_statuses()
+        return record, apps
 
     @staticmethod
     def _view(record: Optional[dict], app, name: Optional[str] = None) -> dict:
@@ -296,10 +300,13 @@ class Endpoints:
         return view
 
     def get(self, name: str) -> dict:
-        for record in self.list():
-            if record["chat_name"] == name:
-                return record
-        raise GatewayError("not_found", f"no endpoint named '{name}'")
+        record = ray.get(self.cluster.registry().get.remote(name))
+        apps = _app_statuses()
+        if record is None and name not in apps:
+            raise GatewayError("not_found", f"no endpoint named '{name}'")
+        if record is not None:
+            record, apps = self._settled(name, record, apps)
+        return self._view(record, apps.get(name), name)
 
 
 def _message_of(app) -> str:

@@ -15,11 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, ClassVar, Optional
 
 from gateway.errors import GatewayError
-from gateway.schemas import ChatCall, ChatResult, Usage
+from gateway.schemas import ChatCall, Usage
 
-from .base import ChatAdapter
-from .local import (Detokenizer, LocalDeploySpec, LocalProvider, load_failure, load_tokenizer, model_source, prompt_ids,
-                    stop_strings)
+from .local import (Detokenizer, LocalAdapter, LocalDeploySpec, LocalProvider, load_failure, load_tokenizer, model_source,
+                    prompt_ids, stop_strings)
 
 
 class HFDeploySpec(LocalDeploySpec):
@@ -29,7 +28,7 @@ class HFDeploySpec(LocalDeploySpec):
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
-class HFAdapter(ChatAdapter):
+class HFAdapter(LocalAdapter):
     def __init__(self, spec: HFDeploySpec) -> None:
         self._spec = spec
         model_source(spec)  # a missing folder fails before the seconds torch takes to import
@@ -65,17 +64,6 @@ class HFAdapter(ChatAdapter):
         self._pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else next(iter(self._eos), 0)
         # One generation at a time per replica: torch already uses the replica's CPUs/GPU fully.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="generate")
-
-    async def chat(self, call: ChatCall) -> ChatResult:
-        text: list[str] = []
-        end: dict = {}
-        async for event in self.stream(call):
-            if "delta" in event:
-                text.append(event["delta"])
-            else:
-                end = event
-        return ChatResult(output="".join(text), finish_reason=end["finish_reason"], usage=Usage(**end["usage"]),
-                          upstream_model=self._spec.model_name)
 
     async def stream(self, call: ChatCall) -> AsyncIterator[dict]:
         ids, budget = prompt_ids(self._tokenizer, call, self._spec, self._limit)

@@ -14,9 +14,9 @@ from typing import Any, ClassVar, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from gateway.errors import GatewayError
-from gateway.schemas import ChatCall
+from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import DeployFailure, DeploySpec, Provider
+from .base import ChatAdapter, DeployFailure, DeploySpec, Provider
 
 #: caller parameters every local engine honours (``user`` only labels a request upstream; it has no effect here)
 LOCAL_PARAMS = frozenset({"temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "user"})
@@ -111,6 +111,23 @@ class LocalProvider(Provider):
             # Loading again after an out-of-memory or a bad path only fails again, minutes later.
             "max_constructor_retry_count": 1,
         }
+
+
+class LocalAdapter(ChatAdapter):
+    """A model in this replica: engines implement ``stream``; ``chat`` is the same stream, collected."""
+
+    _spec: LocalDeploySpec
+
+    async def chat(self, call: ChatCall) -> ChatResult:
+        text: list[str] = []
+        end: dict = {}
+        async for event in self.stream(call):
+            if "delta" in event:
+                text.append(event["delta"])
+            else:
+                end = event
+        return ChatResult(output="".join(text), finish_reason=end["finish_reason"], usage=Usage(**end["usage"]),
+                          upstream_model=self._spec.model_name)
 
 
 def model_source(spec: LocalDeploySpec) -> tuple[str, bool]:

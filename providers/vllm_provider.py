@@ -19,10 +19,10 @@ from typing import Any, AsyncIterator, ClassVar, Optional
 from pydantic import Field, field_validator
 
 from gateway.errors import GatewayError
-from gateway.schemas import ChatCall, ChatResult, Usage
+from gateway.schemas import ChatCall, Usage
 
-from .base import ChatAdapter, DeployFailure
-from .local import LocalDeploySpec, LocalProvider, load_failure, load_tokenizer, model_source, prompt_ids, stop_strings
+from .base import DeployFailure
+from .local import LocalAdapter, LocalDeploySpec, LocalProvider, load_failure, load_tokenizer, model_source, prompt_ids, stop_strings
 
 
 class VLLMDeploySpec(LocalDeploySpec):
@@ -74,7 +74,7 @@ def engine_args_of(spec: VLLMDeploySpec, source: str):
         raise DeployFailure("bad_engine_argument", f"{type(exc).__name__}: {str(exc)[:300]}") from None
 
 
-class VLLMAdapter(ChatAdapter):
+class VLLMAdapter(LocalAdapter):
     def __init__(self, spec: VLLMDeploySpec) -> None:
         self._spec = spec
         try:
@@ -104,17 +104,6 @@ class VLLMAdapter(ChatAdapter):
         if stops:
             fields["stop"] = stops
         return SamplingParams(**fields)
-
-    async def chat(self, call: ChatCall) -> ChatResult:
-        text: list[str] = []
-        end: dict = {}
-        async for event in self.stream(call):
-            if "delta" in event:
-                text.append(event["delta"])
-            else:
-                end = event
-        return ChatResult(output="".join(text), finish_reason=end["finish_reason"], usage=Usage(**end["usage"]),
-                          upstream_model=self._spec.model_name)
 
     async def stream(self, call: ChatCall) -> AsyncIterator[dict]:
         ids, budget = prompt_ids(self._tokenizer, call, self._spec, self._limit)
