@@ -6,11 +6,11 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from flask import Flask
-
 from .config import Settings
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # Flask is imported where the app is built: replicas import this package too
+    from flask import Flask
+
     from .auth import Auth
     from .cluster import Cluster
     from .dispatch import Dispatcher
@@ -54,8 +54,10 @@ class Gateway:
             ray.get(registry.release_apply.remote(), timeout=30)
 
 
-def create_app(settings: Optional[Settings] = None) -> Flask:
+def create_app(settings: Optional[Settings] = None) -> "Flask":
     """Build the WSGI app. Nothing here touches Ray: each process connects on first use."""
+    from flask import Flask
+
     from .auth import Auth, load_keys
     from .cluster import Cluster
     from .dispatch import Dispatcher
