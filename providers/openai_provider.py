@@ -6,15 +6,17 @@ SDK for anything that runs with this folder on ``sys.path``.
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional
 
 import aiohttp
+import httpx2  # the openai SDK's own HTTP library
 import openai
+from pydantic import ValidationError
 
 from gateway.errors import GatewayError
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import (ChatAdapter, Provider, SaaSDeploySpec, chunk_events, end_event, reraise_as_gateway_error, result_of,
+from .base import (ChatAdapter, Provider, SaaSDeploySpec, chunk_events, end_event, reraise_as_gateway_error,
                    retry_after_seconds, usage_of)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -75,6 +77,27 @@ def map_openai_error(exc: Exception) -> GatewayError:
     return GatewayError("upstream_error", f"unexpected {type(exc).__name__} while calling the provider")
 
 
+def completion_result(data: Any, request_id: Optional[str]) -> ChatResult:
+    """A ``chat.completion`` object as the wire has it (JSON) as a ``ChatResult``."""
+    try:
+        if not data["choices"]:
+            raise GatewayError("upstream_error", "the provider answered without choices")
+        choice = data["choices"][0]
+        message = choice["message"]
+        usage = data.get("usage") or {}
+        return ChatResult(
+            output=message.get("content") or "",
+            tool_calls=message.get("tool_calls") or None,
+            finish_reason=choice.get("finish_reason"),
+            usage=Usage(prompt_tokens=usage.get("prompt_tokens") or 0, completion_tokens=usage.get("completion_tokens") or 0,
+                        total_tokens=usage.get("total_tokens") or 0),
+            upstream_model=data.get("model"),
+            provider_request_id=request_id,
+        )
+    except (KeyError, IndexError, TypeError, AttributeError, ValidationError):
+        raise GatewayError("upstream_error", "the provider's answer was malformed") from None
+
+
 class OpenAIAdapter(ChatAdapter):
     def __init__(self, spec: OpenAIDeploySpec) -> None:
         self._spec = spec
@@ -95,17 +118,18 @@ class OpenAIAdapter(ChatAdapter):
 
     async def chat(self, call: ChatCall) -> ChatResult:
         spec = self._spec
-        kwargs = call.params.model_dump(exclude_none=True)
-        messages = [m.model_dump(exclude_none=True) for m in call.messages]
+        body = {"model": spec.model_name, "messages": [m.model_dump(exclude_none=True) for m in call.messages],
+                **call.params.model_dump(exclude_none=True)}
         started = time.perf_counter()
         with reraise_as_gateway_error("openai", spec.api_key.get_secret_value(), map_openai_error):
-            completion = await self._get_client().chat.completions.create(
-                model=spec.model_name,
-                messages=messages,
-                extra_headers={"X-Request-Id": call.request_id},
-                **kwargs,
+            # The SDK's documented raw request ("undocumented endpoints": ``client.post``): the same
+            # auth, timeouts and typed errors as ``chat.completions.create``, without building typed
+            # request and response objects, which cost the replica ~0.5 ms of CPU a call.
+            response = await self._get_client().post(
+                "/chat/completions", cast_to=httpx2.Response, body=body,
+                options={"headers": {"X-Request-Id": call.request_id}},
             )
-            result = result_of(completion, getattr(completion, "_request_id", None))
+            result = completion_result(response.json(), response.headers.get("x-request-id"))
             result.upstream_ms = (time.perf_counter() - started) * 1000
             return result
 

@@ -51,6 +51,9 @@ CASES = [
     pytest.param(Reply(200, "{this is not json"), 502, "upstream_error", None, id="200-malformed"),
     pytest.param(Reply(200, {"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": []}),
                  502, "upstream_error", None, id="200-no-choices"),
+    pytest.param(Reply(200, {"id": "x", "object": "chat.completion", "model": "m", "choices": [{"index": 0}]}),
+                 502, "upstream_error", None, id="200-choice-without-message"),
+    pytest.param(Reply(200, ["not", "an", "object"]), 502, "upstream_error", None, id="200-json-array"),
 ]
 
 
