@@ -38,6 +38,9 @@ IMMEDIATE_COOLDOWN = frozenset({"upstream_auth", "upstream_quota"})
 #: Ray-side failures retried on another replica
 _REPLICA_GONE = (RayActorError, BackPressureError, RayServeException)
 _RAY_ATTEMPTS = 3
+#: a waiting call looks at the cluster's health this often (each look costs the worker CPU:
+#: 1 000 calls in flight at 0.5 s were 2 000 wake-ups a second)
+_POLL_S = 2.0
 
 
 @dataclass
@@ -180,7 +183,7 @@ class Dispatcher:
                 response.cancel()
                 self.cluster.ensure_up()  # raises cluster_unavailable
             try:
-                return response.result(timeout_s=min(0.5, max(0.01, deadline - time.monotonic())))
+                return response.result(timeout_s=min(_POLL_S, max(0.01, deadline - time.monotonic())))
             except TimeoutError:
                 if time.monotonic() >= deadline:
                     response.cancel()

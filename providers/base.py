@@ -208,7 +208,7 @@ class Provider(abc.ABC):
             "ray_actor_options": {"num_cpus": settings.saas_replica_cpus},
             "max_ongoing_requests": settings.saas_max_ongoing_requests,
             "health_check_period_s": 10,
-            "graceful_shutdown_wait_loop_s": 0.5,
+            "graceful_shutdown_wait_loop_s": 0.1,  # how often a stopping replica looks for calls still running
             "graceful_shutdown_timeout_s": spec.timeout + 5,
         }
 
