@@ -29,3 +29,15 @@ def test_every_provider_has_routes_and_a_spec(app):
         for action in ("deploy", "chat", "undeploy"):
             assert f"/{name}/{action}" in rules
     assert "openai" in providers.names()
+
+
+def test_a_replica_loads_only_its_own_providers_sdk():
+    """Each endpoint is a process: what its replica imports is memory per endpoint (README Numbers)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, gateway.replica, providers.openai_provider; "
+             "print(' '.join(m for m in ('zhipuai', 'dashscope', 'flask', 'transformers', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "", f"an OpenAI replica imports {out.stdout.strip()}"
