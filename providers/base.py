@@ -14,7 +14,7 @@ import contextlib
 from typing import Any, AsyncIterator, ClassVar, Iterator, Optional
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from gateway.errors import GatewayError
 from gateway.schemas import ChatCall, ChatName, ChatResult, Usage
@@ -232,19 +232,28 @@ def usage_of(usage: Any) -> Usage:
                  total_tokens=getattr(usage, "total_tokens", 0) or 0)
 
 
-def result_of(completion: Any, provider_request_id: Optional[str]) -> ChatResult:
-    """An OpenAI-shaped completion (openai and zhipuai SDKs) as a ``ChatResult``."""
-    if not completion.choices:
-        raise GatewayError("upstream_error", "the provider answered without choices")
-    choice = completion.choices[0]
-    return ChatResult(
-        output=choice.message.content or "",
-        tool_calls=[tc.model_dump(exclude_none=True) for tc in choice.message.tool_calls or []] or None,
-        finish_reason=choice.finish_reason,
-        usage=usage_of(completion.usage),
-        upstream_model=completion.model,
-        provider_request_id=provider_request_id,
-    )
+def completion_result(data: Any, request_id: Optional[str]) -> ChatResult:
+    """An OpenAI-shaped ``chat.completion`` as the wire has it (JSON) as a ``ChatResult``.
+
+    SDK objects (zhipuai) come here as ``model_dump(exclude_none=True)``.
+    """
+    try:
+        if not data["choices"]:
+            raise GatewayError("upstream_error", "the provider answered without choices")
+        choice = data["choices"][0]
+        message = choice["message"]
+        usage = data.get("usage") or {}
+        return ChatResult(
+            output=message.get("content") or "",
+            tool_calls=message.get("tool_calls") or None,
+            finish_reason=choice.get("finish_reason"),
+            usage=Usage(prompt_tokens=usage.get("prompt_tokens") or 0, completion_tokens=usage.get("completion_tokens") or 0,
+                        total_tokens=usage.get("total_tokens") or 0),
+            upstream_model=data.get("model"),
+            provider_request_id=request_id,
+        )
+    except (KeyError, IndexError, TypeError, AttributeError, ValidationError):
+        raise GatewayError("upstream_error", "the provider's answer was malformed") from None
 
 
 def chunk_events(chunk: Any) -> tuple[list[dict], Optional[str]]:

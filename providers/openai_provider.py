@@ -6,18 +6,17 @@ SDK for anything that runs with this folder on ``sys.path``.
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import AsyncIterator, Optional
 
 import aiohttp
 import httpx2  # the openai SDK's own HTTP library
 import openai
-from pydantic import ValidationError
 
 from gateway.errors import GatewayError
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import (ChatAdapter, Provider, SaaSDeploySpec, chunk_events, end_event, reraise_as_gateway_error,
-                   retry_after_seconds, usage_of)
+from .base import (ChatAdapter, Provider, SaaSDeploySpec, chunk_events, completion_result, end_event,
+                   reraise_as_gateway_error, retry_after_seconds, usage_of)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -75,27 +74,6 @@ def map_openai_error(exc: Exception) -> GatewayError:
     if isinstance(exc, openai.APIResponseValidationError) or isinstance(exc, ValueError):
         return GatewayError("upstream_error", "the provider's answer was malformed")
     return GatewayError("upstream_error", f"unexpected {type(exc).__name__} while calling the provider")
-
-
-def completion_result(data: Any, request_id: Optional[str]) -> ChatResult:
-    """A ``chat.completion`` object as the wire has it (JSON) as a ``ChatResult``."""
-    try:
-        if not data["choices"]:
-            raise GatewayError("upstream_error", "the provider answered without choices")
-        choice = data["choices"][0]
-        message = choice["message"]
-        usage = data.get("usage") or {}
-        return ChatResult(
-            output=message.get("content") or "",
-            tool_calls=message.get("tool_calls") or None,
-            finish_reason=choice.get("finish_reason"),
-            usage=Usage(prompt_tokens=usage.get("prompt_tokens") or 0, completion_tokens=usage.get("completion_tokens") or 0,
-                        total_tokens=usage.get("total_tokens") or 0),
-            upstream_model=data.get("model"),
-            provider_request_id=request_id,
-        )
-    except (KeyError, IndexError, TypeError, AttributeError, ValidationError):
-        raise GatewayError("upstream_error", "the provider's answer was malformed") from None
 
 
 class OpenAIAdapter(ChatAdapter):

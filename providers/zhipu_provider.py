@@ -23,7 +23,7 @@ from pydantic import field_validator
 from gateway.errors import GatewayError
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import (ChatAdapter, Provider, SaaSDeploySpec, chunk_events, end_event, reraise_as_gateway_error, result_of,
+from .base import (ChatAdapter, Provider, SaaSDeploySpec, chunk_events, completion_result, end_event, reraise_as_gateway_error,
                    retry_after_seconds, usage_of)
 
 DEFAULT_BASE_URL = "https://open.bigmodel.cn/api/paas/v4"
@@ -162,7 +162,7 @@ class ZhipuAdapter(ChatAdapter):
         with reraise_as_gateway_error("zhipu", self._spec.api_key.get_secret_value(), map_zhipu_error):
             loop = asyncio.get_running_loop()
             completion = await loop.run_in_executor(self._pool, lambda: client.chat.completions.create(**kwargs))
-            result = result_of(completion, completion.request_id or completion.id)
+            result = completion_result(completion.model_dump(exclude_none=True), completion.request_id or completion.id)
             result.upstream_ms = (time.perf_counter() - started) * 1000
             return result
 
