@@ -4,24 +4,60 @@ It holds what the gateway knows about each endpoint besides Serve's own state
 (provider, model, base URL host, key fingerprint, times), never a key, and it
 serialises deploy/undeploy of one ``chat_name`` across gunicorn workers.
 It lives in the cluster, so restarting the gateway loses nothing.
+
+Its records (never a key, never a secret) are written through to the GCS's key-value
+store, so when the actor's process dies Ray starts it again (on the head node, where the
+GCS is) with every endpoint it knew. What is not kept across such a restart: cooldown
+state (the next failures start a cooldown again) and the short leases of deploys,
+probes and the endpoints-file apply (they are free again).
 """
 from __future__ import annotations
 
+import json
 import platform
 import time
 from typing import Optional
 
 import ray
+from ray.experimental import internal_kv
 
 REGISTRY_NAME = "endpoint_registry"
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
+#: the resource only the head node has (Ray Serve places its controller with it too)
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+#: where the records are kept in the GCS key-value store
+_KV_KEY = "endpoints"
+
+
+# Restarted whenever its process dies; a call made meanwhile waits for the new process and
+# is run there (every method is safe to run twice: reads, or writes of the same value).
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class EndpointRegistry:
     def __init__(self) -> None:
-        self._records: dict[str, dict] = {}
+        # one registry per Ray namespace, so one set of keys per namespace
+        self._kv_namespace = "llm_gateway_registry:" + ray.get_runtime_context().namespace
+        self._records: dict[str, dict] = self._load()
         self._busy: dict[str, float] = {}
         self._healths: dict[str, dict] = {}
+
+    # -- write-through to the GCS --------------------------------------------------
+    def _load(self) -> dict[str, dict]:
+        raw = internal_kv._internal_kv_get(_KV_KEY, namespace=self._kv_namespace)
+        return json.loads(raw) if raw else {}
+
+    def _store(self, name: str, record: Optional[dict]) -> None:
+        """Change one record; all records are written as one value (a few KiB: atomic, one round trip)."""
+        if record is None:
+            self._records.pop(name, None)
+        else:
+            self._records[name] = record
+        internal_kv._internal_kv_put(_KV_KEY, json.dumps(self._records, default=str), namespace=self._kv_namespace)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     def versions(self) -> dict:
         return {"ray": ray.__version__, "python": platform.python_version()}
@@ -72,6 +108,12 @@ class EndpointRegistry:
         h.update(failures=[], cooldown_until=0.0, probe_until=0.0)
         return self._health_view(name)
 
+    def release_probe(self, name: str) -> None:
+        """The probe ended without an upstream verdict (a caller error, a busy endpoint): free the lease."""
+        h = self._healths.get(name)
+        if h is not None:
+            h["probe_until"] = 0.0
+
     def claim_probe(self, name: str, lease_s: float) -> bool:
         """After a cooldown, exactly one caller at a time may try the endpoint again."""
         h, now = self._health(name), time.time()
@@ -91,13 +133,14 @@ class EndpointRegistry:
         return "ok", record
 
     def finish(self, name: str, record: Optional[dict]) -> None:
-        """Release ``name``; store ``record``, or forget the endpoint when it is None."""
+        """Release ``name``; store ``record``, or forget the endpoint when it is None.
+
+        A new deploy or update starts with a clean health: the failures were the old
+        configuration's (a wrong key, a dead base URL), not the new one's.
+        """
         self._busy.pop(name, None)
-        if record is None:
-            self._records.pop(name, None)
-            self._healths.pop(name, None)
-        else:
-            self._records[name] = record
+        self._healths.pop(name, None)
+        self._store(name, record)
 
     def settle(self, name: str, deploy_id: str, ok: bool, failure: Optional[dict], now: str) -> Optional[str]:
         """End the pending deploy ``deploy_id`` of ``name`` exactly once (compare-and-set).
@@ -110,16 +153,33 @@ class EndpointRegistry:
         pending = (record or {}).get("pending")
         if not pending or pending["id"] != deploy_id:
             return None
-        del record["pending"]
+        record = {k: v for k, v in record.items() if k != "pending"}
         if ok:
             record.update(pending["public"], config_digest=pending["digest"], status="RUNNING", updated_at=now)
             record.pop("failure", None)
-            return "RUNNING"
-        if pending["fresh"]:
+            self._healths.pop(name, None)  # the new replicas (and key) serve from now on
+            outcome = "RUNNING"
+        elif pending["fresh"]:
             record.update(status="DEPLOY_FAILED", failure=failure, updated_at=now)
-            return "DEPLOY_FAILED"
-        record["last_update_failure"] = failure
-        return "UPDATE_FAILED"
+            outcome = "DEPLOY_FAILED"
+        else:
+            record["last_update_failure"] = failure
+            outcome = "UPDATE_FAILED"
+        self._store(name, record)
+        return outcome
+
+    def dependents(self, name: str) -> list[str]:
+        """The endpoints that name ``name`` among their fallbacks."""
+        return sorted(n for n, r in self._records.items() if name in (r.get("fallbacks") or []))
+
+    def drop_fallback(self, name: str) -> list[str]:
+        """Take ``name`` out of every endpoint's fallbacks; answers the endpoints changed."""
+        changed = self.dependents(name)
+        for other in changed:
+            record = dict(self._records[other])
+            record["fallbacks"] = [f for f in record["fallbacks"] if f != name]
+            self._store(other, record)
+        return changed
 
     def release(self, name: str) -> None:
         self._busy.pop(name, None)
@@ -134,3 +194,9 @@ class EndpointRegistry:
 
     def release_apply(self) -> None:
         self._apply_until = 0.0
+
+
+def registry_actor(namespace: str):
+    """The registry actor of this cluster (created on first use)."""
+    return EndpointRegistry.options(name=REGISTRY_NAME, namespace=namespace, lifetime="detached",
+                                    get_if_exists=True, resources={HEAD_NODE_RESOURCE: 0.001}).remote()
