@@ -18,7 +18,7 @@ if __name__ == "__main__":
         head = EmbeddedHead(settings)
         export_embedded_env(head.start())
     host, _, port = settings.bind.rpartition(":")
-    app.extensions["gateway"].startup()
+    app.extensions["gateway"].start_in_background()  # connect, apply GATEWAY_ENDPOINTS_FILE; /readyz tells when done
     try:
         app.run(host=host or "127.0.0.1", port=int(port), threaded=True)
     finally:

@@ -45,25 +45,18 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    """Each worker connects to Ray once, in the background, so /healthz answers at once."""
-    import threading
-
-    gateway = worker.wsgi.extensions["gateway"]
-
-    def connect():
-        try:
-            gateway.startup()  # connect; deploy GATEWAY_ENDPOINTS_FILE if set
-        except BaseException as exc:  # noqa: BLE001 - /readyz reports it; requests retry the connect
-            worker.log.warning("Ray connect failed: %s", exc)
-
-    threading.Thread(target=connect, name="ray-connect", daemon=True).start()
-
-    # A Ray driver cannot reconnect to a restarted cluster in-process: when the lost
-    # cluster answers again, this worker stops gracefully and the master starts a fresh one.
+    """Each worker connects to Ray and applies GATEWAY_ENDPOINTS_FILE in the background, tried again
+    with backoff until done (the head may come up after the gateway), so /healthz answers at once
+    and /readyz says ready only when it is done."""
     import os
     import signal
 
+    gateway = worker.wsgi.extensions["gateway"]
+    # A Ray driver cannot reconnect to a restarted cluster in-process: when the lost cluster
+    # answers again, this worker stops gracefully and the master starts a fresh one, whose
+    # startup connects and applies the file again.
     gateway.cluster.on_recovered = lambda: os.kill(os.getpid(), signal.SIGTERM)
+    gateway.start_in_background()
 
 
 def worker_exit(server, worker):

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from .config import Settings
@@ -29,29 +31,122 @@ class Gateway:
     dispatcher: "Dispatcher"
     auth: "Auth"
 
-    def startup(self) -> None:
-        """Connect to Ray, then deploy ``GATEWAY_ENDPOINTS_FILE`` (one process at a time; idempotent).
+    # startup state: set by ``start_in_background``; read by /readyz
+    starting: bool = field(default=False, init=False)
+    started: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    startup_problem: Optional[str] = field(default=None, init=False)
+    _node_gone_since: Optional[float] = field(default=None, init=False, repr=False)
 
-        Runs in each fresh gateway process, so endpoints come back after a cluster restart.
+    def start_in_background(self) -> threading.Thread:
+        """Run ``startup`` in a daemon thread; /readyz answers 503 until it is done."""
+        self.starting = True
+        thread = threading.Thread(target=self.startup, name="gateway-startup", daemon=True)
+        thread.start()
+        return thread
+
+    def startup(self) -> None:
+        """Connect to Ray, then deploy ``GATEWAY_ENDPOINTS_FILE``; tried again with backoff until done.
+
+        Runs in each fresh gateway process (gunicorn worker, ``python app.py``), so endpoints come
+        back without an operator: when the gateway starts before the Ray head, and after a cluster
+        restart (which restarts the gunicorn workers). Each attempt is cheap to repeat: the file
+        is applied by one process at a time, and an unchanged endpoint is left alone.
         """
+        from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+
+        log = logging.getLogger("gateway.startup")
+
+        def failed(state) -> None:
+            exc = state.outcome.exception()
+            self.startup_problem = _say(exc)
+            (log.info if isinstance(exc, _ApplyBusy) else log.warning)(
+                "startup attempt %d: %s; trying again in %.1fs", state.attempt_number, self.startup_problem,
+                state.next_action.sleep)
+
+        for attempt in Retrying(wait=wait_exponential_jitter(initial=0.5, max=_STARTUP_BACKOFF_MAX_S, jitter=0.5),
+                                retry=retry_if_exception_type((Exception, SystemExit)), before_sleep=failed):
+            with attempt:
+                self._start_once()
+        self.startup_problem = None
+        self.started.set()
+        log.info("started: connected to the Ray cluster at %s%s", self.cluster.address,
+                 f"; endpoints file {self.settings.endpoints_file} applied" if self.settings.endpoints_file else "")
+
+    def _start_once(self) -> None:
         import ray
 
         from .apply import apply_in_process
+        from .errors import GatewayError
 
-        self.cluster.connect()
+        self.cluster.ensure_up()  # connect (fails at once while a lost cluster is away)
         self.endpoints.list()  # settles deploys whose watcher died with an earlier process
         path = self.settings.endpoints_file
         if not path:
             return
         registry = self.cluster.registry()
         if not ray.get(registry.claim_apply.remote(900), timeout=30):
-            return
-        log = logging.getLogger("gateway.apply")
+            raise _ApplyBusy(f"another gateway process is applying {path}; waiting for it")
         try:
-            for report in apply_in_process(self, path):
-                (log.error if report["status"] == "error" else log.info)("endpoints file %s: %s", path, json.dumps(report))
+            reports = apply_in_process(self, path)
         finally:
             ray.get(registry.release_apply.remote(), timeout=30)
+        unreachable = [r["chat_name"] for r in reports if r.get("error") == "cluster_unavailable"]
+        if unreachable:  # not applied: the cluster went away under it
+            raise GatewayError("cluster_unavailable", f"{path}: the cluster did not answer for {', '.join(unreachable)}")
+        log = logging.getLogger("gateway.apply")
+        for report in reports:
+            (log.error if report["status"] == "error" else log.info)("endpoints file %s: %s", path, json.dumps(report))
+
+    def readiness(self) -> tuple[bool, dict]:
+        """What ``/readyz`` reports: not ready until this process's startup is done (when it runs
+        one: served processes do, an app built for tests does not); then the cluster's readiness."""
+        if self.starting and not self.started.is_set():
+            path = self.settings.endpoints_file
+            what = f"the endpoints file {path} is not applied yet" if path else "it is not connected to the Ray cluster yet"
+            last = f" (last attempt: {self.startup_problem})" if self.startup_problem else ""
+            return False, {"ray_address": self.cluster.address, "problem": f"this gateway process is starting: {what}{last}"}
+        return self.cluster.readiness()
+
+    def liveness(self) -> tuple[bool, dict]:
+        """What ``/healthz`` reports: (alive, details); details has ``problem`` when not alive.
+
+        Not alive once this process's Ray node has been gone for ``liveness_grace_s`` while the
+        cluster answers (see ``Cluster.node_gone``): only a restart helps then (in Kubernetes, of
+        the pod, whose ``ray start`` joins again). A cluster that does not answer, or a head that
+        restarts, leaves the process alive: it reconnects by itself when the cluster is back.
+        """
+        gone, now = self.cluster.node_gone(), time.monotonic()
+        if gone is False:
+            self._node_gone_since = None
+        elif gone and self._node_gone_since is None:
+            self._node_gone_since = now
+        since = self._node_gone_since
+        if since is None or now - since < self.settings.liveness_grace_s:
+            return True, {}
+        return False, {
+            "problem": f"the Ray cluster at {self.cluster.address} answers, but this host's Ray node has been gone for "
+                       f"{now - since:.0f}s: restart this process (in Kubernetes the pod: its ray start joins again)",
+            "ray_address": self.cluster.address, "node_gone_for_s": round(now - since, 1),
+        }
+
+
+#: the longest pause between two startup attempts
+_STARTUP_BACKOFF_MAX_S = 5.0
+
+
+class _ApplyBusy(Exception):
+    """Another gateway process holds the endpoints file: wait for it, then apply (cheaply) too."""
+
+
+def _say(exc: BaseException) -> str:
+    """A startup failure in words that carry no secret: the gateway's own messages, else the type."""
+    from .errors import GatewayError
+
+    if isinstance(exc, GatewayError):
+        return exc.info.message
+    if isinstance(exc, (SystemExit, _ApplyBusy)):  # (an unreadable endpoints file: its path and why)
+        return str(exc)
+    return type(exc).__name__
 
 
 def create_app(settings: Optional[Settings] = None) -> "Flask":

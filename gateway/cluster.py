@@ -166,8 +166,11 @@ class Cluster:
         self._registry = None
         #: the cluster went away after we connected; a Ray driver cannot reconnect in-process
         self.lost = False
-        #: called once when a lost cluster answers again (gunicorn: restart this worker)
+        #: called once when the cluster answers again but this process's connection does not: it
+        #: was restarted (gunicorn: restart this worker, whose successor connects afresh)
         self.on_recovered: Optional[Callable[[], None]] = None
+        self._watching = False  # the watchdog runs (see ``_watch``)
+        self._probing = threading.Lock()  # one liveness look at a time (see ``node_gone``)
 
     def ensure_up(self) -> None:
         """Connect if needed; fail at once, without touching Ray, when the cluster is gone."""
@@ -178,18 +181,82 @@ class Cluster:
             )
         self.connect()
 
-    def _watch(self, address: str, period: float = 0.5) -> None:
+    def _watch(self, address: str) -> None:
+        """Declare the cluster lost, or back; log each decision.
+
+        Lost: ``_LOSS_LOOKS`` failed connects in a row over at least ``_LOSS_AFTER_S``, and a call
+        through this process's connection that fails too (one refused connect is no outage; while
+        calls work, requests are served). Back: the address accepts connections again after any
+        failed look; if calls through the connection work, this process carries on, else the
+        cluster was restarted (however briefly) and ``on_recovered`` runs: a fresh process connects.
+        """
+        misses, last_ok, carried_on = 0, time.monotonic(), False
         while True:
-            time.sleep(period)
-            up = reachable(address, period)
-            if not up and not self.lost:
-                self.lost = True
-                log.error("the Ray cluster at %s stopped answering; requests get 503 cluster_unavailable", address)
-            elif up and self.lost:
-                log.warning("the Ray cluster at %s answers again; this process reconnects by restarting", address)
-                if self.on_recovered is not None:
-                    self.on_recovered()
-                return
+            time.sleep(_WATCH_PERIOD_S)
+            if reachable(address, _WATCH_PERIOD_S):
+                if self.lost or (misses and self._registry is not None):
+                    if self._answers():
+                        if self.lost:
+                            log.warning("the Ray cluster at %s answers again, and so does this process's connection; "
+                                        "serving again", address)
+                        self.lost = False
+                    else:
+                        self.lost = True
+                        log.warning("the Ray cluster at %s answers again but this process's connection does not (a restarted "
+                                    "cluster); this process reconnects by restarting", address)
+                        if self.on_recovered is not None:
+                            self.on_recovered()
+                        return
+                misses, last_ok, carried_on = 0, time.monotonic(), False
+                continue
+            if self.lost:
+                continue
+            misses += 1
+            down_s = time.monotonic() - last_ok
+            if misses < _LOSS_LOOKS or down_s < _LOSS_AFTER_S:
+                continue
+            if self._answers():
+                if not carried_on:
+                    log.warning("the Ray cluster at %s refused %d connects in %.1fs, but a call through this process's "
+                                "connection works; carrying on", address, misses, down_s)
+                carried_on = True
+                continue
+            self.lost = True
+            log.error("the Ray cluster at %s refused %d connects in %.1fs and a call through this process's connection "
+                      "failed: lost; requests get 503 cluster_unavailable", address, misses, down_s)
+
+    def _answers(self) -> bool:
+        """Does a call through this process's connection work? (the registry's ``versions``; a hung call is a no)"""
+        import ray
+
+        registry = self._registry
+        if registry is None:  # not connected yet: nothing to serve, the failed connects decide
+            return False
+        return bool(_bounded(lambda: ray.get(registry.versions.remote(), timeout=_CALL_TIMEOUT_S), _CALL_TIMEOUT_S + 1))
+
+    def node_gone(self) -> Optional[bool]:
+        """Is this process's Ray node gone while the cluster answers? (None: cannot tell now)
+
+        A Ray driver works only through a raylet on its own host. In a gateway pod that is the
+        pod's own ``ray start``: once it is gone, nothing in the pod can work with the cluster
+        again until the pod restarts. The node is the one this process connected through or,
+        before it connected, any raylet running on this host. A cluster that does not answer is
+        not a gone node (restarting would not bring it back), nor is a brief head restart once
+        its raylet registers again.
+        """
+        address = self.address
+        if not address or _host_port(address) is None or not reachable(address, 0.5):
+            return False
+        if not self._probing.acquire(blocking=False):
+            return None  # the previous look still waits on the cluster
+
+        def look() -> bool:
+            try:
+                return _no_live_node(address)
+            finally:
+                self._probing.release()
+
+        return _bounded(look, _CALL_TIMEOUT_S + 1)
 
     @property
     def address(self) -> Optional[str]:
@@ -214,7 +281,7 @@ class Cluster:
             import ray
             from ray import serve
 
-            from .registry import REGISTRY_NAME, EndpointRegistry
+            from .registry import registry_actor
 
             address = self.address
             if not address:
@@ -234,17 +301,17 @@ class Cluster:
                         logging_level=logging.WARNING,
                         configure_logging=False,
                     )
+                if not self._watching and _host_port(address) is not None:
+                    # from here on this process is a driver of that cluster: watch it, even if
+                    # the rest of the connect fails (a driver cannot reconnect in-process)
+                    self._watching = True
+                    threading.Thread(target=self._watch, args=(address,), name="ray-watchdog", daemon=True).start()
                 serve.start(proxy_location="Disabled")
-                self._registry = EndpointRegistry.options(
-                    name=REGISTRY_NAME, namespace=self.settings.ray_namespace,
-                    lifetime="detached", get_if_exists=True,
-                ).remote()
+                self._registry = registry_actor(self.settings.ray_namespace)
             except GatewayError:
                 raise
             except Exception as exc:  # noqa: BLE001 - report why, in words
                 raise GatewayError("cluster_unavailable", describe_connect_error(exc, address), retry_after=2) from None
-            if _host_port(address) is not None:
-                threading.Thread(target=self._watch, args=(address,), name="ray-watchdog", daemon=True).start()
 
     def readiness(self) -> tuple[bool, dict]:
         """What ``/readyz`` reports: cluster reachable, Serve up, versions equal."""
@@ -274,6 +341,47 @@ class Cluster:
             report["problem"] = "; ".join(problems)
             return False, report
         return True, report
+
+
+#: the watchdog looks every _WATCH_PERIOD_S; see ``Cluster._watch``
+_WATCH_PERIOD_S = 0.5
+_LOSS_LOOKS = 3
+_LOSS_AFTER_S = 1.5
+#: one call that tells whether the cluster answers (the watchdog, liveness)
+_CALL_TIMEOUT_S = 2.0
+
+
+def _bounded(fn: Callable, timeout: float):
+    """``fn()`` in a daemon thread: its result, or None when it raised or did not end in ``timeout``."""
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except Exception:  # noqa: BLE001 - the caller reads None as "no answer"
+            pass
+
+    thread = threading.Thread(target=run, name="ray-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return box[0] if box else None
+
+
+def _no_live_node(address: str) -> bool:
+    """True when the cluster at ``address`` has no live node for this process (see ``Cluster.node_gone``)."""
+    import ray
+    from ray._private.services import find_node_ids
+    from ray._raylet import GcsClient, NodeID
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+    from ray.core.generated.gcs_service_pb2 import GetAllNodeInfoRequest
+
+    ids = {ray.get_runtime_context().get_node_id()} if ray.is_initialized() else find_node_ids()
+    if not ids:
+        return True  # no raylet at all on this host
+    selectors = [GetAllNodeInfoRequest.NodeSelector(node_id=NodeID.from_hex(i).binary()) for i in ids]
+    alive = GcsClient(address=address).get_all_node_info(
+        timeout=_CALL_TIMEOUT_S, node_selectors=selectors, state_filter=GcsNodeInfo.GcsNodeState.ALIVE)
+    return not alive
 
 
 def _ray_version() -> str:

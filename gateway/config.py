@@ -34,6 +34,9 @@ class Settings(BaseModel):
     object_store_mb: int = Field(256, ge=80)
     #: seconds the embedded head gets to come up
     ray_start_timeout_s: float = Field(60.0, gt=0)
+    #: /healthz fails once this host's Ray node has been gone this long while the cluster answers
+    #: (a Ray driver cannot work without it; restarting the pod runs its ``ray start`` again)
+    liveness_grace_s: float = Field(60.0, gt=0)
     #: HTTP: request body limit and gunicorn worker processes x threads
     max_body_bytes: int = Field(1 << 20, ge=1024)
     workers: int = Field(2, ge=1, le=64)

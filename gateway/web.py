@@ -276,12 +276,20 @@ def deployment(chat_name: str):
 
 @core.get("/healthz")
 def healthz():
-    return jsonify(status="ok")
+    """Liveness: 200 while this process can serve; 503 when it should be restarted (see ``Gateway.liveness``)."""
+    ok, report = gw().liveness()
+    if ok:
+        return jsonify(status="ok", **report)
+    response = render_error(GatewayError("cluster_unavailable", report.pop("problem"), retry_after=5))
+    body = response.get_json()
+    body["checks"] = report
+    response.set_data(current_app.json.dumps(body))
+    return response
 
 
 @core.get("/readyz")
 def readyz():
-    ok, report = gw().cluster.readiness()
+    ok, report = gw().readiness()
     if ok:
         return jsonify(status="ready", **report)
     err = GatewayError("cluster_unavailable", report.pop("problem"), retry_after=2)

@@ -67,3 +67,100 @@ def gunicorn_joined_to(head_address: str, log_path: Path, **env: str):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+
+
+def worker_pids(master_pid: int) -> set[int]:
+    """The gunicorn master's worker processes (its children)."""
+    import ray  # noqa: F401 - Ray ships the psutil it imports
+    import psutil
+
+    return {p.pid for p in psutil.Process(master_pid).children()}
+
+
+class TcpProxy:
+    """A TCP forwarder to ``target`` that can be paused: while paused, connects are refused and
+    the connections it carried are cut, as in a network blip; ``resume`` listens on the same port."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        import threading
+
+        self.target = target
+        self.port = 0
+        self._listener = None
+        self._conns: set = set()
+        self._lock = threading.Lock()
+        self.resume()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def resume(self) -> None:
+        import socket
+        import threading
+
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("", self.port))  # all interfaces: Ray turns 127.0.0.1 into the host's address
+        sock.listen(128)
+        self.port = sock.getsockname()[1]
+        self._listener = sock
+        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+
+    def pause(self) -> None:
+        import socket
+        import struct
+
+        sock, self._listener = self._listener, None
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() below; close() alone would not
+        except OSError:
+            pass
+        sock.close()
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:  # cut with a reset, not a polite close
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+            except OSError:
+                pass
+
+    close = pause
+
+    def _accept(self, sock) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = sock.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._conns.update((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        import socket
+
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

@@ -1,0 +1,191 @@
+"""Coming back without an operator: a gateway started before its head, a head restart, a network
+blip, and a pod whose own Ray node died. Real gunicorn, real Ray heads, real TCP."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import uuid
+
+import httpx
+
+from gateway import Settings
+from gateway.cluster import EmbeddedHead, _host_port, free_port
+from tests.procs import TcpProxy, start, stop, wait_ready, worker_pids
+from tests.test_security import endpoints_file
+
+
+def head_settings() -> Settings:
+    return Settings.from_env(ray_port=free_port(), dashboard_port=free_port(), object_store_mb=100, ray_num_cpus=1)
+
+
+def gunicorn(address: str, log_path, **env: str):
+    port = free_port()
+    proc = start([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+                 {"RAY_ADDRESS": address, "GATEWAY_BIND": f"127.0.0.1:{port}", "GATEWAY_WORKERS": "2",
+                  "GATEWAY_THREADS": "8", "GATEWAY_SHIP_CODE": "0", **env}, log_path)
+    return f"http://127.0.0.1:{port}", proc
+
+
+def get(url: str) -> httpx.Response | None:
+    try:
+        return httpx.get(url, timeout=10)
+    except httpx.TransportError:  # gunicorn not listening yet
+        return None
+
+
+def chat_until_served(base: str, chat_name: str, content: str, log_path, limit: float = 150) -> httpx.Response:
+    """A caller that waits as told (Retry-After on 503) until it is served."""
+    deadline, r = time.monotonic() + limit, None
+    while time.monotonic() < deadline:
+        r = httpx.post(base + "/chat", json={"chat_name": chat_name, "content": content}, timeout=60)
+        if r.status_code == 200:
+            return r
+        time.sleep(min(float(r.headers.get("Retry-After", "1")), 5))
+    raise AssertionError(f"not served: {r.status_code} {r.text}\n{log_path.read_text()[-3000:]}")
+
+
+def assert_alive(base: str) -> None:
+    r = get(base + "/healthz")
+    assert r is None or (r.status_code == 200 and r.json() == {"status": "ok"}), r.text
+
+
+def test_the_gateway_comes_up_before_its_head_and_after_a_head_restart(tmp_path, fake_openai, fake_zhipu):
+    path, names = endpoints_file(tmp_path, fake_openai, fake_zhipu, uuid.uuid4().hex[:6])
+    settings = head_settings()
+    head = EmbeddedHead(settings)
+    log_path = tmp_path / "gunicorn.log"
+    # A short liveness grace: even so, neither a missing head nor a head restart fails /healthz.
+    base, gw = gunicorn(head.address, log_path, GATEWAY_ENDPOINTS_FILE=str(path), GATEWAY_LIVENESS_GRACE_S="15",
+                        TEST_OPENAI_KEY="sk-early-0001", TEST_ZHIPU_KEY="abc.early0001")
+    try:
+        # Nothing listens at the head's address yet: alive, not ready, and it says why.
+        not_ready, deadline = 0, time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert gw.poll() is None, log_path.read_text()[-3000:]
+            r = get(base + "/readyz")
+            if r is not None:
+                error = r.json()["error"]
+                assert r.status_code == 503 and error["type"] == "cluster_unavailable", r.text
+                assert "not applied yet" in error["message"] and r.headers["Retry-After"]
+                not_ready += 1
+            assert_alive(base)
+            time.sleep(0.5)
+        assert not_ready >= 3
+        head.start()
+        # No request but /readyz: the workers connect and apply the file by themselves.
+        wait_ready(base, gw, log_path, limit=150)
+        for i in range(6):  # both workers, both endpoints of the file
+            for name in names[:2]:
+                r = httpx.post(base + "/chat", json={"chat_name": name, "content": f"hi {i}"}, timeout=60)
+                assert r.status_code == 200 and r.json()["output"] == f"echo: hi {i}", (r.text, log_path.read_text()[-3000:])
+        assert "startup attempt" in log_path.read_text()  # the early failures were logged
+
+        # The head restarts: the workers restart, connect and apply the file again; callers that
+        # honour Retry-After are served again, and /healthz never failed.
+        pids = worker_pids(gw.pid)
+        head.stop()
+        for _ in range(6):
+            assert_alive(base)
+            time.sleep(0.5)
+        head = EmbeddedHead(settings)
+        head.start()
+        deadline = time.monotonic() + 150
+        while not worker_pids(gw.pid) or worker_pids(gw.pid) & pids:
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            assert_alive(base)
+            time.sleep(0.5)
+        for name in names[:2]:
+            r = chat_until_served(base, name, "again", log_path)
+            assert r.json()["output"] == "echo: again"
+        assert_alive(base)
+        assert gw.poll() is None  # the same gunicorn master all along
+        text = log_path.read_text()
+        assert "sk-early-0001" not in text and "abc.early0001" not in text
+    finally:
+        stop(gw)
+        head.stop()
+
+
+def test_a_short_network_blip_does_not_lose_the_cluster(tmp_path, fake_openai):
+    """The gateway reaches the GCS through a TCP proxy that is cut twice: for about one second
+    (fewer failed looks than a loss needs) and for three (enough looks; a call through the
+    connection still works, so it carries on). Neither restarts a worker or fails a call."""
+    head = EmbeddedHead(head_settings())
+    head.start()
+    proxy = TcpProxy(_host_port(head.address))
+    log_path = tmp_path / "gunicorn.log"
+    base, gw = gunicorn(proxy.address, log_path)
+    chat_name = f"blip_{uuid.uuid4().hex[:6]}"
+    try:
+        wait_ready(base, gw, log_path)
+        with httpx.Client(base_url=base, timeout=60) as http:
+            r = http.post("/openai/deploy", json={"api_key": "sk-blip-0001", "chat_name": chat_name, "model_name": "m",
+                                                  "base_url": fake_openai.base_url})
+            assert r.status_code == 200, r.text
+            for i in range(4):
+                assert http.post("/chat", json={"chat_name": chat_name, "content": "before"}).status_code == 200
+            pids = worker_pids(gw.pid)
+            assert len(pids) == 2
+            for blip in (1.0, 3.0):
+                proxy.pause()
+                until = time.monotonic() + blip
+                while time.monotonic() < until:
+                    r = http.post("/chat", json={"chat_name": chat_name, "content": "during"})
+                    assert r.status_code == 200, (blip, r.text)
+                    time.sleep(0.2)
+                proxy.resume()
+                time.sleep(2.5)  # a watchdog that had declared the cluster lost would restart its worker now
+                for i in range(4):
+                    r = http.post("/chat", json={"chat_name": chat_name, "content": "after"})
+                    assert r.status_code == 200 and r.json()["output"] == "echo: after", (blip, r.text)
+            assert worker_pids(gw.pid) == pids, log_path.read_text()[-3000:]
+        text = log_path.read_text()
+        assert "lost;" not in text and "reconnects by restarting" not in text, text[-3000:]
+        assert "carrying on" in text, text[-3000:]  # the long blip was looked at, and the call decided
+    finally:
+        stop(gw)
+        proxy.close()
+        head.stop()
+
+
+def test_liveness_fails_only_once_this_hosts_ray_node_is_gone(tmp_path):
+    """What a gateway pod sees when its own raylet dies while the cluster lives on: /healthz
+    turns 503 after the grace (so Kubernetes restarts the pod and its ``ray start``)."""
+    import ray  # noqa: F401 - Ray ships the psutil it imports
+    import psutil
+
+    head = EmbeddedHead(head_settings())
+    head.start()
+    log_path = tmp_path / "gunicorn.log"
+    base, gw = gunicorn(head.address, log_path, GATEWAY_LIVENESS_GRACE_S="5")
+    stopped = False
+    try:
+        wait_ready(base, gw, log_path)
+        assert get(base + "/healthz").json() == {"status": "ok"}
+        # Kill the head's raylet but keep its GCS: `ray start --block` would take the whole head
+        # down with it, so it is stopped first.
+        os.kill(head.proc.pid, signal.SIGSTOP)
+        stopped = True
+        raylets = [p for p in psutil.process_iter(["cmdline"])
+                   if p.info["cmdline"] and os.path.basename(p.info["cmdline"][0]) == "raylet"
+                   and os.getpgid(p.pid) == head.proc.pid]
+        assert len(raylets) == 1
+        raylets[0].kill()
+        started, deadline, r = time.monotonic(), time.monotonic() + 120, None
+        while time.monotonic() < deadline:
+            r = get(base + "/healthz")
+            if r is not None and r.status_code != 200:
+                break
+            time.sleep(1)
+        print(f"/healthz failed {time.monotonic() - started:.1f}s after the node died")
+        assert r is not None and r.status_code == 503, log_path.read_text()[-3000:]
+        body = r.json()
+        assert body["error"]["type"] == "cluster_unavailable" and "Ray node" in body["error"]["message"], body
+        assert body["checks"]["node_gone_for_s"] >= 5 and r.headers["Retry-After"]
+    finally:
+        stop(gw)
+        if stopped:
+            os.kill(head.proc.pid, signal.SIGCONT)
+        head.stop()
