@@ -185,5 +185,8 @@ def create_app(settings: Optional[Settings] = None) -> "Flask":
             load_keys(settings.api_keys.get_secret_value() if settings.api_keys else None, settings.api_keys_file),
         ),
     )
+    gateway = app.extensions["gateway"]
+    if settings.endpoints_file:  # until the file is applied, an endpoint missing from the cluster is "not yet"
+        dispatcher.applying = lambda: gateway.starting and not gateway.started.is_set()
     register_routes(app)
     return app

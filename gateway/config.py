@@ -41,6 +41,10 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     workers: int = Field(2, ge=1, le=64)
     threads: int = Field(32, ge=1, le=1024)
+    #: the bulkhead: calls (streams included) one endpoint may have in flight in one gateway
+    #: process; past it a call goes to the next fallback or answers 503 endpoint_busy.
+    #: Default: three quarters of ``threads`` (the rest stays free for other endpoints)
+    endpoint_max_in_flight: Optional[int] = Field(None, ge=1)
     #: Serve options of SaaS replicas: I/O-bound, a sliver of a CPU, many calls each
     saas_replica_cpus: float = Field(0.05, gt=0)
     saas_max_ongoing_requests: int = Field(256, ge=1)
@@ -82,6 +86,11 @@ class Settings(BaseModel):
                 for e in exc.errors(include_input=False)
             )
             raise SystemExit(f"gateway configuration is invalid: {problems}") from None
+
+    @property
+    def endpoint_seats(self) -> int:
+        """Calls one endpoint may have in flight in one process (see ``endpoint_max_in_flight``)."""
+        return self.endpoint_max_in_flight or max(1, self.threads * 3 // 4)
 
     @property
     def embedded(self) -> bool:

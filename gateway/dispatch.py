@@ -2,20 +2,30 @@
 
 Every chat route goes through ``Dispatcher.chat`` (or ``Dispatcher.stream``):
 
-1. resolve the endpoint (a short per-process cache over the registry actor);
+1. resolve the endpoint (a short per-process cache over the registry actor; when the
+   registry does not answer, what this process knew of the endpoint is used);
 2. skip it while it cools down (shared state in the registry; one caller probes after);
-3. call a replica through its Serve handle; a replica that dies mid-call, a full queue
+3. take one of the endpoint's seats in this process (the bulkhead, below), or move on;
+4. call a replica through its Serve handle; a replica that dies mid-call, a full queue
    or a replica being replaced is retried on another replica; a lost cluster answers
    ``cluster_unavailable`` at once;
-4. on an upstream failure (after the replica's own retries) try the fallbacks in order.
+5. on an upstream failure (after the replica's own retries) try the fallbacks in order.
+
+The bulkhead: every call waits on its endpoint in a gunicorn thread, so an endpoint whose
+upstream hangs would take every thread and starve healthy endpoints. Each endpoint may
+hold at most ``endpoint_max_in_flight`` calls (streams included) in one gateway process,
+by default three quarters of its threads; past that a call does not wait: it goes to the
+next fallback, or answers 503 ``endpoint_busy`` with ``Retry-After``. What is left is
+always free for the other endpoints.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import ray
 from ray import serve
@@ -31,16 +41,22 @@ from .schemas import ChatCall, ChatResult
 
 #: failures that move on to the next fallback; caller errors never do
 FALLBACK_ON = frozenset({"upstream_auth", "upstream_quota", "upstream_rate_limited", "upstream_error",
-                         "upstream_timeout", "endpoint_not_ready"})
+                         "upstream_timeout", "endpoint_not_ready", "endpoint_busy"})
 #: failures that count towards a cooldown; auth and quota start one at once
 UPSTREAM_FAILURES = frozenset({"upstream_auth", "upstream_quota", "upstream_rate_limited", "upstream_error", "upstream_timeout"})
 IMMEDIATE_COOLDOWN = frozenset({"upstream_auth", "upstream_quota"})
+log = logging.getLogger("gateway.dispatch")
+
 #: Ray-side failures retried on another replica
 _REPLICA_GONE = (RayActorError, BackPressureError, RayServeException)
 _RAY_ATTEMPTS = 3
 #: a waiting call looks at the cluster's health this often (each look costs the worker CPU:
 #: 1 000 calls in flight at 0.5 s were 2 000 wake-ups a second)
 _POLL_S = 2.0
+#: how long a call waits for the registry actor (a restart by Ray takes a few seconds)
+_REGISTRY_WAIT_S = 10.0
+#: how often a process looks again at an endpoint it knows as unhealthy
+_HEALTH_RECHECK_S = 0.25
 
 
 @dataclass
@@ -48,6 +64,8 @@ class Endpoint:
     record: dict
     handle: Any
     expires: float
+    #: when the record was read from the registry (monotonic)
+    fetched: float = field(default_factory=time.monotonic)
 
     @property
     def name(self) -> str:
@@ -60,6 +78,91 @@ class Endpoint:
     @property
     def health(self) -> dict:
         return self.record.get("health") or {"state": "ok", "consecutive_failures": 0}
+
+
+class Bulkhead:
+    """Seats per endpoint in this process: a call takes one or does not wait at all."""
+
+    def __init__(self, seats: int) -> None:
+        self.seats = seats
+        self._taken: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, name: str) -> bool:
+        with self._lock:
+            taken = self._taken.get(name, 0)
+            if taken >= self.seats:
+                return False
+            self._taken[name] = taken + 1
+            return True
+
+    def give_back(self, name: str) -> None:
+        with self._lock:
+            left = self._taken.get(name, 0) - 1
+            if left > 0:
+                self._taken[name] = left
+            else:
+                self._taken.pop(name, None)
+
+    def in_flight(self, name: str) -> int:
+        return self._taken.get(name, 0)
+
+
+class Stream:
+    """The rest of a stream after its first event: iterate it, then ``close`` it (idempotent).
+
+    ``close`` is what ends the call, whenever the caller leaves: before the first event was
+    written, mid-way or after the end. It cancels the replica's stream (which closes the
+    upstream one), reports success or failure to the cooldown state, and gives the
+    endpoint's seat back. The routes register it with ``Response.call_on_close``.
+    """
+
+    def __init__(self, dispatcher: "Dispatcher", endpoint: "Endpoint", gen: Any) -> None:
+        self._dispatcher, self._endpoint, self._gen = dispatcher, endpoint, gen
+        self._failed: Optional[GatewayError] = None
+        self._ended = False  # the replica's stream reached its end (finish or error event)
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> dict:
+        if self._closed or self._ended:
+            raise StopIteration
+        try:
+            event = next(self._gen)
+        except StopIteration:
+            self._ended = True
+            raise
+        except RayError:
+            self._ended = True
+            self._failed = GatewayError("upstream_error", f"'{self._endpoint.name}' lost its stream mid-way")
+            return {"error": self._failed.info}
+        if "error" in event:
+            self._failed = GatewayError.from_info(event["error"])
+            self._ended = True
+        elif "finish_reason" in event:
+            self._ended = True
+        return event
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._gen.cancel()  # no-op when finished; cancels the replica's (and upstream) stream otherwise
+        except Exception as exc:  # noqa: BLE001 - the cluster may be gone; nothing is left to cancel then
+            log.warning("cancelling the stream of %s: %s", self._endpoint.name, type(exc).__name__)
+        self._dispatcher._bulkhead.give_back(self._endpoint.name)
+        try:
+            if self._ended:  # a caller who leaves early says nothing about the endpoint's health
+                self._dispatcher._report(self._endpoint, self._failed)
+            else:
+                self._dispatcher._release_probe(self._endpoint)
+        except Exception as exc:  # noqa: BLE001 - health is best effort; the stream itself is over
+            log.warning("reporting the stream of %s: %s", self._endpoint.name, type(exc).__name__)
 
 
 @dataclass
@@ -92,17 +195,32 @@ class Dispatcher:
         self._handles: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(32, thread_name_prefix="broadcast")
+        self._bulkhead = Bulkhead(settings.endpoint_seats)
+        #: whether this process is still applying GATEWAY_ENDPOINTS_FILE (set by ``create_app``)
+        self.applying: Callable[[], bool] = lambda: False
 
     # -- endpoints ---------------------------------------------------------------
-    def resolve(self, chat_name: str) -> Endpoint:
+    def resolve(self, chat_name: str, fresh: bool = False) -> Endpoint:
+        """The endpoint, from this process's cache unless it is older than ``endpoint_cache_s`` or ``fresh``."""
         now = time.monotonic()
         hit = self._cache.get(chat_name)
-        if hit is not None and hit.expires > now:
+        if hit is not None and hit.expires > now and not fresh:
             return hit
         self.cluster.ensure_up()
-        record = ray.get(self.cluster.registry().get.remote(chat_name), timeout=10)
+        try:
+            record = ray.get(self.cluster.registry().get.remote(chat_name), timeout=_REGISTRY_WAIT_S)
+        except (RayError, TimeoutError):
+            if hit is None:
+                raise
+            # The registry is being restarted by Ray (its records come back with it): what this
+            # process knew a moment ago still routes the call.
+            log.warning("the endpoint registry did not answer; %s is served from this process's cache", chat_name)
+            return hit
         if record is None:
             self.forget(chat_name)
+            if self.applying():  # (a restarted cluster: the endpoints file brings it back shortly)
+                raise GatewayError("endpoint_not_ready", f"no endpoint named '{chat_name}' yet: this gateway process "
+                                   f"is still applying its endpoints file", retry_after=2)
             raise GatewayError("not_found", f"no endpoint named '{chat_name}'")
         status = record.get("status", "RUNNING")
         if status == "DEPLOYING":
@@ -144,19 +262,37 @@ class Dispatcher:
         return primary, [chat_name] + [n for n in names if n != chat_name]
 
     # -- health (cooldowns) -------------------------------------------------------
-    def _skip_reason(self, endpoint: Endpoint) -> Optional[GatewayError]:
+    def _skip_reason(self, endpoint: Endpoint) -> tuple[Endpoint, Optional[GatewayError], bool]:
+        """(endpoint as now known, why to skip it or None, whether this call is the probe)."""
+        if endpoint.health.get("state") in (None, "ok"):
+            return endpoint, None, False
+        # Not healthy in this process's cache: look again before refusing a call (another
+        # process may have seen it recover, or it was deployed again with a new key), at most
+        # every _HEALTH_RECHECK_S, so that a cooling endpoint under load costs the registry little.
+        if time.monotonic() - endpoint.fetched > _HEALTH_RECHECK_S:
+            endpoint = self.resolve(endpoint.name, fresh=True)
         health = endpoint.health
         if health.get("state") in (None, "ok"):
-            return None
+            return endpoint, None, False
         until = health.get("cooldown_until") or 0
         now = time.time()
         if until > now:
-            return GatewayError("endpoint_not_ready", f"'{endpoint.name}' is cooling down after upstream failures "
-                                f"({health.get('last_error')})", retry_after=until - now)
+            return endpoint, GatewayError("endpoint_not_ready", f"'{endpoint.name}' is cooling down after upstream "
+                                          f"failures ({health.get('last_error')})", retry_after=until - now), False
         lease = float(endpoint.record.get("timeout", 60)) + 5
-        if ray.get(self.cluster.registry().claim_probe.remote(endpoint.name, lease), timeout=10):
-            return None  # this request probes it
-        return GatewayError("endpoint_not_ready", f"'{endpoint.name}' is being probed after a cooldown", retry_after=1)
+        if ray.get(self.cluster.registry().claim_probe.remote(endpoint.name, lease), timeout=_REGISTRY_WAIT_S):
+            return endpoint, None, True  # this request probes it
+        return endpoint, GatewayError("endpoint_not_ready", f"'{endpoint.name}' is being probed after a cooldown",
+                                      retry_after=1), False
+
+    def _release_probe(self, endpoint: Endpoint) -> None:
+        """A probe that ended without an upstream verdict frees the lease for the next caller."""
+        if endpoint.health.get("state") in (None, "ok"):
+            return
+        try:
+            ray.get(self.cluster.registry().release_probe.remote(endpoint.name), timeout=_REGISTRY_WAIT_S)
+        except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
+            log.warning("could not release the probe of %s: %s", endpoint.name, type(exc).__name__)
 
     def _report(self, endpoint: Endpoint, err: Optional[GatewayError]) -> None:
         s = self.settings
@@ -215,10 +351,15 @@ class Dispatcher:
 
     # -- the dispatch path ----------------------------------------------------------
     def _walk(self, chat_name: str, provider: Optional[str], fallbacks: Optional[list[str]],
-              attempt: Callable[[Endpoint], Any]) -> tuple[Endpoint, Any, list[dict]]:
+              attempt: Callable[[Endpoint], Any], keep_seat: bool = False) -> tuple[Endpoint, Any, list[dict]]:
         """Try ``chat_name``, then its fallbacks, with ``attempt``; the first answer wins.
 
-        Endpoints that cool down are skipped; an upstream failure moves on, a caller error stops.
+        Endpoints that cool down or are busy are skipped; an upstream failure moves on, a caller
+        error stops. Only upstream failures count towards a cooldown; a probe that ends any
+        other way gives its lease back.
+
+        A call holds its endpoint's seat while ``attempt`` runs; ``keep_seat`` (streams) keeps
+        it after a success, for ``Stream.close`` to give back.
         """
         primary, chain = self._chain(chat_name, provider, fallbacks)
         tried: list[dict] = []
@@ -226,23 +367,41 @@ class Dispatcher:
         for name in chain:
             try:
                 endpoint = primary if name == chat_name else self.resolve(name)
+                endpoint, skip, probing = self._skip_reason(endpoint)
             except GatewayError as err:
                 tried.append(_tried(name, err))
                 last = last or err
                 continue
-            skip = self._skip_reason(endpoint)
+            if skip is None and not self._bulkhead.take(name):
+                skip = GatewayError("endpoint_busy", f"'{name}' already has {self._bulkhead.seats} calls in flight "
+                                    f"in this gateway process (its upstream is slow or hanging)", retry_after=1)
+                if probing:
+                    self._release_probe(endpoint)
             if skip is not None:
                 tried.append(_tried(name, skip))
                 last = skip
                 continue
+            keep = False
             try:
-                return endpoint, attempt(endpoint), tried
+                answer = attempt(endpoint)
+                keep = keep_seat
+                return endpoint, answer, tried
             except GatewayError as err:
-                self._report(endpoint, err)
+                if err.type in UPSTREAM_FAILURES:
+                    self._report(endpoint, err)
+                elif probing:
+                    self._release_probe(endpoint)
                 tried.append(_tried(name, err))
                 if err.type not in FALLBACK_ON:
                     raise _with_tried(err, tried) from None
                 last = err
+            except BaseException:
+                if probing:
+                    self._release_probe(endpoint)
+                raise
+            finally:
+                if not keep:
+                    self._bulkhead.give_back(name)
         raise _with_tried(last, tried)
 
     def chat(self, chat_name: str, call: ChatCall, provider: Optional[str] = None,
@@ -253,15 +412,18 @@ class Dispatcher:
         return Outcome(endpoint, result, tried)
 
     def stream(self, chat_name: str, call: ChatCall, provider: Optional[str] = None,
-               fallbacks: Optional[list[str]] = None) -> tuple[Outcome, Iterator[dict]]:
+               fallbacks: Optional[list[str]] = None) -> tuple[Outcome, Stream]:
         """Like ``chat``, but retries and fallbacks only until the first event is in hand.
 
-        Answers the outcome (``result`` is the first event) and an iterator over the rest;
-        closing the iterator cancels the replica's stream, which closes the upstream one.
-        Success or failure is reported to the cooldown state when the stream ends.
+        Answers the outcome (``result`` is the first event) and a ``Stream`` over the rest,
+        which the caller must ``close`` (see ``Stream``).
         """
-        endpoint, (first, rest), tried = self._walk(chat_name, provider, fallbacks, lambda ep: self._open_stream(ep, call))
-        return Outcome(endpoint, first, tried), self._follow(endpoint, rest)
+        endpoint, (first, rest), tried = self._walk(chat_name, provider, fallbacks,
+                                                    lambda ep: self._open_stream(ep, call), keep_seat=True)
+        stream = Stream(self, endpoint, rest)
+        if "finish_reason" in first:
+            stream._ended = True
+        return Outcome(endpoint, first, tried), stream
 
     def _open_stream(self, endpoint: Endpoint, call: ChatCall) -> tuple[dict, Any]:
         providers.get(endpoint.provider).check_call(call)
@@ -306,20 +468,6 @@ class Dispatcher:
         if "error" in result:
             raise result["error"]
         return result["event"]
-
-    def _follow(self, endpoint: Endpoint, gen: Any) -> Iterator[dict]:
-        failed: Optional[GatewayError] = None
-        try:
-            for event in gen:
-                if "error" in event:
-                    failed = GatewayError.from_info(event["error"])
-                yield event
-        except RayError:
-            failed = GatewayError("upstream_error", f"'{endpoint.name}' lost its stream mid-way")
-            yield {"error": failed.info}
-        finally:
-            gen.cancel()  # no-op when finished; cancels the replica's (and upstream) stream otherwise
-            self._report(endpoint, failed)
 
     # -- fan-out ----------------------------------------------------------------------
     def broadcast(self, chat_names: list[str], make_call) -> dict[str, Any]:

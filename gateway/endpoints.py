@@ -251,8 +251,12 @@ class Endpoints:
         )
 
     # -- undeploy -----------------------------------------------------------
-    def undeploy(self, provider: Provider, name: str) -> dict:
-        """Remove an endpoint in any state (a deploy still loading is cancelled)."""
+    def undeploy(self, provider: Provider, name: str, force: bool = False) -> dict:
+        """Remove an endpoint in any state (a deploy still loading is cancelled).
+
+        An endpoint that others name as a fallback is kept (409, naming them) unless
+        ``force``: then it is taken out of their fallbacks too.
+        """
         registry = self.cluster.registry()
         record = ray.get(registry.get.remote(name))
         apps = _app_statuses()
@@ -261,6 +265,10 @@ class Endpoints:
             raise GatewayError("not_found", f"no endpoint named '{name}'")
         if owner != provider.name:
             raise GatewayError("not_found", f"'{name}' is a {owner} endpoint; use POST /{owner}/undeploy")
+        dependents = ray.get(registry.dependents.remote(name))
+        if dependents and not force:
+            raise GatewayError("conflict", f"'{name}' is a fallback of {', '.join(dependents)}: deploy those without it "
+                                           f"first, or undeploy with \"force\": true to take it out of their fallbacks")
         state, _ = ray.get(registry.begin.remote(name, provider.name, 60))
         if state == "busy":
             raise GatewayError("conflict", f"another deploy or undeploy of '{name}' is in progress; try again when it ends")
@@ -270,8 +278,15 @@ class Endpoints:
         finally:
             ray.get(registry.finish.remote(name, None))
             self._on_change(name)
+        body = {"ret": "ok", "chat_name": name, "provider": provider.name, "status": "DELETED"}
+        if force:
+            changed = ray.get(registry.drop_fallback.remote(name))
+            for other in changed:
+                self._on_change(other)
+            if changed:
+                body["removed_from_fallbacks_of"] = changed
         log.info("undeployed chat_name=%s provider=%s", name, provider.name)
-        return {"ret": "ok", "chat_name": name, "provider": provider.name, "status": "DELETED"}
+        return body
 
     # -- listing ------------------------------------------------------------
     def list(self) -> list[dict]:

@@ -38,6 +38,7 @@ STATUS: dict[str, int] = {
     "upstream_error": 502,
     "cluster_unavailable": 503,
     "endpoint_not_ready": 503,
+    "endpoint_busy": 503,
     "upstream_timeout": 504,
 }
 

@@ -113,7 +113,7 @@ def get_model(model_id: str):
 def chat_completions():
     from .web import gw, json_body
 
-    from .web import note_endpoint, note_served, start_stream_record, stream_ended
+    from .web import closing_stream, note_endpoint, note_served, start_stream_record, stream_ended
 
     req = validate(CompletionRequest, json_body())
     call = req.to_call(g.request_id)
@@ -124,7 +124,8 @@ def chat_completions():
     if req.stream:
         outcome, rest = dispatcher.stream(req.model, call, fallbacks=req.fallbacks)
         g.upstream_ms = outcome.result.get("first_event_ms") or 0.0
-        return _stream(req, completion_id, created, outcome, rest, start_stream_record(outcome), stream_ended)
+        return closing_stream(rest, lambda: _stream(req, completion_id, created, outcome, rest,
+                                                     start_stream_record(outcome), stream_ended))
     outcome = dispatcher.chat(req.model, call, fallbacks=req.fallbacks)
     result = outcome.result
     g.upstream_ms = result.upstream_ms

@@ -56,6 +56,14 @@ class ChatEndpoint:
         if error is not None:
             self._errors.inc(1, tags={"type": error.type})
 
+    def _crashed(self, call: ChatCall, exc: Exception) -> ErrorInfo:
+        """An exception the adapter did not map: its class is logged and shown, never its text (it may hold input)."""
+        log.error("adapter crashed request_id=%s chat_name=%s error=%s", call.request_id, self._chat_name, type(exc).__name__)
+        info = ErrorInfo(type="upstream_error", provider=self._provider.name,
+                         message=f"the {self._provider.name} adapter failed unexpectedly ({type(exc).__name__})")
+        self._errors.inc(1, tags={"type": info.type})
+        return info
+
     def _info(self, err: GatewayError) -> ErrorInfo:
         return err.info if err.info.provider else err.info.model_copy(update={"provider": self._provider.name})
 
@@ -72,12 +80,7 @@ class ChatEndpoint:
             )
             return info
         except Exception as exc:  # noqa: BLE001 - a replica never lets an error escape raw
-            log.error("chat crashed request_id=%s chat_name=%s error=%s", call.request_id, self._chat_name, type(exc).__name__)
-            return ErrorInfo(
-                type="upstream_error",
-                message=f"the {self._provider.name} adapter failed unexpectedly ({type(exc).__name__})",
-                provider=self._provider.name,
-            )
+            return self._crashed(call, exc)
         result.attempts = attempts
         result.upstream_ms = (time.perf_counter() - started) * 1000
         self._observe(started, attempts)
@@ -108,6 +111,9 @@ class ChatEndpoint:
             except StopAsyncIteration:
                 yield {"error": ErrorInfo(type="upstream_error", message="the provider's stream was empty", provider=self._provider.name)}
                 return
+            except Exception as exc:  # noqa: BLE001 - nothing raw crosses Ray
+                yield {"error": self._crashed(call, exc)}
+                return
             first_ms = (time.perf_counter() - started) * 1000
             while True:
                 if "finish_reason" in event:
@@ -125,6 +131,9 @@ class ChatEndpoint:
                     yield {"error": self._info(err)}
                     break
                 except StopAsyncIteration:
+                    break
+                except Exception as exc:  # noqa: BLE001 - nothing raw crosses Ray
+                    yield {"error": self._crashed(call, exc)}
                     break
         finally:
             if stream is not None:

@@ -44,7 +44,7 @@ class SamplingParams(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1, le=1_000_000)
     max_completion_tokens: Optional[int] = Field(None, ge=1, le=1_000_000)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)  # what providers take (int64)
     user: Optional[str] = Field(None, max_length=256)
     response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[dict[str, Any]]] = Field(None, max_length=128)
@@ -112,6 +112,8 @@ class UndeployRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     chat_name: ChatName
+    #: undeploy even when other endpoints name it as a fallback (it is taken out of their lists)
+    force: bool = False
 
 
 class ChatCall(BaseModel):

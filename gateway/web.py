@@ -1,6 +1,7 @@
 """HTTP routes: one blueprint per provider plus the core routes, and the one error renderer."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -30,13 +31,20 @@ def gw():
     return current_app.extensions["gateway"]
 
 
+def _no_constant(name: str):
+    raise ValueError(name)
+
+
 def json_body() -> dict:
     raw = request.get_data(cache=True)
     if not raw.strip():
         raise GatewayError("invalid_request", "the body must be a JSON object")
-    data = request.get_json(force=True, silent=True)
-    if data is None:
-        raise GatewayError("invalid_request", "the body is not valid JSON")
+    try:  # NaN and Infinity are not JSON: no provider would take them
+        data = json.loads(raw, parse_constant=_no_constant)
+    except ValueError:
+        raise GatewayError("invalid_request", "the body is not valid JSON (NaN and Infinity are not JSON numbers)") from None
+    except RecursionError:
+        raise GatewayError("invalid_request", "the body nests too deeply") from None
     if not isinstance(data, dict):
         raise GatewayError("invalid_request", "the body must be a JSON object")
     return data
@@ -157,7 +165,7 @@ def _chat(data: dict, provider: Optional[str], legacy: bool):
     note_endpoint(req.chat_name, req.fallbacks)
     if req.stream:
         outcome, rest = dispatcher.stream(req.chat_name, call, provider=provider, fallbacks=req.fallbacks)
-        return _sse(req, outcome, rest)
+        return closing_stream(rest, lambda: _sse(req, outcome, rest))
     outcome = dispatcher.chat(req.chat_name, call, provider=provider, fallbacks=req.fallbacks)
     g.upstream_ms = outcome.result.upstream_ms
     note_served(outcome, outcome.result.attempts, outcome.result.usage.model_dump(), outcome.result.upstream_ms)
@@ -182,6 +190,21 @@ def _result_body(chat_name: str, outcome) -> dict:
         "tried": outcome.tried,
         **({"tool_calls": result.tool_calls} if result.tool_calls else {}),
     }
+
+
+def closing_stream(rest, render) -> Response:
+    """The streamed response of ``render()``; ``rest`` is closed however the response ends.
+
+    The WSGI server closes the response when the client leaves or the body is done, even
+    if the body never started (a generator that never ran has no ``finally`` to run).
+    """
+    try:
+        response = render()
+    except BaseException:
+        rest.close()
+        raise
+    response.call_on_close(rest.close)
+    return response
 
 
 def _sse_data(payload) -> str:
@@ -326,7 +349,8 @@ def provider_blueprint(provider: "providers.Provider") -> Blueprint:
 
     @bp.post("/undeploy")
     def undeploy():
-        return jsonify(gw().endpoints.undeploy(provider, validate(UndeployRequest, json_body()).chat_name))
+        req = validate(UndeployRequest, json_body())
+        return jsonify(gw().endpoints.undeploy(provider, req.chat_name, force=req.force))
 
     return bp
 

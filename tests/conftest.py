@@ -96,7 +96,7 @@ def shared_endpoint(app, fake_openai, fake_zhipu, fake_dashscope):
 
     yield _get
     for provider, (chat_name, _, _) in made.items():
-        client.post(f"/{provider}/undeploy", json={"chat_name": chat_name})
+        client.post(f"/{provider}/undeploy", json={"chat_name": chat_name, "force": True})
 
 
 @pytest.fixture
@@ -113,5 +113,5 @@ def deploy(client, fake_openai):
         return r
 
     yield _deploy
-    for provider, chat_name in made:
-        client.post(f"/{provider}/undeploy", json={"chat_name": chat_name})
+    for provider, chat_name in made:  # (force: fallbacks among them go too)
+        client.post(f"/{provider}/undeploy", json={"chat_name": chat_name, "force": True})

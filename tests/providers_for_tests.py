@@ -1,13 +1,15 @@
 """Providers registered only by the test suite, through the public ``providers.register``.
 
 ``relay`` is the OpenAI adapter under another name (a second provider for conflict and
-routing tests); ``stuck`` asks Ray for a resource no node has, so its replicas never start.
+routing tests); ``stuck`` asks Ray for a resource no node has, so its replicas never start;
+``buggy`` is the OpenAI adapter with a bug on demand: a prompt starting ``crash-before`` or
+``crash-after`` makes its stream raise a raw exception before or after the first event.
 Replicas import this module by reference (the embedded head puts the project on PYTHONPATH).
 """
 from __future__ import annotations
 
 import providers
-from providers.openai_provider import OpenAIDeploySpec, OpenAIProvider
+from providers.openai_provider import OpenAIAdapter, OpenAIDeploySpec, OpenAIProvider
 
 
 class RelayDeploySpec(OpenAIDeploySpec):
@@ -28,7 +30,25 @@ class StuckProvider(OpenAIProvider):
         return options
 
 
+class BuggyAdapter(OpenAIAdapter):
+    async def stream(self, call):
+        text = call.messages[-1].content or ""
+        if text.startswith("crash-before"):
+            raise RuntimeError("an adapter bug before the first event: " + text)
+        async for event in super().stream(call):
+            yield event
+            if text.startswith("crash-after"):
+                raise RuntimeError("an adapter bug after the first event: " + text)
+
+
+class BuggyProvider(OpenAIProvider):
+    name = "buggy"
+
+    def create_adapter(self, spec):
+        return BuggyAdapter(spec)
+
+
 def register_test_providers() -> None:
-    for provider in (RelayProvider(), StuckProvider()):
+    for provider in (RelayProvider(), StuckProvider(), BuggyProvider()):
         if provider.name not in providers.names():
             providers.register(provider)

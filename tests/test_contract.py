@@ -184,7 +184,7 @@ def test_healthz(client):
 
 
 def test_undeploy_body_is_validated(client):
-    r = client.post("/openai/undeploy", json={"chat_name": "a", "force": True})
-    assert r.status_code == 400 and "force" in error_of(r)["message"]
+    r = client.post("/openai/undeploy", json={"chat_name": "a", "forced": True})
+    assert r.status_code == 400 and "forced" in error_of(r)["message"]
     r = client.post("/openai/undeploy", json={"chat_name": "bad name"})
     assert r.status_code == 400 and error_of(r)["fields"] == ["chat_name"]

@@ -82,7 +82,7 @@ def traffic(ray_head, tmp_path_factory, fake_openai, fake_zhipu):
            "scrape": scrape, "log_path": log_path, "ok_after_retry": ok_after_retry, "fell_back": fell_back}
     with httpx.Client(base_url=base, timeout=60) as http:
         for provider, name in (("openai", f), ("openai", a), ("zhipu", b)):
-            http.post(f"/{provider}/undeploy", json={"chat_name": name})
+            http.post(f"/{provider}/undeploy", json={"chat_name": name, "force": True})
     runner.close()
 
 

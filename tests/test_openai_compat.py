@@ -34,7 +34,7 @@ def gateway(ray_head, tmp_path_factory, fake_openai, fake_zhipu, fake_dashscope)
     yield base, endpoints
     with httpx.Client(base_url=base, timeout=60) as http:
         for provider, (name, _, _) in endpoints.items():
-            http.post(f"/{provider}/undeploy", json={"chat_name": name})
+            http.post(f"/{provider}/undeploy", json={"chat_name": name, "force": True})
     runner.close()
 
 

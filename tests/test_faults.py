@@ -1,0 +1,228 @@
+"""Faults the gateway survives, each injected for real: a hanging upstream, a redeployed key,
+the registry's process killed, probes that end in a caller error, callers that leave early,
+adapter bugs, and undeploying an endpoint others fall back to. Requests lost are counted."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import ray
+
+from gateway import Settings, create_app
+from tests.fakes.upstreams import FakeOpenAI, Reply, openai_error
+from tests.procs import gunicorn_joined_to
+from tests.test_resilience import sse_events
+
+
+def key() -> str:
+    return f"{uuid.uuid4().hex[:8]}.{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def ep(deploy, name):
+    def _make(provider="openai", **fields):
+        k, chat_name = key(), name(provider)
+        r = deploy(chat_name, k, provider=provider, **fields)
+        assert r.status_code == 200, r.get_json()
+        return chat_name, k
+    return _make
+
+
+# -- the bulkhead -----------------------------------------------------------------------------
+def test_a_hanging_endpoint_leaves_the_others_their_share(ray_head, tmp_path, fake_openai, client):
+    """200 callers stuck on a hanging upstream; 100 calls to a healthy endpoint all answer."""
+    hanging = FakeOpenAI(latency=120).start()
+    runner = gunicorn_joined_to(ray_head.address, tmp_path / "gunicorn.log")  # 2 workers x 8 threads
+    base, _, log_path = next(runner)
+    stuck, healthy = f"stuck_{uuid.uuid4().hex[:6]}", f"healthy_{uuid.uuid4().hex[:6]}"
+    stop = threading.Event()
+    stuck_answers: list[tuple[int, str]] = []
+    try:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            for chat_name, upstream in ((stuck, hanging), (healthy, fake_openai)):
+                r = http.post("/openai/deploy", json={"api_key": key(), "chat_name": chat_name, "model_name": "m",
+                                                      "base_url": upstream.base_url, "max_retries": 0, "timeout": 100})
+                assert r.status_code == 200, r.text
+
+            def healthy_call(_=None) -> tuple[int, float]:
+                t = time.perf_counter()
+                try:
+                    with httpx.Client(base_url=base, timeout=10) as c:  # a legacy caller's 10 s timeout
+                        status = c.post("/chat", json={"chat_name": healthy, "content": "hi"}).status_code
+                except httpx.HTTPError:
+                    status = 0
+                return status, (time.perf_counter() - t) * 1000
+
+            idle = [healthy_call()[1] for _ in range(20)]
+
+            def stuck_caller() -> None:
+                with httpx.Client(base_url=base, timeout=120) as c:
+                    while not stop.is_set():
+                        try:
+                            r = c.post("/chat", json={"chat_name": stuck, "content": "anyone?"})
+                        except httpx.HTTPError:
+                            return
+                        stuck_answers.append((r.status_code, r.json()["error"]["type"] if r.status_code >= 400 else ""))
+                        stop.wait(float(r.headers.get("Retry-After", "1")))
+
+            callers = [threading.Thread(target=stuck_caller, daemon=True) for _ in range(200)]
+            for t in callers:
+                t.start()
+            time.sleep(3)  # every seat of the hanging endpoint is taken, the rest are turned away
+            with ThreadPoolExecutor(4) as pool:
+                under_hang = list(pool.map(healthy_call, range(100)))
+            # A call that names a fallback goes there at once instead of waiting for a seat.
+            r = http.post("/chat", json={"chat_name": stuck, "content": "x", "fallbacks": [healthy]})
+            assert r.status_code == 200 and r.json()["served_by"] == healthy, r.text
+            assert r.json()["tried"][0]["type"] == "endpoint_busy"
+            # Streams take seats too.
+            r = http.post("/chat", json={"chat_name": stuck, "content": "x", "stream": True})
+            assert r.status_code == 503 and r.json()["error"]["type"] == "endpoint_busy"
+    finally:
+        stop.set()
+        hanging.stop()
+        runner.close()
+        for chat_name in (stuck, healthy):
+            client.post("/openai/undeploy", json={"chat_name": chat_name, "force": True})
+    failed = [s for s, _ in under_hang if s != 200]
+    busy = [a for a in stuck_answers if a == (503, "endpoint_busy")]
+    ratio = statistics.median(ms for _, ms in under_hang) / statistics.median(idle)
+    print(f"healthy endpoint: idle median {statistics.median(idle):.1f} ms, with 200 callers stuck on another "
+          f"{statistics.median(ms for _, ms in under_hang):.1f} ms (x{ratio:.2f}); failed {len(failed)} of 100; "
+          f"the hanging endpoint turned away {len(busy)} calls with 503 endpoint_busy")
+    assert not failed, failed
+    assert busy, stuck_answers[:20]
+    assert all(a[1] == "endpoint_busy" for a in stuck_answers), {a for a in stuck_answers}
+
+
+# -- health follows the key -----------------------------------------------------------------------
+def test_a_redeploy_with_a_good_key_ends_the_old_keys_cooldown(ray_head, client, fake_openai, name):
+    settings = Settings.from_env(ray_address=ray_head.address, cooldown_s=30)
+    one, two = create_app(settings).test_client(), create_app(settings).test_client()  # two gateway processes
+    chat_name, bad, good = name("rekey"), key(), key()
+    body = {"chat_name": chat_name, "model_name": "m", "base_url": fake_openai.base_url, "max_retries": 0}
+    assert one.post("/openai/deploy", json={**body, "api_key": bad}).status_code == 200
+    try:
+        fake_openai.script(bad, openai_error(401, "Incorrect API key provided", "invalid_request_error", "invalid_api_key"))
+        r = one.post("/chat", json={"chat_name": chat_name, "content": "a"})
+        assert r.status_code == 502 and r.get_json()["error"]["type"] == "upstream_auth"
+        r = two.post("/chat", json={"chat_name": chat_name, "content": "b"})
+        assert r.status_code == 503 and "cooling down" in r.get_json()["error"]["message"]
+        assert one.post("/openai/deploy", json={**body, "api_key": good}).status_code == 200
+        assert one.get(f"/deployments/{chat_name}").get_json()["health"]["state"] == "ok"
+        # Both processes, the one that cached "cooling down" included, use the new key at once.
+        for c in (two, one):
+            r = c.post("/chat", json={"chat_name": chat_name, "content": "c"})
+            assert r.status_code == 200 and r.get_json()["output"] == "echo: c", r.get_json()
+        assert fake_openai.requests_for(good)
+    finally:
+        client.post("/openai/undeploy", json={"chat_name": chat_name})
+
+
+def test_a_probe_that_ends_in_a_caller_error_frees_the_probe(ray_head, ep, fake_openai):
+    settings = Settings.from_env(ray_address=ray_head.address, cooldown_s=1)
+    c = create_app(settings).test_client()
+    chat_name, k = ep(max_retries=0)
+    fake_openai.script(k, openai_error(401, "Incorrect API key provided", "invalid_request_error", "invalid_api_key"),
+                       openai_error(400, "Invalid 'messages'", "invalid_request_error", None))
+    assert c.post("/chat", json={"chat_name": chat_name, "content": "a"}).status_code == 502  # cooling down now
+    time.sleep(1.3)
+    r = c.post("/chat", json={"chat_name": chat_name, "content": "b"})  # the probe: the upstream says "your fault"
+    assert r.status_code == 400 and r.get_json()["error"]["type"] == "upstream_bad_request"
+    r = c.post("/chat", json={"chat_name": chat_name, "content": "c"})  # not "being probed" for timeout + 5 s
+    assert r.status_code == 200, r.get_json()
+    assert c.get(f"/deployments/{chat_name}").get_json()["health"]["state"] == "ok"
+
+
+@pytest.mark.parametrize("body", [
+    '{"chat_name": "x", "content": "hi", "temperature": NaN}',
+    '{"chat_name": "x", "content": "hi", "tools": [{"type": "function", "function": {"name": "f", "x": Infinity}}]}',
+    '{"chat_name": "x", "content": "hi", "seed": 18446744073709551616}',
+])
+def test_caller_mistakes_are_answered_before_any_endpoint_is_asked(client, body):
+    r = client.post("/chat", data=body, content_type="application/json")
+    assert r.status_code == 400 and r.get_json()["error"]["type"] == "invalid_request", r.get_json()
+
+
+# -- the registry's process dies ----------------------------------------------------------------------
+def test_the_registry_killed_under_traffic_loses_no_endpoint_and_no_call(client, ep):
+    chat_name, _ = ep()
+    registry = ray.get_actor("endpoint_registry", namespace="llm_gateway")
+    pid = ray.get(registry.pid.remote())
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            statuses.append(client.post("/chat", json={"chat_name": chat_name, "content": "x"}).status_code)
+
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(3):
+            pool.submit(load)
+        time.sleep(1)
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(6)  # past the 2 s endpoint cache, while Ray starts the registry again
+        stop.set()
+    assert len(statuses) > 20 and set(statuses) == {200}, [s for s in statuses if s != 200]
+    assert ray.get(registry.pid.remote(), timeout=30) != pid  # a new process, with the records
+    rows = [d for d in client.get("/deployments").get_json()["deployments"] if d["chat_name"] == chat_name]
+    assert len(rows) == 1 and rows[0]["provider"] == "openai" and rows[0]["model"] == "gpt-4o-mini", rows
+    assert rows[0]["status"] == "RUNNING" and rows[0]["key_fingerprint"]
+    assert client.post("/openai/chat", json={"chat_name": chat_name, "content": "y"}).get_json() == "echo: y"
+
+
+# -- callers that leave, adapters that crash --------------------------------------------------------------
+@pytest.mark.parametrize("route", ["/chat", "/v1/chat/completions"])
+def test_a_stream_closed_before_its_body_was_read_cancels_the_upstream(client, ep, fake_openai, route):
+    chat_name, k = ep()
+    fake_openai.script(k, Reply(pieces=[f"p{i} " for i in range(40)], piece_delay=0.25))
+    body = ({"chat_name": chat_name, "content": "x", "stream": True} if route == "/chat"
+            else {"model": chat_name, "messages": [{"role": "user", "content": "x"}], "stream": True})
+    r = client.post(route, json=body, buffered=False)
+    assert r.status_code == 200
+    r.close()  # what a WSGI server does when the caller is gone before the body was sent
+    for _ in range(50):
+        if any(key_ == k for key_, _ in fake_openai.abandoned):
+            break
+        time.sleep(0.1)
+    sent = [n for key_, n in fake_openai.abandoned if key_ == k]
+    assert sent and sent[0] < 40, fake_openai.abandoned
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_an_adapter_bug_in_a_stream_is_an_upstream_error_not_a_cluster_outage(client, ep, when):
+    chat_name, _ = ep("buggy")
+    r = client.post("/chat", json={"chat_name": chat_name, "content": f"crash-{when} private words", "stream": True})
+    text = r.get_data(as_text=True)
+    assert "private words" not in text
+    if when == "before":
+        assert r.status_code == 502, text
+        assert r.get_json()["error"]["type"] == "upstream_error" and "RuntimeError" in r.get_json()["error"]["message"]
+    else:
+        events = sse_events(text)
+        assert r.status_code == 200 and events[0][1]["delta"]
+        assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "upstream_error", events
+
+
+# -- undeploying a fallback ---------------------------------------------------------------------------------
+def test_undeploying_an_endpoint_others_fall_back_to_names_them(client, ep):
+    backup, _ = ep()
+    primary, _ = ep(fallbacks=[backup])
+    r = client.post("/openai/undeploy", json={"chat_name": backup})
+    assert r.status_code == 409 and r.get_json()["error"]["type"] == "conflict"
+    assert primary in r.get_json()["error"]["message"] and "force" in r.get_json()["error"]["message"]
+    assert client.post("/chat", json={"chat_name": backup, "content": "x"}).status_code == 200  # still there
+    r = client.post("/openai/undeploy", json={"chat_name": backup, "force": True})
+    assert r.status_code == 200 and r.get_json()["removed_from_fallbacks_of"] == [primary]
+    assert client.get(f"/deployments/{primary}").get_json()["fallbacks"] == []
+    r = client.post("/chat", json={"chat_name": primary, "content": "x"})
+    assert r.status_code == 200 and r.get_json()["tried"] == []
+    assert json.dumps(client.get("/deployments").get_json()).count(f'"{backup}"') == 0
