@@ -84,10 +84,7 @@ class FakeUpstream:
     def stop(self) -> None:
         async def _down():
             await self._runner.cleanup()
-        try:
-            asyncio.run_coroutine_threadsafe(_down(), self._loop).result(10)
-        except TimeoutError:  # requests still hanging (on purpose): the server thread is a daemon
-            pass
+        asyncio.run_coroutine_threadsafe(_down(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
 
     @property
@@ -108,7 +105,9 @@ class FakeUpstream:
         asyncio.set_event_loop(self._loop)
         app = web.Application()
         app.router.add_post(self.path, self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        # stop() waits at most a second for requests still running (a hanging upstream's), then
+        # cancels them and closes their connections, as a dying server would
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         self._loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         self._loop.run_until_complete(site.start())
