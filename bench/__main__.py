@@ -82,6 +82,16 @@ def wait_until(predicate, limit: float, what: str) -> None:
     raise SystemExit(f"{what} did not happen within {limit:.0f}s")
 
 
+def wait_ready(http: httpx.Client, base: str, limit: float = 180) -> None:
+    """Until the gateway at ``base`` answers /readyz 200 (its endpoints file applied)."""
+    def ready() -> bool:
+        try:
+            return http.get(base + "/readyz").status_code == 200
+        except httpx.HTTPError:
+            return False
+    wait_until(ready, limit, "gateway ready")
+
+
 def ttft_ms(http: httpx.Client, url: str, body: dict, headers: dict | None = None) -> float:
     t = time.perf_counter()
     with http.stream("POST", url, json=body, headers=headers or {}) as resp:
@@ -132,12 +142,7 @@ def main() -> None:
     peer = None
     try:
         with httpx.Client(timeout=120) as http:
-            def ready() -> bool:
-                try:
-                    return http.get(base + "/readyz").status_code == 200
-                except httpx.HTTPError:
-                    return False
-            wait_until(ready, 180, "gateway ready")
+            wait_ready(http, base)
             out["start_to_ready_s"] = time.perf_counter() - t0
 
             def deploy(name: str, upstream: str, workers: int = 1) -> float:

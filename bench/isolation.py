@@ -49,7 +49,7 @@ from typing import Optional
 
 import httpx
 
-from .__main__ import RESULTS, ROOT, clean_env, free_port, start_fake, wait_until
+from .__main__ import RESULTS, ROOT, clean_env, free_port, start_fake, wait_ready, wait_until
 
 VARIANTS = {
     "retry": "200 callers loop on the stuck endpoint: a 503 is retried after Retry-After; a seat hangs",
@@ -352,12 +352,7 @@ def main() -> None:
     healthy = f"healthy_{suffix}"
     try:
         with httpx.Client(timeout=120) as http:
-            def ready() -> bool:
-                try:
-                    return http.get(base + "/readyz").status_code == 200
-                except httpx.HTTPError:
-                    return False
-            wait_until(ready, 180, "gateway ready")
+            wait_ready(http, base)
             out["start_to_ready_s"] = round(time.perf_counter() - t0, 2)
             print(f"gateway ready in {out['start_to_ready_s']:.1f} s at {base}", flush=True)
 

@@ -190,12 +190,8 @@ def test_a_stream_closed_before_its_body_was_read_cancels_the_upstream(client, e
     r = client.post(route, json=body, buffered=False)
     assert r.status_code == 200
     r.close()  # what a WSGI server does when the caller is gone before the body was sent
-    for _ in range(50):
-        if any(key_ == k for key_, _ in fake_openai.abandoned):
-            break
-        time.sleep(0.1)
-    sent = [n for key_, n in fake_openai.abandoned if key_ == k]
-    assert sent and sent[0] < 40, fake_openai.abandoned
+    sent = fake_openai.abandoned_after(k, limit=5)
+    assert sent is not None and sent < 40, fake_openai.abandoned
 
 
 @pytest.mark.parametrize("when", ["before", "after"])

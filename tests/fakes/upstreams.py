@@ -98,6 +98,15 @@ class FakeUpstream:
     def requests_for(self, key: str) -> list[dict]:
         return [r for r in self.requests if r["headers"].get("Authorization") == f"Bearer {key}"]
 
+    def abandoned_after(self, key: str, limit: float = 10.0) -> Optional[int]:
+        """Wait up to ``limit`` s for a stream made with ``key`` to be abandoned; the pieces it had sent, or None."""
+        deadline = time.monotonic() + limit
+        while True:
+            sent = [n for k, n in self.abandoned if k == key]
+            if sent or time.monotonic() > deadline:
+                return sent[0] if sent else None
+            time.sleep(0.1)
+
     def keys_seen(self) -> set[str]:
         return {r["headers"].get("Authorization", "").removeprefix("Bearer ") for r in self.requests}
 
