@@ -63,7 +63,6 @@ _HEALTH_RECHECK_S = 0.25
 class Endpoint:
     record: dict
     handle: Any
-    expires: float
     #: when the record was read from the registry (monotonic)
     fetched: float = field(default_factory=time.monotonic)
 
@@ -104,9 +103,6 @@ class Bulkhead:
             else:
                 self._taken.pop(name, None)
 
-    def in_flight(self, name: str) -> int:
-        return self._taken.get(name, 0)
-
 
 class Stream:
     """The rest of a stream after its first event: iterate it, then ``close`` it (idempotent).
@@ -117,10 +113,10 @@ class Stream:
     endpoint's seat back. The routes register it with ``Response.call_on_close``.
     """
 
-    def __init__(self, dispatcher: "Dispatcher", endpoint: "Endpoint", gen: Any) -> None:
+    def __init__(self, dispatcher: "Dispatcher", endpoint: "Endpoint", gen: Any, ended: bool = False) -> None:
         self._dispatcher, self._endpoint, self._gen = dispatcher, endpoint, gen
         self._failed: Optional[GatewayError] = None
-        self._ended = False  # the replica's stream reached its end (finish or error event)
+        self._ended = ended  # the replica's stream reached its end (finish or error event)
         self._closed = False
         self._lock = threading.Lock()
 
@@ -204,7 +200,7 @@ class Dispatcher:
         """The endpoint, from this process's cache unless it is older than ``endpoint_cache_s`` or ``fresh``."""
         now = time.monotonic()
         hit = self._cache.get(chat_name)
-        if hit is not None and hit.expires > now and not fresh:
+        if hit is not None and now - hit.fetched < self.settings.endpoint_cache_s and not fresh:
             return hit
         self.cluster.ensure_up()
         try:
@@ -241,7 +237,7 @@ class Dispatcher:
                 except RayServeException:
                     raise GatewayError("endpoint_not_ready", f"'{chat_name}' is registered but not running", retry_after=2) from None
                 self._handles[handle_key] = handle
-            endpoint = Endpoint(record, handle, now + self.settings.endpoint_cache_s)
+            endpoint = Endpoint(record, handle, now)
             self._cache[chat_name] = endpoint
         return endpoint
 
@@ -302,11 +298,11 @@ class Dispatcher:
         if err is None:
             if endpoint.health.get("state") == "ok" and not endpoint.health.get("consecutive_failures"):
                 return  # the common case costs nothing
-            health = ray.get(registry.record_success.remote(endpoint.name), timeout=10)
+            health = ray.get(registry.record_success.remote(endpoint.name), timeout=_REGISTRY_WAIT_S)
         elif err.type in UPSTREAM_FAILURES:
             health = ray.get(registry.record_failure.remote(
                 endpoint.name, err.type, err.type in IMMEDIATE_COOLDOWN, s.cooldown_failures, s.cooldown_window_s, s.cooldown_s,
-            ), timeout=10)
+            ), timeout=_REGISTRY_WAIT_S)
         else:
             return
         endpoint.record = {**endpoint.record, "health": health}
@@ -420,10 +416,7 @@ class Dispatcher:
         """
         endpoint, (first, rest), tried = self._walk(chat_name, provider, fallbacks,
                                                     lambda ep: self._open_stream(ep, call), keep_seat=True)
-        stream = Stream(self, endpoint, rest)
-        if "finish_reason" in first:
-            stream._ended = True
-        return Outcome(endpoint, first, tried), stream
+        return Outcome(endpoint, first, tried), Stream(self, endpoint, rest, ended="finish_reason" in first)
 
     def _open_stream(self, endpoint: Endpoint, call: ChatCall) -> tuple[dict, Any]:
         providers.get(endpoint.provider).check_call(call)

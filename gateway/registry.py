@@ -47,11 +47,15 @@ class EndpointRegistry:
         return json.loads(raw) if raw else {}
 
     def _store(self, name: str, record: Optional[dict]) -> None:
-        """Change one record; all records are written as one value (a few KiB: atomic, one round trip)."""
+        """Change one record, and write them all."""
         if record is None:
             self._records.pop(name, None)
         else:
             self._records[name] = record
+        self._write()
+
+    def _write(self) -> None:
+        """All records as one value (a few KiB: atomic, one round trip)."""
         internal_kv._internal_kv_put(_KV_KEY, json.dumps(self._records, default=str), namespace=self._kv_namespace)
 
     def pid(self) -> int:
@@ -176,9 +180,10 @@ class EndpointRegistry:
         """Take ``name`` out of every endpoint's fallbacks; answers the endpoints changed."""
         changed = self.dependents(name)
         for other in changed:
-            record = dict(self._records[other])
-            record["fallbacks"] = [f for f in record["fallbacks"] if f != name]
-            self._store(other, record)
+            self._records[other] = {**self._records[other],
+                                    "fallbacks": [f for f in self._records[other]["fallbacks"] if f != name]}
+        if changed:
+            self._write()
         return changed
 
     def release(self, name: str) -> None:
