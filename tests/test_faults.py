@@ -223,3 +223,17 @@ def test_undeploying_an_endpoint_others_fall_back_to_names_them(client, ep):
     r = client.post("/chat", json={"chat_name": primary, "content": "x"})
     assert r.status_code == 200 and r.get_json()["tried"] == []
     assert json.dumps(client.get("/deployments").get_json()).count(f'"{backup}"') == 0
+
+
+def test_an_endpoint_not_yet_back_from_the_endpoints_file_is_not_ready_rather_than_unknown(ray_head, tmp_path):
+    """While a fresh process (after a cluster restart) has not applied its endpoints file yet."""
+    path = tmp_path / "endpoints.yaml"
+    path.write_text("endpoints: []\n")
+    app = create_app(Settings.from_env(ray_address=ray_head.address, endpoints_file=str(path)))
+    gateway = app.extensions["gateway"]
+    gateway.starting = True  # what start_in_background sets; its thread is not started here
+    r = app.test_client().post("/chat", json={"chat_name": "not_back_yet", "content": "x"})
+    assert r.status_code == 503 and r.get_json()["error"]["type"] == "endpoint_not_ready" and r.headers["Retry-After"]
+    gateway.started.set()  # applied: an unknown name is unknown
+    r = app.test_client().post("/chat", json={"chat_name": "not_back_yet", "content": "x"})
+    assert r.status_code == 404 and r.get_json()["error"]["type"] == "not_found"
