@@ -7,7 +7,6 @@ GATEWAY_THREADS, RAY_ADDRESS, ...
 from gateway.config import Settings
 
 _settings = Settings.from_env()
-_settings.check_bind()
 _head = None
 
 bind = _settings.bind
@@ -18,18 +17,22 @@ preload_app = False  # never fork a process that has Ray initialised
 timeout = 120
 graceful_timeout = 30  # SIGTERM: in-flight requests get this long to finish
 keepalive = 5
+if _settings.certfile:  # TLS (GATEWAY_CERTFILE / GATEWAY_KEYFILE); gunicorn's --certfile works too
+    certfile, keyfile = _settings.certfile, _settings.keyfile
 accesslog = None  # the gateway writes its own access log lines
 errorlog = "-"
 loglevel = "info"
 
 
 def on_starting(server):
-    """Master, before any fork: metrics directory for all workers; the embedded Ray head."""
+    """Master, before any fork: the bind check; metrics directory for all workers; the embedded Ray head."""
     global _head
     import os
     import shutil
     import tempfile
 
+    # where gunicorn will listen, however it was told (GATEWAY_BIND, -b, GUNICORN_CMD_ARGS, a config)
+    _settings.check_bind([a for a in server.cfg.address if not isinstance(a, int)])
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
     else:  # samples of a previous run are not this run's
@@ -42,6 +45,20 @@ def on_starting(server):
         export_embedded_env(_head.start())
         server.log.info("embedded Ray head at %s; dashboard http://%s:%d",
                         _head.address, _settings.dashboard_host, _settings.dashboard_port)
+
+
+def when_ready(server):
+    """Master, listening: check the sockets it really holds (systemd or fd:// ones included)."""
+    import socket
+
+    addresses = [("unix:" + str(listener.sock.getsockname())) if listener.sock.family == socket.AF_UNIX
+                 else listener.sock.getsockname()[:2] for listener in server.LISTENERS]
+    try:
+        _settings.check_bind(addresses)
+    except SystemExit:
+        if _head is not None:
+            _head.stop()
+        raise
 
 
 def post_worker_init(worker):

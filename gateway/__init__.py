@@ -104,7 +104,8 @@ class Gateway:
             path = self.settings.endpoints_file
             what = f"the endpoints file {path} is not applied yet" if path else "it is not connected to the Ray cluster yet"
             last = f" (last attempt: {self.startup_problem})" if self.startup_problem else ""
-            return False, {"ray_address": self.cluster.address, "problem": f"this gateway process is starting: {what}{last}"}
+            return False, {"ray_address": self.cluster.address, "reason": "starting",
+                           "problem": f"this gateway process is starting: {what}{last}"}
         return self.cluster.readiness()
 
     def liveness(self) -> tuple[bool, dict]:
@@ -183,6 +184,7 @@ def create_app(settings: Optional[Settings] = None) -> "Flask":
         auth=Auth(
             settings.admin_token.get_secret_value() if settings.admin_token else None,
             load_keys(settings.api_keys.get_secret_value() if settings.api_keys else None, settings.api_keys_file),
+            settings.metrics_token.get_secret_value() if settings.metrics_token else None,
         ),
     )
     gateway = app.extensions["gateway"]

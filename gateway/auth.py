@@ -94,8 +94,9 @@ def bearer(header: Optional[str]) -> Optional[str]:
 
 
 class Auth:
-    def __init__(self, admin_token: Optional[str], keys: Iterable[ClientKey]) -> None:
+    def __init__(self, admin_token: Optional[str], keys: Iterable[ClientKey], metrics_token: Optional[str] = None) -> None:
         self._admin = _digest(admin_token) if admin_token else None
+        self._metrics = _digest(metrics_token) if metrics_token else None
         self.keys = list(keys)
 
     @property
@@ -111,6 +112,21 @@ class Auth:
             return
         if not self._is_admin(bearer(header)):
             raise GatewayError("unauthorized", "this route needs the admin token: Authorization: Bearer <GATEWAY_ADMIN_TOKEN>")
+
+    def may_read(self, header: Optional[str]) -> bool:
+        """May this caller read the gateway's state (metrics, readiness details)? The admin token
+        or the read-only ``GATEWAY_METRICS_TOKEN``; anyone when neither is set."""
+        if self._admin is None and self._metrics is None:
+            return True
+        token = bearer(header)
+        return self._is_admin(token) or (
+            self._metrics is not None and token is not None and hmac.compare_digest(_digest(token), self._metrics))
+
+    def reader(self, header: Optional[str]) -> None:
+        """``/metrics``: the admin token or the metrics token."""
+        if not self.may_read(header):
+            raise GatewayError("unauthorized", "this route needs the metrics token or the admin token: "
+                                               "Authorization: Bearer <GATEWAY_METRICS_TOKEN>")
 
     def client(self, header: Optional[str]) -> Optional[ClientKey]:
         """Chat routes: the caller's key (``None`` when keys are off or the admin calls)."""

@@ -314,7 +314,8 @@ class Cluster:
                 raise GatewayError("cluster_unavailable", describe_connect_error(exc, address), retry_after=2) from None
 
     def readiness(self) -> tuple[bool, dict]:
-        """What ``/readyz`` reports: cluster reachable, Serve up, versions equal."""
+        """What ``/readyz`` reports: cluster reachable, Serve up, versions equal; when not ready,
+        ``reason`` (``cluster_unavailable``, ``version_mismatch``) and ``problem`` (in words)."""
         local = {"ray": _ray_version(), "python": platform.python_version()}
         report: dict = {"ray_address": self.address, "gateway": local}
         try:
@@ -327,10 +328,10 @@ class Cluster:
             serve.status()
             report["serve"] = "running"
         except GatewayError as err:
-            report["problem"] = err.info.message
+            report.update(reason="cluster_unavailable", problem=err.info.message)
             return False, report
         except Exception as exc:  # noqa: BLE001
-            report["problem"] = f"the cluster did not answer ({type(exc).__name__})"
+            report.update(reason="cluster_unavailable", problem=f"the cluster did not answer ({type(exc).__name__})")
             return False, report
         problems = []
         if cluster["ray"] != local["ray"]:
@@ -338,7 +339,7 @@ class Cluster:
         if cluster["python"].split(".")[:2] != local["python"].split(".")[:2]:
             problems.append(f"Python version mismatch: gateway has {local['python']}, cluster runs {cluster['python']}; Ray needs the same major.minor on both")
         if problems:
-            report["problem"] = "; ".join(problems)
+            report.update(reason="version_mismatch", problem="; ".join(problems))
             return False, report
         return True, report
 

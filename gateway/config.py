@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 _ENV_OVERRIDES = {"ray_address": "RAY_ADDRESS"}
 
@@ -61,13 +61,32 @@ class Settings(BaseModel):
     cooldown_window_s: float = Field(60.0, gt=0)
     cooldown_s: float = Field(30.0, ge=0)
 
-    #: admin token for deploy/undeploy/listings/metrics; without it only loopback binds are allowed
+    #: where gunicorn listens with TLS: PEM certificate (chain) and its private key; both or neither
+    certfile: Optional[str] = None
+    keyfile: Optional[str] = None
+    #: host names callers may use besides loopback names and IP addresses (``gw.example.com``,
+    #: ``.example.com`` for its subdomains, ``*`` for any); see ``gateway/doors.py``
+    allowed_hosts: Optional[str] = None
+    #: web origins that may call the gateway from a browser (``https://tools.example.com``)
+    allowed_origins: Optional[str] = None
+
+    #: admin token for deploy/undeploy/listings/metrics; a network bind needs it
     admin_token: Optional[SecretStr] = None
+    #: read-only token for ``/metrics`` (and the details of ``/readyz``), for Prometheus
+    metrics_token: Optional[SecretStr] = None
     #: client keys for chat routes: ``key1,key2`` and/or a YAML/JSON file of scoped, rate-limited keys
     api_keys: Optional[SecretStr] = None
     api_keys_file: Optional[str] = None
+    #: a network bind without client keys, on purpose: anyone who reaches it may chat
+    allow_open_chat: bool = False
     #: endpoints to deploy on start (and again after a cluster restart); keys come from env vars
     endpoints_file: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "Settings":
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ValueError("GATEWAY_CERTFILE and GATEWAY_KEYFILE go together: set both or neither")
+        return self
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "Settings":
@@ -82,8 +101,8 @@ class Settings(BaseModel):
             return cls(**values)
         except ValidationError as exc:
             problems = "; ".join(
-                f"{_ENV_OVERRIDES.get(str(e['loc'][0]), 'GATEWAY_' + str(e['loc'][0]).upper())}: {e['msg']}"
-                for e in exc.errors(include_input=False)
+                (f"{_ENV_OVERRIDES.get(str(e['loc'][0]), 'GATEWAY_' + str(e['loc'][0]).upper())}: " if e["loc"] else "")
+                + e["msg"].removeprefix("Value error, ") for e in exc.errors(include_input=False)
             )
             raise SystemExit(f"gateway configuration is invalid: {problems}") from None
 
@@ -96,13 +115,12 @@ class Settings(BaseModel):
     def embedded(self) -> bool:
         return not self.ray_address
 
-    def check_bind(self) -> None:
-        """Without an admin token anyone who reaches the port could deploy: loopback only."""
-        from .auth import is_loopback
+    def check_bind(self, addresses=None) -> None:
+        """Refuse a network address without an admin token and client keys (``doors.check_listeners``).
 
-        if self.admin_token is None and not is_loopback(self.bind):
-            raise SystemExit(
-                f"refusing to listen on {self.bind} without GATEWAY_ADMIN_TOKEN: anyone who can reach it could deploy "
-                "endpoints and run code on the Ray cluster. Set GATEWAY_ADMIN_TOKEN (and GATEWAY_API_KEYS for callers), "
-                "or bind to 127.0.0.1."
-            )
+        ``addresses``: where the server really listens; default ``GATEWAY_BIND``.
+        """
+        from .doors import check_listeners
+
+        check_listeners([self.bind] if addresses is None else addresses, admin_token=self.admin_token is not None,
+                        client_keys=bool(self.api_keys or self.api_keys_file), open_chat=self.allow_open_chat)

@@ -16,6 +16,7 @@ import providers
 
 from . import metrics
 from .auth import check_chat_names
+from .doors import Doors
 from .errors import GatewayError
 from .schemas import BroadcastRequest, ChatRequest, UndeployRequest, validate
 
@@ -63,17 +64,37 @@ def _before() -> None:
 
 #: routes anyone may call; admin routes; everything else is a chat (client) route
 _OPEN = {"core.healthz", "core.readyz"}
-_ADMIN = {"core.deployments", "core.deployment", "core.prometheus_metrics"}
+_ADMIN = {"core.deployments", "core.deployment"}
+_READERS = {"core.prometheus_metrics"}
+
+
+def _is_admin_route(endpoint: Optional[str]) -> bool:
+    return endpoint is not None and (endpoint in _ADMIN or endpoint.rpartition(".")[2] in ("deploy", "undeploy"))
+
+
+def _doors_for(app: Flask):
+    """Host, Origin and (admin routes) Content-Type, before anything else reads the request."""
+    settings = app.extensions["gateway"].settings
+    doors = Doors(settings.allowed_hosts, settings.allowed_origins)
+
+    def check() -> None:
+        doors.check(request.headers.get("Host"), request.headers.get("Origin"), request.scheme)
+        if request.method == "POST" and _is_admin_route(request.endpoint):
+            doors.check_json(request.content_type)
+
+    return check
 
 
 def _authorize() -> None:
     g.client_key = None
     auth = gw().auth
     endpoint = request.endpoint
-    if not auth.enabled or endpoint is None or endpoint in _OPEN:
+    if not (auth.enabled or endpoint in _READERS) or endpoint is None or endpoint in _OPEN:
         return
     header = request.headers.get("Authorization")
-    if endpoint in _ADMIN or endpoint.rpartition(".")[2] in ("deploy", "undeploy"):
+    if endpoint in _READERS:
+        auth.reader(header)
+    elif _is_admin_route(endpoint):
         auth.admin(header)
     else:
         g.client_key = auth.client(header)
@@ -310,9 +331,22 @@ def healthz():
     return response
 
 
+#: what /readyz says of why it is not ready to a caller without the admin or metrics token
+#: (no Ray address, no versions: those are for operators)
+_NOT_READY = {
+    "starting": "this gateway process is starting: it connects to the Ray cluster and applies its endpoints file",
+    "cluster_unavailable": "the Ray cluster does not answer",
+    "version_mismatch": "the gateway's and the Ray cluster's Ray or Python versions differ",
+}
+
+
 @core.get("/readyz")
 def readyz():
+    """Readiness: 200 or 503 and why; the details (address, versions) only to the admin or metrics token."""
     ok, report = gw().readiness()
+    if not gw().auth.may_read(request.headers.get("Authorization")):
+        reason = report.get("reason", "cluster_unavailable")
+        report = {} if ok else {"reason": reason, "problem": _NOT_READY.get(reason, _NOT_READY["cluster_unavailable"])}
     if ok:
         return jsonify(status="ready", **report)
     err = GatewayError("cluster_unavailable", report.pop("problem"), retry_after=2)
@@ -357,6 +391,7 @@ def provider_blueprint(provider: "providers.Provider") -> Blueprint:
 
 def register_routes(app: Flask) -> None:
     app.before_request(_before)
+    app.before_request(_doors_for(app))
     app.before_request(_authorize)
     app.after_request(_after)
     app.register_error_handler(GatewayError, render_error)
