@@ -9,14 +9,26 @@ import sys
 from .apply import apply_over_http
 
 
+def default_url(env) -> str:
+    """The gateway this machine runs (``GATEWAY_BIND``); a wildcard bind is reached on loopback.
+
+    https:// when it serves TLS (``GATEWAY_CERTFILE``): keys never travel in plain text.
+    """
+    host, _, port = env.get("GATEWAY_BIND", "127.0.0.1:8099").rpartition(":")
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    return f"{'https' if env.get('GATEWAY_CERTFILE') else 'http'}://{host}:{port}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway")
     sub = parser.add_subparsers(dest="command", required=True)
     p_apply = sub.add_parser("apply", help="deploy what an endpoints file lists (idempotent); keys come from env vars")
     p_apply.add_argument("file")
-    p_apply.add_argument("--url", default=None, help="the gateway (default: http://GATEWAY_BIND)")
+    p_apply.add_argument("--url", default=None, help="the gateway: https://..., or http:// to loopback only "
+                                                      "(default: GATEWAY_BIND on this machine)")
     args = parser.parse_args(argv)
-    url = args.url or "http://" + os.environ.get("GATEWAY_BIND", "127.0.0.1:8099")
+    url = args.url or default_url(os.environ)
     reports = apply_over_http(url, args.file, os.environ.get("GATEWAY_ADMIN_TOKEN"))
     for report in reports:
         print(json.dumps(report, ensure_ascii=False))

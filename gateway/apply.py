@@ -15,11 +15,15 @@ The gateway applies it on start (``GATEWAY_ENDPOINTS_FILE``) and again after the
 was restarted; ``python -m gateway apply FILE`` does the same against a running gateway.
 An endpoint whose key variable is missing, or whose deploy fails, is reported and the
 others are still deployed. Fallback targets are deployed before the endpoints naming them.
+Every entry is sent as a deploy; the gateway answers ``"unchanged": true`` for an endpoint
+that already runs that spec with that key (only it can compute the keyed digest). Keys
+travel in those deploys, so ``apply_over_http`` refuses plain HTTP beyond this machine.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Callable, Mapping, Optional
 
 import yaml
@@ -27,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import providers
 
+from .doors import is_loopback_host
 from .errors import STATUS, GatewayError
 from .schemas import ChatName, invalid_request_from
 
@@ -111,8 +116,13 @@ def plan(entries: list[EndpointEntry], env: Mapping[str, str]) -> list[tuple[End
 
 
 def apply(entries: list[EndpointEntry], env: Mapping[str, str], current: Callable[[str], Optional[dict]],
-          deploy: Callable[[str, Any], str]) -> list[dict]:
-    """Deploy what differs from ``current(chat_name)``; one report per endpoint."""
+          deploy: Callable[[str, Any], dict]) -> list[dict]:
+    """Deploy every entry; one report per endpoint.
+
+    ``deploy(provider, spec)`` answers the gateway's deploy answer: its ``status``, and
+    ``unchanged`` when the endpoint already ran that spec (nothing was redeployed).
+    ``current(chat_name)`` (the endpoint's row, or None) only tells "updated" from "deployed".
+    """
     reports = []
     for entry, spec in plan(entries, env):
         report = {"chat_name": entry.chat_name, "provider": entry.provider}
@@ -120,20 +130,18 @@ def apply(entries: list[EndpointEntry], env: Mapping[str, str], current: Callabl
             reports.append({**report, "status": "error", "error": spec.info.type, "message": spec.info.message})
             continue
         existing = current(entry.chat_name)
-        state = (existing or {}).get("status")
-        if existing and existing.get("pending_digest", existing.get("config_digest")) == spec.digest() \
-                and state in ("RUNNING", "DEPLOYING", "UPDATING"):
-            reports.append({**report, "status": "unchanged" if state == "RUNNING" else "deploying"})
-            continue
         try:
-            status = deploy(entry.provider, spec)
+            answer = deploy(entry.provider, spec)
         except GatewayError as err:
             reports.append({**report, "status": "error", "error": err.info.type, "message": err.info.message})
             continue
-        if status != "RUNNING":  # still loading; GET /deployments/<chat_name> tells when it runs
-            reports.append({**report, "status": "deploying"})
-            continue
-        reports.append({**report, "status": "updated" if existing and state != "DEPLOY_FAILED" else "deployed"})
+        if answer.get("unchanged"):
+            status = "unchanged"
+        elif answer["status"] != "RUNNING":  # still loading; GET /deployments/<chat_name> tells when it runs
+            status = "deploying"
+        else:
+            status = "updated" if existing and existing.get("status") != "DEPLOY_FAILED" else "deployed"
+        reports.append({**report, "status": status})
     return reports
 
 
@@ -148,21 +156,42 @@ def apply_in_process(gateway, path: str, env: Optional[Mapping[str, str]] = None
             return None
 
     return apply(load(path), os.environ if env is None else env, current,
-                 lambda provider, spec: endpoints.deploy(providers.get(provider), spec)["status"])
+                 lambda provider, spec: endpoints.deploy(providers.get(provider), spec))
+
+
+def check_transport(base_url: str) -> None:
+    """Keys travel in the deploy bodies: https://, or plain HTTP only to this machine.
+
+    Exits (``SystemExit``, with what to do) before anything is sent or even resolved.
+    """
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SystemExit("the gateway URL must start with https:// (or http:// for 127.0.0.1, ::1 or localhost)")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise SystemExit(
+            f"refusing to send provider keys over plain HTTP to {parts.hostname}: anyone on the way could read them. "
+            f"Use https:// (serve the gateway with TLS: GATEWAY_CERTFILE and GATEWAY_KEYFILE), or run the apply on "
+            f"the gateway's host against http://127.0.0.1:<port>"
+        )
 
 
 def apply_over_http(base_url: str, path: str, admin_token: Optional[str], env: Optional[Mapping[str, str]] = None) -> list[dict]:
-    """``python -m gateway apply FILE``: the same, against a running gateway."""
+    """``python -m gateway apply FILE``: the same, against a running gateway (https://, or loopback)."""
     import httpx
 
+    check_transport(base_url)
+    entries = load(path)
     headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
-    with httpx.Client(base_url=base_url, headers=headers, timeout=300) as http:
+    # Environment proxies only for https:// (tunnelled, still encrypted end to end); plain HTTP
+    # to loopback must not be handed to an HTTP_PROXY. SSL_CERT_FILE counts for https://.
+    trust_env = urlsplit(base_url).scheme == "https"
+    with httpx.Client(base_url=base_url, headers=headers, timeout=300, trust_env=trust_env) as http:
         listing = http.get("/deployments")
         if listing.status_code != 200:
             raise SystemExit(f"GET /deployments answered {listing.status_code}: {listing.text[:300]}")
         rows = {r["chat_name"]: r for r in listing.json()["deployments"]}
 
-        def deploy(provider: str, spec) -> str:
+        def deploy(provider: str, spec) -> dict:
             body = spec.model_dump(mode="json", exclude_none=True)
             body["api_key"] = spec.api_key.get_secret_value() if hasattr(spec, "api_key") else None
             r = http.post(f"/{provider}/deploy", json={k: v for k, v in body.items() if v is not None})
@@ -170,6 +199,6 @@ def apply_over_http(base_url: str, path: str, admin_token: Optional[str], env: O
                 err = r.json().get("error", {}) if r.headers.get("content-type", "").startswith("application/json") else {}
                 raise GatewayError(err.get("type") if err.get("type") in STATUS else "internal_error",
                                    err.get("message", r.text[:300]))
-            return r.json()["status"]
+            return r.json()
 
-        return apply(load(path), os.environ if env is None else env, rows.get, deploy)
+        return apply(entries, os.environ if env is None else env, rows.get, deploy)

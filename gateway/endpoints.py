@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import ray
 from ray import serve
 
-from providers.base import DeploySpec, Provider, SaaSDeploySpec, redact
+from providers.base import DeploySpec, Provider, construction_failure
 
 from .cluster import Cluster
 from .config import Settings
@@ -60,6 +60,7 @@ class Endpoints:
         self.cluster = cluster
         self.settings = settings
         self._on_change = on_change  # this process's dispatch cache forgets a changed endpoint at once
+        self._digest_secret: Optional[bytes] = None  # the cluster's, fetched once (see ``_digest``)
 
     # -- deploy -------------------------------------------------------------
     def deploy(self, provider: Provider, spec: DeploySpec) -> dict:
@@ -68,22 +69,26 @@ class Endpoints:
         Answers the endpoint's view: ``status`` is ``RUNNING``, or ``DEPLOYING``/``UPDATING``
         when it is still loading (a watcher thread, or the next reader, settles it). A deploy
         that fails within the wait raises ``deploy_failed`` with a ``reason``; a new endpoint
-        that fails leaves nothing behind in the cluster.
+        that fails leaves nothing behind in the cluster. The spec of a running endpoint again
+        (same digest, key included) changes nothing and answers its view with ``unchanged``.
         """
         name = spec.chat_name
-        provider.check_deploy(spec)  # fails here, before the cluster, on a spec the adapter refuses
+        self._check_deploy(provider, spec)  # fails here, before the cluster, on a spec the adapter refuses
         registry = self.cluster.registry()
         apps = _app_statuses()
         if name in apps:
             running_as, _ = _deployment_view(apps[name])
             if running_as and running_as != provider.name:
                 raise self._conflict(name, running_as)
+        digest = self._digest(spec)
+        unchanged = self._unchanged(provider, spec, digest, apps.get(name))
+        if unchanged is not None:
+            return unchanged
         state, existing = ray.get(registry.begin.remote(name, provider.name, 60))
         if state == "conflict":
             raise self._conflict(name, existing["provider"])
         if state == "busy":
             raise GatewayError("conflict", f"another deploy or undeploy of '{name}' is in progress; try again when it ends")
-        digest = spec.digest()
         try:
             pending = (existing or {}).get("pending")
             if pending and pending["deadline"] > time.time():
@@ -127,8 +132,7 @@ class Endpoints:
         except Exception as exc:
             ray.get(registry.finish.remote(name, existing if not fresh else None))
             self._on_change(name)
-            secret = spec.api_key.get_secret_value() if isinstance(spec, SaaSDeploySpec) else ""
-            raise GatewayError("internal_error", redact(f"deploy of '{name}' failed: {exc}", secret)[:500]) from None
+            raise GatewayError("internal_error", spec.scrub(f"deploy of '{name}' failed: {exc}")[:500]) from None
         ray.get(registry.finish.remote(name, record))
         self._on_change(name)
         log.info("deploying chat_name=%s provider=%s model=%s workers=%d", name, provider.name, spec.model_name, spec.workers)
@@ -142,6 +146,52 @@ class Endpoints:
             raise GatewayError("deploy_failed", failure.get("message", f"deploy of '{name}' failed"),
                                reason=failure.get("reason", "replica_failed"), provider=provider.name)
         return view
+
+    def _check_deploy(self, provider: Provider, spec: DeploySpec) -> None:
+        """``provider.check_deploy``, its failures as 422 ``deploy_failed`` without the spec's secrets.
+
+        A SaaS check builds the adapter, so an SDK constructor that puts the key in its error
+        fails here as it would in the replica, and leaves the same scrubbed message.
+        """
+        failure = None
+        try:
+            provider.check_deploy(spec)
+        except GatewayError as err:
+            failure = GatewayError.from_info(err.info.model_copy(update={"message": spec.scrub(err.info.message)}))
+        except Exception as exc:  # noqa: BLE001 - whatever an SDK raises
+            scrubbed = construction_failure(exc, spec, provider.name)
+            failure = GatewayError("deploy_failed", scrubbed.message, reason=scrubbed.reason, provider=provider.name)
+        if failure is not None:
+            raise failure from None  # outside the except block: the original is not chained to it
+
+    def _digest(self, spec: DeploySpec) -> str:
+        """``spec``'s ``config_digest``: an HMAC keyed with the cluster's secret, read once per process.
+
+        A process outlives no cluster (a restarted cluster restarts its gateway processes), so
+        the cached secret is always the current cluster's.
+        """
+        if self._digest_secret is None:
+            from .registry import cluster_digest_secret
+
+            self._digest_secret = cluster_digest_secret(self.settings.ray_namespace)
+        return spec.digest(self._digest_secret)
+
+    def _unchanged(self, provider: Provider, spec: DeploySpec, digest: str, app) -> Optional[dict]:
+        """The view of ``spec``'s endpoint (with ``"unchanged": True``) when it already runs as asked.
+
+        That is: its record is this provider's, settled ``RUNNING`` with this digest (the key
+        included) and these fallbacks (a forced undeploy may have taken one out), and Serve runs
+        it. Decided here, not by a client: only the gateway can compute the digest. Read-only,
+        so it takes no lease.
+        """
+        if app is None or _status(app.status) != "RUNNING":
+            return None
+        record = ray.get(self.cluster.registry().get.remote(spec.chat_name))
+        if not record or record.get("pending") or record.get("status") != "RUNNING" \
+                or record.get("provider") != provider.name or record.get("config_digest") != digest \
+                or list(record.get("fallbacks") or []) != list(spec.fallbacks):
+            return None
+        return {**self._view(record, app), "unchanged": True}
 
     def _follow(self, name: str, deploy_id: str, deadline: float, wait: Optional[float]) -> Optional[str]:
         """Poll Serve until the deploy ends (or ``wait`` runs out: None); settle it once."""
@@ -354,8 +404,10 @@ _REASON = re.compile(r"DeployFailure: ([a-z_]+): (.+)")
 def failure_of(app) -> dict:
     """``{"reason", "message"}`` of a failed application, from Serve's message.
 
-    The traceback Serve keeps is not shown; the reason a replica gave is, or the
-    last line of the traceback (adapters scrub keys from what they raise).
+    The traceback Serve keeps is not shown; the reason a replica gave is: a replica's
+    constructor raises every failure as a ``DeployFailure`` with the spec's secrets redacted
+    (``providers.base.construction_failure``). Anything else (a replica that died, a failed
+    health check) shows the traceback's last line, which Serve wrote, not an SDK.
     """
     text = _message_of(app)
     found = _REASON.findall(text)

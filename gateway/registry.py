@@ -10,10 +10,14 @@ store, so when the actor's process dies Ray starts it again (on the head node, w
 GCS is) with every endpoint it knew. What is not kept across such a restart: cooldown
 state (the next failures start a cooldown again) and the short leases of deploys,
 probes and the endpoints-file apply (they are free again).
+
+The same namespace of the key-value store holds the cluster's digest secret (32 random
+bytes, made once per cluster): ``config_digest`` is an HMAC with it (``cluster_digest_secret``).
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from typing import Optional
@@ -28,6 +32,29 @@ REGISTRY_NAME = "endpoint_registry"
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 #: where the records are kept in the GCS key-value store
 _KV_KEY = "endpoints"
+#: where the cluster's digest secret is kept, next to them
+_DIGEST_SECRET_KEY = "config_digest_secret"
+
+
+def kv_namespace(ray_namespace: str) -> str:
+    """The GCS key-value namespace of one gateway (one Ray namespace: one registry)."""
+    return "llm_gateway_registry:" + ray_namespace
+
+
+def cluster_digest_secret(ray_namespace: str) -> bytes:
+    """This cluster's key for ``DeploySpec.digest``: made on first use, the same ever after.
+
+    Kept in the GCS, like the records whose ``config_digest`` it keys, so both live and go
+    with the cluster. Read by each gateway process directly (a put-if-absent, then a get;
+    racing processes agree), not through the registry actor: a detached registry started by
+    an older gateway keeps running old code. Never shown, logged or put in a spec.
+    """
+    namespace = kv_namespace(ray_namespace)
+    internal_kv._internal_kv_put(_DIGEST_SECRET_KEY, os.urandom(32), overwrite=False, namespace=namespace)
+    secret = internal_kv._internal_kv_get(_DIGEST_SECRET_KEY, namespace=namespace)
+    if not secret or len(secret) < 32:
+        raise RuntimeError("the cluster's digest secret could not be read from the GCS")
+    return secret
 
 
 # Restarted whenever its process dies; a call made meanwhile waits for the new process and
@@ -36,7 +63,7 @@ _KV_KEY = "endpoints"
 class EndpointRegistry:
     def __init__(self) -> None:
         # one registry per Ray namespace, so one set of keys per namespace
-        self._kv_namespace = "llm_gateway_registry:" + ray.get_runtime_context().namespace
+        self._kv_namespace = kv_namespace(ray.get_runtime_context().namespace)
         self._records: dict[str, dict] = self._load()
         self._busy: dict[str, float] = {}
         self._healths: dict[str, dict] = {}

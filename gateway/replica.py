@@ -4,7 +4,8 @@ One class serves every provider; the deployment is named after the provider, the
 application after the ``chat_name``, so the Ray dashboard reads "app openai_chat,
 deployment openai, 4/4 replicas healthy". The key arrives only as a bound
 constructor argument (a ``SecretStr`` inside the spec): never in ``user_config``,
-``runtime_env``, environment variables or logs.
+``runtime_env``, environment variables or logs. A constructor that fails raises a
+``DeployFailure`` with the spec's secrets redacted: Serve shows that traceback everywhere.
 
 Nothing raised by an SDK crosses the Ray boundary: ``chat`` answers a ``ChatResult``
 or an ``ErrorInfo`` value; ``stream`` yields event dicts and ends with an ``{"error":
@@ -21,7 +22,7 @@ from typing import AsyncIterator, Union
 from ray import serve
 from ray.util import metrics as ray_metrics
 
-from providers.base import DeploySpec, Provider
+from providers.base import DeploySpec, Provider, construction_failure
 from gateway.errors import ErrorInfo, GatewayError
 from gateway.retry import RetryPolicy, call_with_retries
 from gateway.schemas import ChatCall, ChatResult
@@ -32,7 +33,16 @@ log = logging.getLogger("ray.serve")
 class ChatEndpoint:
     def __init__(self, provider: "Provider", spec: "DeploySpec", policy: RetryPolicy) -> None:
         self._provider = provider
-        self._adapter = provider.create_adapter(spec)
+        self._adapter = None
+        failure = None
+        try:
+            self._adapter = provider.create_adapter(spec)
+        except Exception as exc:  # noqa: BLE001 - an SDK's constructor may put the key in its error
+            failure = construction_failure(exc, spec, provider.name)
+        if failure is not None:
+            # Raised here, not in the except block: Serve's status, dashboard and controller log
+            # show this traceback, and the original error is not even chained to it.
+            raise failure from None
         self._chat_name = spec.chat_name
         self._policy = policy
         # Ray's own metrics (dashboard, Prometheus via Ray): per endpoint, no user input in tags.
@@ -143,7 +153,8 @@ class ChatEndpoint:
         return self._provider.name
 
     async def __del__(self) -> None:
-        await self._adapter.aclose()
+        if self._adapter is not None:  # (None: the constructor failed)
+            await self._adapter.aclose()
 
 
 #: the Serve deployment; per-endpoint options are set with ``.options`` at deploy time

@@ -367,6 +367,8 @@ def provider_blueprint(provider: "providers.Provider") -> Blueprint:
         view = gw().endpoints.deploy(provider, spec)
         body = {"ret": "ok", "chat_name": view["chat_name"], "provider": provider.name,
                 "model": spec.model_name, "workers": spec.workers, "status": view["status"]}
+        if view.get("unchanged"):  # the same spec (key included) already runs: nothing was redeployed
+            body["unchanged"] = True
         if view["status"] == "RUNNING":
             return jsonify(body)
         # Still loading (weights take minutes): 202, and where to watch it.

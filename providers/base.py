@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
+import hmac
+import json
 from typing import Any, AsyncIterator, ClassVar, Iterator, Optional
 from urllib.parse import urlsplit
 
@@ -55,16 +58,33 @@ class DeploySpec(BaseModel):
             raise ValueError("fallbacks name an endpoint twice")
         return value
 
-    def digest(self) -> str:
-        """A one-way digest of the whole spec, key included: tells an unchanged redeploy apart."""
-        import hashlib
-        import json
+    def secret_values(self) -> Iterator[str]:
+        """The values of this spec's ``SecretStr`` fields (keys, tokens): what no message may show."""
+        for _, value in self:
+            if isinstance(value, SecretStr) and value.get_secret_value():
+                yield value.get_secret_value()
 
+    def scrub(self, text: str) -> str:
+        """``text`` with every secret of this spec redacted (see ``redact``)."""
+        for secret in self.secret_values():
+            text = redact(text, secret)
+        return text
+
+    def digest(self, cluster_secret: bytes) -> str:
+        """HMAC-SHA256 of the whole spec, key included, keyed with the cluster's secret.
+
+        Tells an unchanged redeploy apart. Keyed, because it is shown (``config_digest``):
+        a plain hash of a spec that holds the key would confirm a guessed or leaked key
+        offline. The cluster secret lives in the GCS (``gateway.registry``), never in a spec.
+        """
+        if len(cluster_secret) < 16:
+            raise ValueError("the digest secret must be at least 16 bytes")
         data = self.model_dump(mode="json")
         for name, value in self:
             if isinstance(value, SecretStr):
                 data[name] = value.get_secret_value()
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        message = json.dumps(data, sort_keys=True).encode()
+        return hmac.new(cluster_secret, message, hashlib.sha256).hexdigest()[:16]
 
     def public(self) -> dict[str, Any]:
         """What may be shown about this endpoint (listing, logs): never a secret."""
@@ -157,11 +177,38 @@ class DeployFailure(Exception):
 
     The gateway reads ``DeployFailure: <reason>: <message>`` from Serve's report of the
     failed replica and shows it in ``GET /deployments/<chat_name>`` (see ``ErrorInfo.reason``).
+    The replica raises every construction failure as one (``construction_failure``), so that
+    report never holds a key.
     """
 
     def __init__(self, reason: str, message: str) -> None:
         self.reason = reason
-        super().__init__(f"{reason}: {' '.join(message.split())}")
+        self.message = " ".join(message.split())  # one line: the gateway reads it from a traceback
+        super().__init__(f"{reason}: {self.message}")
+
+    def __reduce__(self):  # pickles with both arguments (Exception's default passes only the text)
+        return type(self), (self.reason, self.message)
+
+
+def construction_failure(exc: BaseException, spec: DeploySpec, provider: str) -> DeployFailure:
+    """The one form a failure to build an adapter leaves in: a ``DeployFailure`` without secrets.
+
+    An SDK's constructor may put the key in its error, and Serve shows a failed replica's
+    traceback in its status, the dashboard and its logs. So the replica (and the gateway's own
+    ``check_deploy``) raise this instead, with ``raise ... from None`` outside the ``except``
+    block: the original exception is not even its ``__context__``. A ``DeployFailure`` keeps
+    its reason; anything else is ``load_error`` with its class and its redacted text.
+    """
+    if isinstance(exc, DeployFailure):
+        reason, text = exc.reason, exc.message
+    else:
+        try:
+            said = str(exc)
+        except Exception:  # noqa: BLE001 - a broken __str__ must not hide the failure
+            said = ""
+        reason = "load_error"
+        text = f"the {provider} adapter could not be built: {type(exc).__name__}" + (f": {said}" if said else "")
+    return DeployFailure(reason, spec.scrub(text)[:500])
 
 
 class ChatAdapter(abc.ABC):
