@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # Flask is imported where the app is built: replicas import t
     from .cluster import Cluster
     from .dispatch import Dispatcher
     from .endpoints import Endpoints
+    from .limits import Limits
 
 __all__ = ["Gateway", "Settings", "create_app"]
 
@@ -30,6 +31,8 @@ class Gateway:
     endpoints: "Endpoints"
     dispatcher: "Dispatcher"
     auth: "Auth"
+    #: client-key limits for the whole cluster (a keeper actor, made only once a limited key calls)
+    limits: "Limits"
 
     # startup state: set by ``start_in_background``; read by /readyz
     starting: bool = field(default=False, init=False)
@@ -158,6 +161,7 @@ def create_app(settings: Optional[Settings] = None) -> "Flask":
     from .cluster import Cluster
     from .dispatch import Dispatcher
     from .endpoints import Endpoints
+    from .limits import Limits
     from .web import register_routes
 
     settings = settings or Settings.from_env()
@@ -181,6 +185,7 @@ def create_app(settings: Optional[Settings] = None) -> "Flask":
         cluster=cluster,
         endpoints=Endpoints(cluster, settings, on_change=dispatcher.forget),
         dispatcher=dispatcher,
+        limits=Limits(cluster, settings),
         auth=Auth(
             settings.admin_token.get_secret_value() if settings.admin_token else None,
             load_keys(settings.api_keys.get_secret_value() if settings.api_keys else None, settings.api_keys_file),

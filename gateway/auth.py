@@ -2,24 +2,25 @@
 
 - ``GATEWAY_ADMIN_TOKEN``: when set, deploy, undeploy, the listings and ``/metrics`` need
   ``Authorization: Bearer <token>``; the admin token is also accepted on chat routes.
+- ``GATEWAY_METRICS_TOKEN``: read-only, for Prometheus: ``/metrics`` and the details of
+  ``/readyz`` (without either token ``/readyz`` says only ready or not, and why in general).
 - ``GATEWAY_API_KEYS`` (``key1,key2``) or ``GATEWAY_API_KEYS_FILE`` (YAML/JSON list of
-  ``{key, name, chat_names, rate_per_minute}``): when set, chat routes need one of them.
-  A key limited to chat_names cannot reach others (403 ``forbidden``); past its rate it
-  gets 429 ``rate_limited`` with ``Retry-After``. The rate is counted per gateway process.
+  ``{key, name, chat_names, rate_per_minute, tokens_per_minute}``): when set, chat routes
+  need one of them. A key limited to chat_names cannot reach others (403 ``forbidden``;
+  an endpoint's own fallbacks outside them are skipped, see ``dispatch``). Its limits are
+  kept for the whole cluster and charged per upstream call (see ``gateway.limits``).
 
 Tokens are compared in constant time (``hmac.compare_digest`` of their SHA-256) and never
-logged; keys are named in logs by their ``name`` only.
+logged; keys are named in logs by their ``name`` only, and in the cluster by ``ClientKey.id``.
+A bad entry stops the start with a message that names the entry, never its key.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -31,59 +32,93 @@ def _digest(value: str) -> bytes:
     return hashlib.sha256(value.encode("utf-8")).digest()
 
 
+def key_id(digest: bytes) -> str:
+    """How the cluster (the limits keeper, its GCS entries) names a key: a short keyed hash of its
+    digest. The same key gets the same id in every gateway process; the id leads back to no key
+    (and it is never logged or answered either)."""
+    return hmac.new(b"llm-gateway client key id", digest, hashlib.sha256).hexdigest()[:20]
+
+
 class KeySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     key: str = Field(min_length=8)
     name: Optional[str] = None
     chat_names: Optional[list[str]] = None
+    #: upstream calls a minute (fractions work: 0.5 is one call every two minutes)
     rate_per_minute: Optional[float] = Field(None, gt=0)
+    #: tokens (usage.total_tokens of answered calls) a minute, charged after each answer
+    tokens_per_minute: Optional[float] = Field(None, gt=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClientKey:
-    digest: bytes
+    digest: bytes = field(repr=False)
     name: str
     chat_names: Optional[frozenset]
-    rate_per_minute: Optional[float]
-    _tokens: float = 0.0
-    _stamp: float = field(default_factory=time.monotonic)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    rate_per_minute: Optional[float] = None
+    tokens_per_minute: Optional[float] = None
+    #: the key's name in the cluster (``key_id``)
+    id: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
-        self._tokens = self.rate_per_minute or 0.0
+        if not self.id:
+            object.__setattr__(self, "id", key_id(self.digest))
+
+    @property
+    def limited(self) -> bool:
+        return self.rate_per_minute is not None or self.tokens_per_minute is not None
 
     def allows(self, chat_name: str) -> bool:
         return self.chat_names is None or chat_name in self.chat_names
 
-    def take(self) -> Optional[float]:
-        """Spend one request; ``None`` if allowed, else the seconds until the next one is."""
-        if not self.rate_per_minute:
-            return None
-        with self._lock:
-            now = time.monotonic()
-            per_second = self.rate_per_minute / 60.0
-            self._tokens = min(self.rate_per_minute, self._tokens + (now - self._stamp) * per_second)
-            self._stamp = now
-            if self._tokens >= 1:
-                self._tokens -= 1
-                return None
-            return (1 - self._tokens) / per_second
+
+def _problems(exc: ValidationError) -> str:
+    """Pydantic's complaints without the input (it may be the key): known field names and messages only."""
+    out = []
+    for e in exc.errors(include_input=False, include_url=False, include_context=False):
+        where = ".".join(str(part) for part in e["loc"])
+        field_name = str(e["loc"][0]) if e["loc"] else ""
+        if field_name and field_name not in KeySpec.model_fields:
+            where = "a field the entry should not have"  # its name could be a key pasted in the wrong place
+        out.append(f"{where}: {e['msg']}" if where else e["msg"])
+    return "; ".join(out)
+
+
+def _spec(item: Any, where: str) -> KeySpec:
+    try:
+        return KeySpec.model_validate(item)
+    except ValidationError as exc:
+        name = item.get("name") if isinstance(item, dict) else None
+        named = f" (name {name!r})" if isinstance(name, str) and name else ""
+        raise SystemExit(f"{where}{named}: {_problems(exc)}") from None
 
 
 def load_keys(inline: Optional[str], path: Optional[str]) -> list[ClientKey]:
+    """The client keys of ``GATEWAY_API_KEYS`` and ``GATEWAY_API_KEYS_FILE``.
+
+    A bad entry stops the start (``SystemExit``) naming the variable, the entry's number and its
+    ``name``; never the key, so the message is safe in any log.
+    """
     specs: list[KeySpec] = []
     if inline:
-        specs += [KeySpec(key=k.strip()) for k in inline.split(",") if k.strip()]
+        entries = [k.strip() for k in inline.split(",") if k.strip()]
+        specs += [_spec({"key": k}, f"GATEWAY_API_KEYS entry #{i}") for i, k in enumerate(entries, 1)]
     if path:
         try:
             raw = yaml.safe_load(Path(path).read_text()) or []
-            specs += [KeySpec.model_validate(item) for item in raw]
-        except (OSError, yaml.YAMLError, ValidationError, TypeError) as exc:
-            # the file's content is never echoed: it holds keys
-            raise SystemExit(f"GATEWAY_API_KEYS_FILE {path} is unreadable or invalid ({type(exc).__name__})") from None
+        except OSError as exc:
+            raise SystemExit(f"GATEWAY_API_KEYS_FILE {path} cannot be read ({type(exc).__name__})") from None
+        except yaml.YAMLError as exc:  # its text would quote the file, which holds keys: the line only
+            mark = getattr(exc, "problem_mark", None)
+            line = f" near line {mark.line + 1}" if mark is not None else ""
+            raise SystemExit(f"GATEWAY_API_KEYS_FILE {path} is not valid YAML/JSON{line}") from None
+        if not isinstance(raw, list):
+            raise SystemExit(f"GATEWAY_API_KEYS_FILE {path} must be a list of {{key, name, chat_names, rate_per_minute, "
+                             f"tokens_per_minute}}")
+        specs += [_spec(item, f"GATEWAY_API_KEYS_FILE {path} entry #{i}") for i, item in enumerate(raw, 1)]
     return [ClientKey(_digest(s.key), s.name or f"key#{i + 1}", frozenset(s.chat_names) if s.chat_names is not None else None,
-                      s.rate_per_minute) for i, s in enumerate(specs)]
+                      s.rate_per_minute, s.tokens_per_minute) for i, s in enumerate(specs)]
 
 
 def bearer(header: Optional[str]) -> Optional[str]:
@@ -143,11 +178,7 @@ class Auth:
                     found = key
         if found is None:
             raise GatewayError("unauthorized", "this route needs a client key: Authorization: Bearer <key>")
-        wait = found.take()
-        if wait is not None:
-            raise GatewayError("rate_limited", f"{found.name} is over its rate of {found.rate_per_minute:g} requests a minute",
-                               retry_after=max(1.0, wait))
-        return found
+        return found  # (its limits are charged per upstream call: ``gateway.limits``)
 
 
 def check_chat_names(key: Optional[ClientKey], names: Iterable[str]) -> None:
@@ -156,15 +187,3 @@ def check_chat_names(key: Optional[ClientKey], names: Iterable[str]) -> None:
     denied = sorted({n for n in names if not key.allows(n)})
     if denied:
         raise GatewayError("forbidden", f"{key.name} may not use: {', '.join(denied)}")
-
-
-def is_loopback(bind: str) -> bool:
-    host = bind.rpartition(":")[0].strip("[]") if ":" in bind else bind
-    if bind.startswith("unix:"):
-        return True
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -11,6 +11,12 @@ Every chat route goes through ``Dispatcher.chat`` (or ``Dispatcher.stream``):
    ``cluster_unavailable`` at once;
 5. on an upstream failure (after the replica's own retries) try the fallbacks in order.
 
+With client keys, the route passes the request's ``Caller`` (``gateway.limits``): an
+endpoint outside the key's chat_names is skipped (``forbidden`` in ``tried``; the route has
+already refused the primary and request-given fallbacks with 403, so this is what stops
+an endpoint's own fallbacks), and each endpoint actually called costs one call of the
+key's limits, taken just before the call; ``rate_limited`` ends the walk.
+
 The bulkhead: every call waits on its endpoint in a gunicorn thread, so an endpoint whose
 upstream hangs would take every thread and starve healthy endpoints. Each endpoint may
 hold at most ``endpoint_max_in_flight`` calls (streams included) in one gateway process,
@@ -25,7 +31,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import ray
 from ray import serve
@@ -38,6 +44,9 @@ from .cluster import Cluster
 from .config import Settings
 from .errors import ErrorInfo, GatewayError
 from .schemas import ChatCall, ChatResult
+
+if TYPE_CHECKING:
+    from .limits import Caller
 
 #: failures that move on to the next fallback; caller errors never do
 FALLBACK_ON = frozenset({"upstream_auth", "upstream_quota", "upstream_rate_limited", "upstream_error",
@@ -113,8 +122,9 @@ class Stream:
     endpoint's seat back. The routes register it with ``Response.call_on_close``.
     """
 
-    def __init__(self, dispatcher: "Dispatcher", endpoint: "Endpoint", gen: Any, ended: bool = False) -> None:
-        self._dispatcher, self._endpoint, self._gen = dispatcher, endpoint, gen
+    def __init__(self, dispatcher: "Dispatcher", endpoint: "Endpoint", gen: Any, ended: bool = False,
+                 caller: Optional["Caller"] = None) -> None:
+        self._dispatcher, self._endpoint, self._gen, self._caller = dispatcher, endpoint, gen, caller
         self._failed: Optional[GatewayError] = None
         self._ended = ended  # the replica's stream reached its end (finish or error event)
         self._closed = False
@@ -140,6 +150,7 @@ class Stream:
             self._ended = True
         elif "finish_reason" in event:
             self._ended = True
+            _settle(self._caller, event)
         return event
 
     def close(self) -> None:
@@ -175,6 +186,14 @@ def _tried(name: str, err: GatewayError) -> dict:
     if err.info.provider_code:
         entry["provider_code"] = err.info.provider_code
     return entry
+
+
+def _settle(caller: Optional["Caller"], end: dict) -> None:
+    """A stream's last event carries its attempts and usage: charge them to the caller's key."""
+    if caller is not None:
+        usage = end.get("usage") or {}
+        total = usage.get("total_tokens") or (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
+        caller.settle(end.get("attempts") or 1, total)
 
 
 def _with_tried(err: GatewayError, tried: list[dict]) -> GatewayError:
@@ -347,7 +366,8 @@ class Dispatcher:
 
     # -- the dispatch path ----------------------------------------------------------
     def _walk(self, chat_name: str, provider: Optional[str], fallbacks: Optional[list[str]],
-              attempt: Callable[[Endpoint], Any], keep_seat: bool = False) -> tuple[Endpoint, Any, list[dict]]:
+              attempt: Callable[[Endpoint], Any], keep_seat: bool = False,
+              caller: Optional["Caller"] = None) -> tuple[Endpoint, Any, list[dict]]:
         """Try ``chat_name``, then its fallbacks, with ``attempt``; the first answer wins.
 
         Endpoints that cool down or are busy are skipped; an upstream failure moves on, a caller
@@ -356,11 +376,20 @@ class Dispatcher:
 
         A call holds its endpoint's seat while ``attempt`` runs; ``keep_seat`` (streams) keeps
         it after a success, for ``Stream.close`` to give back.
+
+        ``caller`` (a client key's): endpoints outside its chat_names are skipped as
+        ``forbidden`` (what the caller asked for first stays the error it gets), and each
+        endpoint called costs one call of its limits, taken just before the call.
         """
         primary, chain = self._chain(chat_name, provider, fallbacks)
         tried: list[dict] = []
         last: Optional[GatewayError] = None
         for name in chain:
+            if caller is not None and not caller.allows(name):
+                err = GatewayError("forbidden", f"{caller.name} may not use '{name}'")
+                tried.append(_tried(name, err))
+                last = last or err
+                continue
             try:
                 endpoint = primary if name == chat_name else self.resolve(name)
                 endpoint, skip, probing = self._skip_reason(endpoint)
@@ -379,10 +408,14 @@ class Dispatcher:
                 continue
             keep = False
             try:
+                if caller is not None:
+                    caller.admit()  # rate_limited is a caller error: the walk stops
                 answer = attempt(endpoint)
                 keep = keep_seat
                 return endpoint, answer, tried
             except GatewayError as err:
+                if caller is not None and (err.info.attempts or 0) > 1:
+                    caller.settle(err.info.attempts, 0)  # the replica's retries were upstream calls too
                 if err.type in UPSTREAM_FAILURES:
                     self._report(endpoint, err)
                 elif probing:
@@ -401,22 +434,31 @@ class Dispatcher:
         raise _with_tried(last, tried)
 
     def chat(self, chat_name: str, call: ChatCall, provider: Optional[str] = None,
-             fallbacks: Optional[list[str]] = None) -> Outcome:
-        """Answer ``call`` on ``chat_name`` or its fallbacks; ``provider`` restricts the primary."""
-        endpoint, result, tried = self._walk(chat_name, provider, fallbacks, lambda ep: self._call(ep, call))
+             fallbacks: Optional[list[str]] = None, caller: Optional["Caller"] = None) -> Outcome:
+        """Answer ``call`` on ``chat_name`` or its fallbacks; ``provider`` restricts the primary.
+
+        ``caller``: the request's client key (scope and limits; see ``_walk``), None without keys.
+        """
+        endpoint, result, tried = self._walk(chat_name, provider, fallbacks, lambda ep: self._call(ep, call), caller=caller)
+        if caller is not None:
+            caller.settle(result.attempts, result.usage.total_tokens)
         self._report(endpoint, None)
         return Outcome(endpoint, result, tried)
 
     def stream(self, chat_name: str, call: ChatCall, provider: Optional[str] = None,
-               fallbacks: Optional[list[str]] = None) -> tuple[Outcome, Stream]:
+               fallbacks: Optional[list[str]] = None, caller: Optional["Caller"] = None) -> tuple[Outcome, Stream]:
         """Like ``chat``, but retries and fallbacks only until the first event is in hand.
 
         Answers the outcome (``result`` is the first event) and a ``Stream`` over the rest,
-        which the caller must ``close`` (see ``Stream``).
+        which the caller must ``close`` (see ``Stream``). The caller's key is charged the
+        stream's retries and tokens when its last event arrives.
         """
         endpoint, (first, rest), tried = self._walk(chat_name, provider, fallbacks,
-                                                    lambda ep: self._open_stream(ep, call), keep_seat=True)
-        return Outcome(endpoint, first, tried), Stream(self, endpoint, rest, ended="finish_reason" in first)
+                                                    lambda ep: self._open_stream(ep, call), keep_seat=True, caller=caller)
+        ended = "finish_reason" in first
+        if ended:
+            _settle(caller, first)
+        return Outcome(endpoint, first, tried), Stream(self, endpoint, rest, ended=ended, caller=caller)
 
     def _open_stream(self, endpoint: Endpoint, call: ChatCall) -> tuple[dict, Any]:
         providers.get(endpoint.provider).check_call(call)
@@ -463,9 +505,9 @@ class Dispatcher:
         return result["event"]
 
     # -- fan-out ----------------------------------------------------------------------
-    def broadcast(self, chat_names: list[str], make_call) -> dict[str, Any]:
-        """Ask every endpoint at once; answers per name, in the time of the slowest."""
-        futures = {name: self._pool.submit(self.chat, name, make_call(name)) for name in chat_names}
+    def broadcast(self, chat_names: list[str], make_call, caller: Optional["Caller"] = None) -> dict[str, Any]:
+        """Ask every endpoint at once; answers per name, in the time of the slowest (each costs the caller's key a call)."""
+        futures = {name: self._pool.submit(self.chat, name, make_call(name), caller=caller) for name in chat_names}
         out: dict[str, Any] = {}
         for name, future in futures.items():
             try:

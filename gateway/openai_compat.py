@@ -121,12 +121,13 @@ def chat_completions():
     note_endpoint(req.model, req.fallbacks)
     completion_id = "chatcmpl-" + g.request_id
     created = int(time.time())
+    caller = gw().limits.caller(g.client_key)  # scope on the endpoint's own fallbacks, limits per upstream call
     if req.stream:
-        outcome, rest = dispatcher.stream(req.model, call, fallbacks=req.fallbacks)
+        outcome, rest = dispatcher.stream(req.model, call, fallbacks=req.fallbacks, caller=caller)
         g.upstream_ms = outcome.result.get("first_event_ms") or 0.0
         return closing_stream(rest, lambda: _stream(req, completion_id, created, outcome, rest,
                                                      start_stream_record(outcome), stream_ended))
-    outcome = dispatcher.chat(req.model, call, fallbacks=req.fallbacks)
+    outcome = dispatcher.chat(req.model, call, fallbacks=req.fallbacks, caller=caller)
     result = outcome.result
     g.upstream_ms = result.upstream_ms
     note_served(outcome, result.attempts, result.usage.model_dump(), result.upstream_ms)

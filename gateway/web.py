@@ -184,10 +184,11 @@ def _chat(data: dict, provider: Optional[str], legacy: bool):
     call = req.to_call(g.request_id)
     dispatcher = gw().dispatcher
     note_endpoint(req.chat_name, req.fallbacks)
+    caller = gw().limits.caller(g.client_key)  # scope on the endpoints' own fallbacks, limits per upstream call
     if req.stream:
-        outcome, rest = dispatcher.stream(req.chat_name, call, provider=provider, fallbacks=req.fallbacks)
+        outcome, rest = dispatcher.stream(req.chat_name, call, provider=provider, fallbacks=req.fallbacks, caller=caller)
         return closing_stream(rest, lambda: _sse(req, outcome, rest))
-    outcome = dispatcher.chat(req.chat_name, call, provider=provider, fallbacks=req.fallbacks)
+    outcome = dispatcher.chat(req.chat_name, call, provider=provider, fallbacks=req.fallbacks, caller=caller)
     g.upstream_ms = outcome.result.upstream_ms
     note_served(outcome, outcome.result.attempts, outcome.result.usage.model_dump(), outcome.result.upstream_ms)
     if legacy:
@@ -301,7 +302,8 @@ def prometheus_metrics():
 def broadcast():
     req = validate(BroadcastRequest, json_body())
     check_chat_names(g.client_key, req.chat_names)
-    outcomes = gw().dispatcher.broadcast(req.chat_names, lambda name: req.to_call(f"{g.request_id}.{name}"))
+    outcomes = gw().dispatcher.broadcast(req.chat_names, lambda name: req.to_call(f"{g.request_id}.{name}"),
+                                         caller=gw().limits.caller(g.client_key))  # each endpoint costs a call
     results = {}
     for name, outcome in outcomes.items():
         results[name] = outcome.body(None) if isinstance(outcome, GatewayError) else _result_body(name, outcome)
