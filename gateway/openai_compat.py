@@ -218,6 +218,9 @@ _OPENAI_TYPES = {
     "not_found": "invalid_request_error",
     "unauthorized": "authentication_error",
     "forbidden": "permission_error",
+    "host_not_allowed": "permission_error",
+    "origin_not_allowed": "permission_error",
+    "unsupported_media_type": "invalid_request_error",
     "rate_limited": "rate_limit_error",
     "upstream_rate_limited": "rate_limit_error",
 }

@@ -53,6 +53,9 @@ def test_a_web_page_cannot_deploy_or_reach_the_gateway(client, deploy, name, fak
                         json=body, headers={"Host": "rebind.attacker.example:8099"})
         assert r.status_code == 403 and r.get_json()["error"]["type"] == "host_not_allowed", path
         assert "GATEWAY_ALLOWED_HOSTS" in r.get_json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={"model": "x", "messages": []}, headers={"Origin": "https://a.example"})
+    assert r.status_code == 403 and r.get_json()["error"]["type"] == "permission_error"
+    assert r.get_json()["error"]["gateway_type"] == "origin_not_allowed"
     # nothing was deployed by any of it
     assert target not in [d["chat_name"] for d in client.get("/deployments").get_json()["deployments"]]
 

@@ -51,6 +51,8 @@ def test_key_appears_nowhere_but_at_the_provider(client, deploy, fake_openai, fa
     keep(client.post("/chat", json={"chat_name": chat_name, "content": "hi"}))
     keep(client.get("/deployments"))
     keep(client.get(f"/deployments/{chat_name}"))
+    keep(client.get("/metrics"))  # no key in any label or sample
+    keep(client.get("/readyz"))
     keep(deploy(chat_name, key, workers=1))  # an update travels the same way
     keep(client.post("/openai/deploy", json={"api_key": key, "chat_name": chat_name, "model_name": "m", "workers": "x"}))
     # The other providers, and a deploy that fails: the key is in none of their traces either.
