@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import secrets
 import signal
 import socket
@@ -20,7 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from .config import Settings
 from .errors import GatewayError
@@ -55,6 +56,72 @@ def reachable(address: str, timeout: float = 1.0) -> bool:
         return False
 
 
+#: The embedded head's environment is an allow-list. ``ray start`` hands its environment to the GCS,
+#: the raylet and, through the raylet, to every Ray worker and Serve replica (local models running
+#: ``trust_remote_code`` included), where any code in them can read it (``/proc/<pid>/environ``).
+#: So the gateway's own settings and secrets (GATEWAY_*: admin token, client keys) and the provider
+#: keys the endpoints file names (any variable name) stay in the gateway. What passes, and why:
+_HEAD_ENV_NAMES = frozenset({
+    # running programs: where executables and shared libraries (CUDA's too) are; the home directory
+    # (Ray's token in ~/.ray/auth_token, default caches); the user
+    "PATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "HOME", "USER", "LOGNAME",
+    # locale, timezone, temporary files
+    "LANG", "LANGUAGE", "TZ", "TZDIR", "TMPDIR", "TEMP", "TMP",
+    # TLS trust (a company CA for providers and model downloads)
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    # outbound proxies: model downloads, and SDKs that take no proxy per endpoint (dashscope)
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy",
+    # accelerators other than CUDA; the tokenizers' thread pool
+    "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "TOKENIZERS_PARALLELISM",
+})
+_HEAD_ENV_PREFIXES = (
+    "RAY_",  # Ray's own settings, its token included (its processes authenticate with it)
+    "PYTHON",  # the interpreter's settings (PYTHONPATH is rebuilt below)
+    "LC_", "XDG_",  # locale; the XDG cache/config directories (Hugging Face and torch caches live there)
+    "CUDA_", "NVIDIA_", "NCCL_",  # which GPUs, the driver's container settings, collective communication
+    "TORCH", "PYTORCH_", "TRITON_",  # torch/inductor/triton caches and allocator settings
+    "OMP_", "MKL_", "OPENBLAS_",  # CPU thread pools
+    "HF_", "HUGGINGFACE_", "HUGGING_FACE_", "TRANSFORMERS_", "VLLM_",  # model caches, offline mode, engine settings
+    "GRPC_",  # gRPC's own settings (Ray talks gRPC), its CA roots file included
+)
+#: ...but within those families no credential (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, VLLM_API_KEY,
+#: NVIDIA_API_KEY, ...) unless GATEWAY_HEAD_ENV names it; Ray's own (RAY_AUTH_TOKEN) passes.
+_CREDENTIAL = re.compile(r"(?:^|_)(?:API_?KEYS?|KEYS?|TOKENS?|SECRETS?|PASSWORDS?|PASSWD|CREDENTIALS?)(?:_|$)", re.I)
+#: Ray on loopback: Ray rewrites ``--node-ip-address=127.0.0.1`` (and a driver's ``127.0.0.1:port``)
+#: into the host's address, and then its gRPC servers (GCS, raylet, workers) listen on all interfaces,
+#: unless this switch (Ray's "multi-node clusters off", ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``)
+#: is off: then 127.0.0.1 stays the node's address and every Ray server binds to loopback.
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _never_to_the_head(name: str) -> bool:
+    return name.startswith("GATEWAY_") or name == "RAY_ADDRESS"
+
+
+def head_env_extras(value: Optional[str]) -> list[str]:
+    """The variable names GATEWAY_HEAD_ENV adds; a malformed or forbidden one stops the start."""
+    names = [n.strip() for n in (value or "").split(",") if n.strip()]
+    for n in names:
+        if not _ENV_NAME.fullmatch(n):
+            raise SystemExit(f"gateway configuration is invalid: GATEWAY_HEAD_ENV: {n!r} is not a variable name")
+        if _never_to_the_head(n):
+            raise SystemExit(f"gateway configuration is invalid: GATEWAY_HEAD_ENV: {n} never goes to the Ray head "
+                             "(the gateway's settings and secrets stay in the gateway; RAY_ADDRESS is the gateway's)")
+    return names
+
+
+def head_env_passes(name: str) -> bool:
+    """Does the allow-list (without GATEWAY_HEAD_ENV) let this variable through to the head?"""
+    if _never_to_the_head(name):
+        return False
+    if name.startswith("RAY_"):
+        return True
+    if name in _HEAD_ENV_NAMES:
+        return True
+    return name.startswith(_HEAD_ENV_PREFIXES) and not _CREDENTIAL.search(name)
+
+
 class EmbeddedHead:
     """A local single-node Ray cluster owned by the gateway."""
 
@@ -64,13 +131,16 @@ class EmbeddedHead:
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = Path(tempfile.gettempdir()) / "llm_gateway" / f"ray-head-{settings.ray_port}.log"
 
-    def env(self) -> dict[str, str]:
-        """Environment of the head and so of every Ray worker: our code on the path, token auth on."""
-        env = dict(os.environ)
-        env.pop("RAY_ADDRESS", None)
+    def env(self, source: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+        """Environment of the head and so of every Ray worker: the allow-list above and GATEWAY_HEAD_ENV
+        from ``source`` (default: this process's environment), our code on the path, token auth on, loopback."""
+        source = os.environ if source is None else source
+        extras = set(head_env_extras(self.settings.head_env))
+        env = {k: v for k, v in source.items() if k in extras or head_env_passes(k)}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
         env.setdefault("RAY_AUTH_MODE", "token")
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        env[LOOPBACK_SWITCH] = "0"  # a single-node head on 127.0.0.1 (see LOOPBACK_SWITCH)
         # Replicas: run our (all-async) code on the replica's own event loop instead of a second
         # thread, and write Serve's logs once (to their files), not also to stderr.
         env.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
@@ -112,7 +182,9 @@ class EmbeddedHead:
             f"--dashboard-port={s.dashboard_port}",
             f"--num-cpus={s.ray_num_cpus or os.cpu_count() or 1}",
             f"--object-store-memory={s.object_store_mb * 1024 * 1024}",
-            # ports nobody calls directly: take free ones so two heads never collide
+            # ports nobody calls directly: take free ones so two heads never collide. (The Ray Client
+            # server, which the gateway never uses, cannot be turned off while ray[client] is
+            # installed: Ray refuses port 0 and defaults to 10001. It listens on loopback too.)
             f"--ray-client-server-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}",
             "--disable-usage-stats",
@@ -148,13 +220,27 @@ class EmbeddedHead:
 
 
 def export_embedded_env(address: str) -> None:
-    """Let the processes we fork (gunicorn workers) find the embedded head.
+    """Let the processes we fork (gunicorn workers) find the embedded head, on loopback.
 
     Its workers already import our code from PYTHONPATH, so nothing is shipped.
     """
     os.environ["RAY_ADDRESS"] = address
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ["GATEWAY_SHIP_CODE"] = "0"
+    ray_on_loopback()
+
+
+def ray_on_loopback() -> None:
+    """Let this process (and those it forks or starts) reach a head that listens on loopback only.
+
+    A Ray driver rewrites ``127.0.0.1:port`` into the host's address unless LOOPBACK_SWITCH is off,
+    and Ray reads that switch once, when it is imported: the gunicorn master (or ``python app.py``)
+    has imported it already, so the value it read is set too.
+    """
+    os.environ[LOOPBACK_SWITCH] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 class Cluster:

@@ -34,6 +34,9 @@ class Settings(BaseModel):
     object_store_mb: int = Field(256, ge=80)
     #: seconds the embedded head gets to come up
     ray_start_timeout_s: float = Field(60.0, gt=0)
+    #: embedded head only: extra variable names (``A,B``) its environment, and so every Ray worker
+    #: and replica, gets besides the allow-list in ``gateway/cluster.py`` (never GATEWAY_*, RAY_ADDRESS)
+    head_env: Optional[str] = None
     #: /healthz fails once this host's Ray node has been gone this long while the cluster answers
     #: (a Ray driver cannot work without it; restarting the pod runs its ``ray start`` again)
     liveness_grace_s: float = Field(60.0, gt=0)

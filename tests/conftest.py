@@ -9,6 +9,16 @@ import uuid
 # and Ray reads the mode once per process.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.pop("RAY_ADDRESS", None)
+# Ray's heads listen on loopback only: this process, and the gateways the tests start, must keep
+# 127.0.0.1 as it is (see gateway.cluster.LOOPBACK_SWITCH), like the systemd units do.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Canaries (tests/test_ray_doors.py), set before any head starts: secrets a gateway's environment
+# holds must reach no Ray process; what GATEWAY_HEAD_ENV names must. No test reads these names.
+os.environ["OPENAI_API_KEY"] = f"sk-canary-{uuid.uuid4().hex}"
+os.environ["MY_LEGACY_APP_SECRET"] = f"canary-{uuid.uuid4().hex}"
+os.environ["GATEWAY_TEST_CANARY_SECRET"] = f"canary-{uuid.uuid4().hex}"
+os.environ["LLMGW_TEST_HEAD_EXTRA"] = f"extra-{uuid.uuid4().hex}"
+os.environ["GATEWAY_HEAD_ENV"] = "LLMGW_TEST_HEAD_EXTRA"
 
 import pytest  # noqa: E402
 
