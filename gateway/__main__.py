@@ -1,4 +1,8 @@
-"""``python -m gateway apply FILE [--url URL]``: apply an endpoints file to a running gateway."""
+"""``python -m gateway apply FILE [--url URL]``: apply an endpoints file to a running gateway.
+``python -m gateway ray ARGS...``: run Ray's CLI (``ray start --address=...`` in a gateway pod) with
+the allow-listed environment the embedded head gets, so the node's raylet and workers never see the
+gateway's tokens and provider keys.
+"""
 from __future__ import annotations
 
 import argparse
@@ -21,18 +25,36 @@ def default_url(env) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ray"]:  # everything after it is Ray's, options included
+        return run_ray(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m gateway")
     sub = parser.add_subparsers(dest="command", required=True)
     p_apply = sub.add_parser("apply", help="deploy what an endpoints file lists (idempotent); keys come from env vars")
     p_apply.add_argument("file")
     p_apply.add_argument("--url", default=None, help="the gateway: https://..., or http:// to loopback only "
                                                       "(default: GATEWAY_BIND on this machine)")
+    p_ray = sub.add_parser("ray", help="run Ray's CLI with the allow-listed environment (no gateway secrets)")
+    p_ray.add_argument("ray_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     url = args.url or default_url(os.environ)
     reports = apply_over_http(url, args.file, os.environ.get("GATEWAY_ADMIN_TOKEN"))
     for report in reports:
         print(json.dumps(report, ensure_ascii=False))
     return 1 if any(r["status"] == "error" for r in reports) else 0
+
+
+def run_ray(ray_args: list[str]) -> int:
+    """Replace this process with ``ray ARGS`` in the environment a Ray node may see (``GATEWAY_HEAD_ENV`` adds names)."""
+    from pathlib import Path
+
+    from .cluster import ray_environment
+
+    env = ray_environment(os.environ, os.environ.get("GATEWAY_HEAD_ENV"))
+    ray_exe = Path(sys.executable).with_name("ray")
+    exe = str(ray_exe) if ray_exe.exists() else "ray"
+    os.execvpe(exe, [exe, *ray_args], env)
+    return 127  # (not reached)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,12 @@ def head_env_passes(name: str) -> bool:
     return name.startswith(_HEAD_ENV_PREFIXES) and not _CREDENTIAL.search(name)
 
 
+def ray_environment(source: Mapping[str, str], head_env: Optional[str]) -> dict[str, str]:
+    """What of ``source`` a Ray node may see: the allow-list, plus the names ``head_env`` lists."""
+    extras = set(head_env_extras(head_env))
+    return {k: v for k, v in source.items() if k in extras or head_env_passes(k)}
+
+
 class EmbeddedHead:
     """A local single-node Ray cluster owned by the gateway."""
 
@@ -134,9 +140,7 @@ class EmbeddedHead:
     def env(self, source: Optional[Mapping[str, str]] = None) -> dict[str, str]:
         """Environment of the head and so of every Ray worker: the allow-list above and GATEWAY_HEAD_ENV
         from ``source`` (default: this process's environment), our code on the path, token auth on, loopback."""
-        source = os.environ if source is None else source
-        extras = set(head_env_extras(self.settings.head_env))
-        env = {k: v for k, v in source.items() if k in extras or head_env_passes(k)}
+        env = ray_environment(os.environ if source is None else source, self.settings.head_env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
         env.setdefault("RAY_AUTH_MODE", "token")
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
