@@ -20,7 +20,8 @@ if __name__ == "__main__":
     host, _, port = settings.bind.rpartition(":")
     app.extensions["gateway"].start_in_background()  # connect, apply GATEWAY_ENDPOINTS_FILE; /readyz tells when done
     try:
-        app.run(host=host or "127.0.0.1", port=int(port), threaded=True)
+        tls = (settings.certfile, settings.keyfile) if settings.certfile else None  # GATEWAY_CERTFILE/KEYFILE
+        app.run(host=host or "127.0.0.1", port=int(port), threaded=True, ssl_context=tls)
     finally:
         if head is not None:
             head.stop()

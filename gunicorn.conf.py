@@ -32,7 +32,8 @@ def on_starting(server):
     import tempfile
 
     # where gunicorn will listen, however it was told (GATEWAY_BIND, -b, GUNICORN_CMD_ARGS, a config)
-    _settings.check_bind([a for a in server.cfg.address if not isinstance(a, int)])
+    # (an int is an inherited fd://, checked in when_ready; a str is a unix socket's path)
+    _settings.check_bind(["unix:" + a if isinstance(a, str) else a for a in server.cfg.address if not isinstance(a, int)])
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
     else:  # samples of a previous run are not this run's

@@ -34,8 +34,6 @@ def main(argv=None) -> int:
     p_apply.add_argument("file")
     p_apply.add_argument("--url", default=None, help="the gateway: https://..., or http:// to loopback only "
                                                       "(default: GATEWAY_BIND on this machine)")
-    p_ray = sub.add_parser("ray", help="run Ray's CLI with the allow-listed environment (no gateway secrets)")
-    p_ray.add_argument("ray_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     url = args.url or default_url(os.environ)
     reports = apply_over_http(url, args.file, os.environ.get("GATEWAY_ADMIN_TOKEN"))
@@ -50,7 +48,7 @@ def run_ray(ray_args: list[str]) -> int:
 
     from .cluster import ray_environment
 
-    env = ray_environment(os.environ, os.environ.get("GATEWAY_HEAD_ENV"))
+    env = ray_environment(os.environ, os.environ.get("GATEWAY_HEAD_ENV"), os.environ.get("GATEWAY_ENDPOINTS_FILE"))
     ray_exe = Path(sys.executable).with_name("ray")
     exe = str(ray_exe) if ray_exe.exists() else "ray"
     os.execvpe(exe, [exe, *ray_args], env)

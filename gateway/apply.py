@@ -74,6 +74,19 @@ def load(path: str) -> list[EndpointEntry]:
     return entries
 
 
+def key_variables(path: Optional[str]) -> set[str]:
+    """The environment variables an endpoints file names as provider keys (``api_key_env``);
+    nothing when there is no file or it cannot be read (the start reports that on its own)."""
+    if not path:
+        return set()
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return set()
+    items = raw.get("endpoints") if isinstance(raw, dict) else None
+    return {str(i["api_key_env"]) for i in items or [] if isinstance(i, dict) and i.get("api_key_env")}
+
+
 def ordered(entries: list[EndpointEntry]) -> list[EndpointEntry]:
     """Fallback targets first (entries in a cycle keep file order and fail at deploy)."""
     by_name = {e.chat_name: e for e in entries}

@@ -46,9 +46,9 @@ class KeySpec(BaseModel):
     name: Optional[str] = None
     chat_names: Optional[list[str]] = None
     #: upstream calls a minute (fractions work: 0.5 is one call every two minutes)
-    rate_per_minute: Optional[float] = Field(None, gt=0)
+    rate_per_minute: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
     #: tokens (usage.total_tokens of answered calls) a minute, charged after each answer
-    tokens_per_minute: Optional[float] = Field(None, gt=0)
+    tokens_per_minute: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

@@ -122,10 +122,18 @@ def head_env_passes(name: str) -> bool:
     return name.startswith(_HEAD_ENV_PREFIXES) and not _CREDENTIAL.search(name)
 
 
-def ray_environment(source: Mapping[str, str], head_env: Optional[str]) -> dict[str, str]:
-    """What of ``source`` a Ray node may see: the allow-list, plus the names ``head_env`` lists."""
+def ray_environment(source: Mapping[str, str], head_env: Optional[str], endpoints_file: Optional[str] = None) -> dict[str, str]:
+    """What of ``source`` a Ray node may see: the allow-list, plus the names ``head_env`` lists,
+    never the provider-key variables ``endpoints_file`` names (whatever family their names fit)."""
+    from .apply import key_variables
+
+    keys = key_variables(endpoints_file)
     extras = set(head_env_extras(head_env))
-    return {k: v for k, v in source.items() if k in extras or head_env_passes(k)}
+    named = sorted(keys & extras)
+    if named:
+        raise SystemExit(f"gateway configuration is invalid: GATEWAY_HEAD_ENV names {', '.join(named)}, which the "
+                         f"endpoints file names as a provider key: provider keys never go to the Ray head")
+    return {k: v for k, v in source.items() if k not in keys and (k in extras or head_env_passes(k))}
 
 
 class EmbeddedHead:
@@ -140,7 +148,7 @@ class EmbeddedHead:
     def env(self, source: Optional[Mapping[str, str]] = None) -> dict[str, str]:
         """Environment of the head and so of every Ray worker: the allow-list above and GATEWAY_HEAD_ENV
         from ``source`` (default: this process's environment), our code on the path, token auth on, loopback."""
-        env = ray_environment(os.environ if source is None else source, self.settings.head_env)
+        env = ray_environment(os.environ if source is None else source, self.settings.head_env, self.settings.endpoints_file)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
         env.setdefault("RAY_AUTH_MODE", "token")
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")

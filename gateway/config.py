@@ -123,7 +123,10 @@ class Settings(BaseModel):
 
         ``addresses``: where the server really listens; default ``GATEWAY_BIND``.
         """
+        from .auth import load_keys
         from .doors import check_listeners
 
+        # the keys as loaded (a bad entry stops the start here, once): an empty file is no keys
+        keys = load_keys(self.api_keys.get_secret_value() if self.api_keys else None, self.api_keys_file)
         check_listeners([self.bind] if addresses is None else addresses, admin_token=self.admin_token is not None,
-                        client_keys=bool(self.api_keys or self.api_keys_file), open_chat=self.allow_open_chat)
+                        client_keys=bool(keys), open_chat=self.allow_open_chat)

@@ -46,7 +46,7 @@ def split_host(value: str) -> tuple[str, Optional[int]]:
         host, _, port = value.partition(":")
     else:  # a bare name, or a bare IPv6 address
         host, port = value, ""
-    return host.rstrip("."), int(port) if port.isdigit() else None
+    return host.rstrip("."), int(port) if port.isascii() and port.isdigit() else None
 
 
 def _is_ip(host: str) -> bool:

@@ -326,6 +326,8 @@ def healthz():
     ok, report = gw().liveness()
     if ok:
         return jsonify(status="ok", **report)
+    if not gw().auth.may_read(request.headers.get("Authorization")):  # no Ray address for strangers
+        report = {"problem": "this process's Ray node is gone while the cluster answers: restart this process"}
     response = render_error(GatewayError("cluster_unavailable", report.pop("problem"), retry_after=5))
     body = response.get_json()
     body["checks"] = report

@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -78,7 +80,7 @@ def test_allowed_hosts_and_origins_are_the_operators_to_widen(ray_head):
                                        allowed_origins="https://tools.corp.example"))
     client = app.test_client()
     for host, code in (("gw.example.com:8099", 200), ("a.corp.example", 200), ("corp.example.evil", 403),
-                       ("GW.EXAMPLE.COM.", 200), ("other.example.com", 403)):
+                       ("GW.EXAMPLE.COM.", 200), ("other.example.com", 403), ("localhost:\xb2", 200)):
         assert client.get("/healthz", headers={"Host": host}).status_code == code, host
     assert client.get("/healthz", headers={"Origin": "https://tools.corp.example"}).status_code == 200
     assert client.get("/healthz", headers={"Origin": "https://evil.example"}).status_code == 403
@@ -111,7 +113,7 @@ def test_readyz_tells_strangers_only_ready_or_why_and_metrics_has_its_own_token(
     assert "127.0.0.1" not in r.get_data(as_text=True)
 
 
-def test_a_network_bind_needs_an_admin_token_and_client_keys():
+def test_a_network_bind_needs_an_admin_token_and_client_keys(tmp_path):
     def refused(**fields):
         with pytest.raises(SystemExit) as exc:
             Settings.from_env(bind="0.0.0.0:8099", **fields).check_bind()
@@ -121,6 +123,10 @@ def test_a_network_bind_needs_an_admin_token_and_client_keys():
     message = refused(admin_token=ADMIN)
     assert "GATEWAY_API_KEYS" in message and "GATEWAY_ALLOW_OPEN_CHAT" in message and "GATEWAY_ADMIN_TOKEN" not in message
     assert "GATEWAY_ADMIN_TOKEN" in refused(api_keys=CLIENT)
+    empty = tmp_path / "keys.yaml"
+    empty.write_text("[]\n")
+    assert "GATEWAY_API_KEYS" in refused(admin_token=ADMIN, api_keys_file=str(empty))  # keys as loaded: none
+    assert "GATEWAY_API_KEYS" in refused(admin_token=ADMIN, api_keys=",")
     Settings.from_env(bind="0.0.0.0:8099", admin_token=ADMIN, api_keys=CLIENT).check_bind()
     Settings.from_env(bind="0.0.0.0:8099", admin_token=ADMIN, allow_open_chat=True).check_bind()
     for loopback in ("127.0.0.1:8099", "[::1]:8099", "localhost:8099", "unix:/run/gateway.sock"):
@@ -151,6 +157,31 @@ def test_gunicorn_checks_the_address_it_really_binds(tmp_path, how):
     assert f"refusing to listen on 0.0.0.0:{port}" in log and "GATEWAY_API_KEYS" in log, log[-2000:]
     assert ADMIN not in log
     assert "embedded Ray head" not in log  # refused before starting anything
+
+
+def test_gunicorn_checks_an_inherited_socket_once_it_holds_it(tmp_path):
+    """``fd://`` (systemd socket activation and the like): the address is known only from the socket."""
+    sock = socket.socket()
+    sock.bind(("0.0.0.0", 0))
+    sock.listen()
+    fd = sock.fileno()
+    port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    # joined to an address nobody serves: no embedded head starts, and no worker ever runs
+    env.update(GATEWAY_ADMIN_TOKEN=ADMIN, RAY_ADDRESS=f"127.0.0.1:{free_port()}")
+    log_path = tmp_path / "fd.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", f"fd://{fd}", "app:app"],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, pass_fds=(fd,),
+                                start_new_session=True)
+    try:
+        assert proc.wait(60) != 0
+    finally:
+        sock.close()
+        if proc.poll() is None:
+            stop(proc)
+    log = log_path.read_text()
+    assert f"refusing to listen on 0.0.0.0:{port}" in log and "Booting worker" not in log, log[-2000:]
 
 
 def _self_signed(tmp_path):
@@ -210,8 +241,8 @@ def test_tls_on_a_network_bind_with_every_door_locked(ray_head, tmp_path, fake_o
             finally:
                 http.post("/openai/undeploy", json={"chat_name": chat_name, "force": True}, headers=admin)
         # plain HTTP on the TLS port gets no answer from the gateway
-        with pytest.raises(httpx.HTTPError):
-            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).raise_for_status()
+        with pytest.raises(httpx.TransportError):  # the TLS handshake fails: no HTTP answer at all
+            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
     finally:
         assert stop(proc) == 0
     assert ADMIN not in log_path.read_text() and CLIENT not in log_path.read_text()

@@ -198,6 +198,7 @@ def test_a_bad_client_key_stops_the_start_naming_the_entry_not_the_key(tmp_path)
     for entries, said in (
         ([good, {"key": "short-1", "name": "x"}], "entry #2 (name 'x'): key: "),
         ([good, good, {"key": "another-key-000001", "name": "y", "rate_per_minute": -1}], "entry #3 (name 'y'): rate_per_minute: "),
+        ([good, {"key": "another-key-000003", "rate_per_minute": float("inf")}], "entry #2: rate_per_minute: "),
         ([{"key": "another-key-000002", "sk-pasted-here-0001": 1}], "entry #1: a field the entry should not have"),
     ):
         path.write_text(yaml.safe_dump(entries))

@@ -103,6 +103,18 @@ def test_gateway_head_env_cannot_name_what_never_goes_there(names):
         EmbeddedHead(Settings.from_env({}, head_env=names)).env({})
 
 
+def test_the_key_variables_of_the_endpoints_file_never_pass_whatever_their_names(tmp_path):
+    """A key kept in a variable whose name fits an allowed family (HF_*, RAY_*) still stays out."""
+    path = tmp_path / "endpoints.yaml"
+    path.write_text("endpoints:\n  - {chat_name: a, provider: openai, model_name: m, api_key_env: HF_ACCESS}\n"
+                    "  - {chat_name: b, provider: zhipu, model_name: m, api_key_env: RAY_ZHIPU}\n")
+    source = {"HF_ACCESS": "sk-in-a-family", "RAY_ZHIPU": "zk-in-a-family", "HF_HOME": "/models"}
+    env = EmbeddedHead(Settings.from_env({}, endpoints_file=str(path))).env(source)
+    assert "HF_ACCESS" not in env and "RAY_ZHIPU" not in env and env["HF_HOME"] == "/models"
+    with pytest.raises(SystemExit, match="HF_ACCESS"):
+        EmbeddedHead(Settings.from_env({}, endpoints_file=str(path), head_env="HF_ACCESS")).env(source)
+
+
 def test_no_gateway_secret_reaches_a_ray_process(ray_head, shared_endpoint):
     chat_name, key, _ = shared_endpoint("openai")
     canaries = {name: os.environ[name] for name in CANARIES}
