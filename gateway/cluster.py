@@ -229,6 +229,11 @@ class EmbeddedHead:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+        # ``ray start`` can exit a moment before its GCS lets go of the port: a head started again at
+        # once on that port (a restart) would take it for another head's
+        deadline = time.monotonic() + 5
+        while reachable(self.address, 0.2) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def export_embedded_env(address: str) -> None:

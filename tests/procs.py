@@ -101,7 +101,7 @@ class TcpProxy:
 
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("", self.port))  # all interfaces: Ray turns 127.0.0.1 into the host's address
+        sock.bind(("", self.port))  # all interfaces: what a driver dials is 127.0.0.1 or, if Ray rewrote it, the host's address
         sock.listen(128)
         self.port = sock.getsockname()[1]
         self._listener = sock
