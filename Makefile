@@ -7,7 +7,10 @@ BIN    := $(VENV)/bin
 
 .PHONY: start test install install-dev install-local install-gpu bench clean
 
+# (gunicorn then says each step: the metrics directory, "starting the embedded Ray head", and once every
+# worker is connected, "ready: the gateway serves http://..." and the dashboard's URL and how to log in)
 start: install
+	@echo "starting the gateway: gunicorn, which starts the embedded Ray head (unless RAY_ADDRESS is set)..."
 	exec $(BIN)/gunicorn -c gunicorn.conf.py app:app
 
 test: install-dev
@@ -25,17 +28,21 @@ install-gpu: $(VENV)/.installed
 
 $(VENV)/bin/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required (Ray and the cluster must match); set PYTHON=/path/to/python3.11"'
+	@echo "creating $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: requirements.txt $(VENV)/bin/python
+	@echo "installing requirements into $(VENV) (first run: a few minutes)..."
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
 	touch $@
 
 $(VENV)/.installed-local: requirements-local.txt $(VENV)/.installed
+	@echo "installing the local-model engine (CPU torch + transformers) into $(VENV) (first run: a few minutes)..."
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements-local.txt
 	touch $@
 
 $(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed-local
+	@echo "installing the test requirements into $(VENV)..."
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements-dev.txt
 	touch $@
 

@@ -8,6 +8,8 @@ from gateway.config import Settings
 
 _settings = Settings.from_env()
 _head = None
+_metrics_dir = None  # the metrics directory this master made (mkdtemp), removed on exit; never an operator's
+_ready_pipe = None  # (read end, write end): each worker writes one byte once it is connected (see ``when_ready``)
 
 bind = _settings.bind
 workers = _settings.workers
@@ -26,7 +28,7 @@ loglevel = "info"
 
 def on_starting(server):
     """Master, before any fork: the bind check; metrics directory for all workers; the embedded Ray head."""
-    global _head
+    global _head, _metrics_dir
     import os
     import shutil
     import tempfile
@@ -35,23 +37,47 @@ def on_starting(server):
     # (an int is an inherited fd://, checked in when_ready; a str is a unix socket's path)
     _settings.check_bind(["unix:" + a if isinstance(a, str) else a for a in server.cfg.address if not isinstance(a, int)])
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+        _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
     else:  # samples of a previous run are not this run's
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
         os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    server.log.info("metrics directory %s", os.environ["PROMETHEUS_MULTIPROC_DIR"])
     if _settings.embedded:
         from gateway.cluster import EmbeddedHead, export_embedded_env
 
+        # (the head's environment is an allow-list: PROMETHEUS_MULTIPROC_DIR stays here, so no Ray
+        # process writes its own metrics into the gateway's /metrics)
         _head = EmbeddedHead(_settings)
-        export_embedded_env(_head.start())
+        server.log.info("starting the embedded Ray head on 127.0.0.1:%d (log: %s)...", _settings.ray_port, _head.log_path)
+        try:
+            export_embedded_env(_head.start())
+        except BaseException:
+            _remove_metrics_dir()  # gunicorn runs no on_exit when on_starting fails
+            raise
         server.log.info("embedded Ray head at %s; dashboard http://%s:%d",
                         _head.address, _settings.dashboard_host, _settings.dashboard_port)
+    else:
+        server.log.info("joining the Ray cluster at %s", os.environ.get("RAY_ADDRESS") or _settings.ray_address)
+
+
+def _remove_metrics_dir():
+    """The metrics directory this master made: gone with it (one the operator named stays)."""
+    global _metrics_dir
+    import shutil
+
+    path, _metrics_dir = _metrics_dir, None
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def when_ready(server):
-    """Master, listening: check the sockets it really holds (systemd or fd:// ones included)."""
+    """Master, listening: check the sockets it really holds (systemd or fd:// ones included); then
+    wait, in a thread, for every worker to connect and say where the gateway and the dashboard are."""
+    import os
     import socket
+    import threading
 
+    global _ready_pipe
     addresses = [("unix:" + str(listener.sock.getsockname())) if listener.sock.family == socket.AF_UNIX
                  else listener.sock.getsockname()[:2] for listener in server.LISTENERS]
     try:
@@ -59,7 +85,50 @@ def when_ready(server):
     except SystemExit:
         if _head is not None:
             _head.stop()
+        _remove_metrics_dir()  # gunicorn runs no on_exit when when_ready fails
         raise
+    server.log.info("starting %d worker(s); each connects to Ray (up to a minute), then the ready line follows",
+                    server.cfg.workers)
+    _ready_pipe = os.pipe()
+    os.set_blocking(_ready_pipe[1], False)  # a worker never waits on it
+    threading.Thread(target=_say_ready, args=(server, addresses, _ready_pipe[0]), name="ready-line", daemon=True).start()
+
+
+def _say_ready(server, addresses, read_fd):
+    """Once as many workers as configured have connected: the URLs, and how to authenticate to the dashboard."""
+    import os
+
+    workers_up = 0
+    while workers_up < server.cfg.workers:
+        got = os.read(read_fd, 64)
+        if not got:
+            return
+        workers_up += len(got)
+    scheme = "https" if _settings.certfile else "http"
+    urls = [a if isinstance(a, str) else f"{scheme}://{_url_host(a[0])}:{a[1]}" for a in addresses]
+    server.log.info("ready: the gateway serves %s (%d worker%s)", ", ".join(urls), workers_up, "s" * (workers_up != 1))
+    if _head is not None:
+        dashboard = f"http://{_url_host(_settings.dashboard_host)}:{_settings.dashboard_port}"
+        server.log.info("Ray dashboard: %s (%s)", dashboard, _dashboard_auth(dashboard))
+
+
+def _url_host(host):
+    return f"[{host}]" if ":" in host else host
+
+
+def _dashboard_auth(dashboard):
+    """How to authenticate to the dashboard, never the token itself."""
+    import os
+
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return "no authentication"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        where, value = "RAY_AUTH_TOKEN", "$RAY_AUTH_TOKEN"
+    else:
+        where = os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"
+        value = f"$(cat {where})"
+    return (f"the page asks for the Ray token, in {where}; its REST API takes it as a header: "
+            f"curl -H \"Authorization: Bearer {value}\" {dashboard}/api/serve/applications/")
 
 
 def post_worker_init(worker):
@@ -68,6 +137,7 @@ def post_worker_init(worker):
     and /readyz says ready only when it is done."""
     import os
     import signal
+    import threading
 
     gateway = worker.wsgi.extensions["gateway"]
     # A Ray driver cannot reconnect to a restarted cluster in-process: when the lost cluster
@@ -75,6 +145,19 @@ def post_worker_init(worker):
     # startup connects and applies the file again.
     gateway.cluster.on_recovered = lambda: os.kill(os.getpid(), signal.SIGTERM)
     gateway.start_in_background()
+    if _ready_pipe is not None:  # tell the master once connected (its ready line)
+        os.close(_ready_pipe[0])
+        threading.Thread(target=_connected, args=(gateway, _ready_pipe[1]), name="ready-signal", daemon=True).start()
+
+
+def _connected(gateway, write_fd):
+    import os
+
+    gateway.started.wait()
+    try:
+        os.write(write_fd, b"1")
+    except OSError:  # the master stopped listening (it said ready already): nothing to tell
+        pass
 
 
 def worker_exit(server, worker):
@@ -94,6 +177,7 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    """Master, last: stop the embedded head (endpoints die with it)."""
+    """Master, last: stop the embedded head (endpoints die with it); remove the metrics directory it made."""
     if _head is not None:
         _head.stop()
+    _remove_metrics_dir()

@@ -96,7 +96,8 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _never_to_the_head(name: str) -> bool:
-    return name.startswith("GATEWAY_") or name == "RAY_ADDRESS"
+    # (PROMETHEUS_MULTIPROC_DIR too: Ray's processes would write their own metrics into the gateway's /metrics)
+    return name.startswith("GATEWAY_") or name in ("RAY_ADDRESS", "PROMETHEUS_MULTIPROC_DIR")
 
 
 def head_env_extras(value: Optional[str]) -> list[str]:
@@ -107,7 +108,8 @@ def head_env_extras(value: Optional[str]) -> list[str]:
             raise SystemExit(f"gateway configuration is invalid: GATEWAY_HEAD_ENV: {n!r} is not a variable name")
         if _never_to_the_head(n):
             raise SystemExit(f"gateway configuration is invalid: GATEWAY_HEAD_ENV: {n} never goes to the Ray head "
-                             "(the gateway's settings and secrets stay in the gateway; RAY_ADDRESS is the gateway's)")
+                             "(the gateway's settings and secrets stay in the gateway; RAY_ADDRESS and "
+                             "PROMETHEUS_MULTIPROC_DIR are the gateway's)")
     return names
 
 
@@ -279,7 +281,8 @@ class Cluster:
         """Connect if needed; fail at once, without touching Ray, when the cluster is gone."""
         if self.lost:
             raise GatewayError(
-                "cluster_unavailable", f"the Ray cluster at {self.address} stopped answering; the gateway reconnects when it is back",
+                "cluster_unavailable", f"the Ray cluster at {self.address} stopped answering; the gateway reconnects when it is back: "
+                f"try again shortly",
                 retry_after=2,
             )
         self.connect()
@@ -293,9 +296,14 @@ class Cluster:
         failed look; if calls through the connection work, this process carries on, else the
         cluster was restarted (however briefly) and ``on_recovered`` runs: a fresh process connects.
         """
+        import ray
+
         misses, last_ok, carried_on = 0, time.monotonic(), False
         while True:
             time.sleep(_WATCH_PERIOD_S)
+            if not ray.is_initialized():  # this process left the cluster on purpose (ray.shutdown): nothing to watch
+                self._watching = False
+                return
             if reachable(address, _WATCH_PERIOD_S):
                 if self.lost or (misses and self._registry is not None):
                     if self._answers():
@@ -392,7 +400,8 @@ class Cluster:
             if address.startswith("ray://"):
                 raise GatewayError("cluster_unavailable", "Ray Client addresses (ray://) cannot call Serve handles; run the gateway on a cluster node and use host:port")
             if not reachable(address):
-                raise GatewayError("cluster_unavailable", f"the Ray cluster at {address} is not reachable", retry_after=2)
+                raise GatewayError("cluster_unavailable", f"the Ray cluster at {address} is not reachable: start it (or set RAY_ADDRESS to "
+                                   f"a running head), then try again", retry_after=2)
             try:
                 if not ray.is_initialized():
                     ship = self.settings.ship_code if self.settings.ship_code is not None else True

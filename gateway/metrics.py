@@ -2,7 +2,10 @@
 
 Under gunicorn every worker writes its samples to ``PROMETHEUS_MULTIPROC_DIR`` (set by
 ``gunicorn.conf.py`` before any worker starts, cleaned of dead workers by its
-``child_exit`` hook) and ``/metrics`` merges them; a single process (``python app.py``,
+``child_exit`` hook, removed on exit when the master made it) and ``/metrics`` merges them.
+Only the gateway's processes write there: the variable never reaches the Ray head (its
+environment is an allow-list, ``gateway/cluster.py``), so Ray's own metrics stay on Ray's
+endpoint. A single process (``python app.py``,
 tests) uses the default registry. Label values are bounded: ``chat_name`` and
 ``provider`` are only ever those of deployed endpoints (``_unknown`` otherwise), and
 no label carries prompt text, a key or other user input.

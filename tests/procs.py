@@ -62,9 +62,12 @@ def gunicorn_joined_to(head_address: str, log_path: Path, **env: str):
     try:
         wait_ready(base, proc, log_path)
         yield base, proc, log_path
-    finally:
+    finally:  # SIGTERM first: gunicorn's on_exit removes its metrics directory
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                stop(proc, 30)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 

@@ -66,6 +66,14 @@ def test_gunicorn_serves_the_user_session_and_stops_gracefully(gunicorn_joined, 
 
 
 def test_gunicorn_with_its_embedded_head_starts_and_stops_it(tmp_path, fake_openai):
+    """...and says each step; its /metrics holds only the gateway's series; its metrics directory goes with it."""
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.procs import worker_pids
+    from tests.test_secrets import ray_token
+
     port, ray_port, dash_port = free_port(), free_port(), free_port()
     log_path = tmp_path / "gunicorn-embedded.log"
     started = time.monotonic()
@@ -86,9 +94,30 @@ def test_gunicorn_with_its_embedded_head_starts_and_stops_it(tmp_path, fake_open
                                                   "model_name": "gpt-4o-mini", "http_proxy": fake_openai.base_url})
             assert r.status_code == 200, r.text
             assert http.post("/openai/chat", json={"chat_name": "openai_chat", "content": "hi"}).json() == "echo: hi"
+            scrape = http.get("/metrics").text
+        # each step said: the head starting, then (the master, once the worker is connected) where to go
+        for _ in range(50):
+            text = log_path.read_text()
+            if "Ray dashboard:" in text:
+                break
+            time.sleep(0.2)
+        assert "starting the embedded Ray head" in text
+        assert f"ready: the gateway serves http://127.0.0.1:{port} (1 worker)" in text, text[-3000:]
+        assert (f"Ray dashboard: http://127.0.0.1:{dash_port} (the page asks for the Ray token, in ~/.ray/auth_token; "
+                f'its REST API takes it as a header: curl -H "Authorization: Bearer $(cat ~/.ray/auth_token)" '
+                f"http://127.0.0.1:{dash_port}/api/serve/applications/)") in text
+        assert ray_token() not in text
+        # /metrics: the gateway's series only (no Ray process writes into its directory)
+        names = {f.name for f in text_string_to_metric_families(scrape)}
+        assert "gateway_requests" in names and "gateway_endpoints" in names, names
+        assert not [n for n in names if not n.startswith("gateway_")], names
+        metrics_dir = Path(re.search(r"metrics directory (\S+)", text).group(1))
+        writers = {int(re.search(r"_(\d+)\.db$", f.name).group(1)) for f in metrics_dir.glob("*.db")}
+        assert writers and writers <= worker_pids(proc.pid), (writers, sorted(metrics_dir.iterdir()))
     finally:
         code = stop(proc)
     assert code == 0, log_path.read_text()[-3000:]
+    assert not metrics_dir.exists(), "the gateway left its metrics directory behind"
     for _ in range(50):
         if not reachable(f"127.0.0.1:{ray_port}", 0.2):
             break

@@ -97,7 +97,8 @@ def test_the_head_gets_an_allow_list_and_named_extras():
     assert "HF_TOKEN" not in EmbeddedHead(Settings.from_env({})).env(gateway_env)
 
 
-@pytest.mark.parametrize("names", ["GATEWAY_ADMIN_TOKEN", "A,GATEWAY_API_KEYS", "RAY_ADDRESS", "NOT-A-NAME"])
+@pytest.mark.parametrize("names", ["GATEWAY_ADMIN_TOKEN", "A,GATEWAY_API_KEYS", "RAY_ADDRESS", "NOT-A-NAME",
+                                   "PROMETHEUS_MULTIPROC_DIR"])
 def test_gateway_head_env_cannot_name_what_never_goes_there(names):
     with pytest.raises(SystemExit, match="GATEWAY_HEAD_ENV"):
         EmbeddedHead(Settings.from_env({}, head_env=names)).env({})
