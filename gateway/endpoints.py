@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import ray
 from ray import serve
 
-from providers.base import DeploySpec, Provider, construction_failure
+from providers.base import DeploySpec, Provider, construction_failure, indefinite
 
 from .cluster import Cluster
 from .config import Settings
@@ -151,11 +151,16 @@ class Endpoints:
         """``provider.check_deploy``, its failures as 422 ``deploy_failed`` without the spec's secrets.
 
         A SaaS check builds the adapter, so an SDK constructor that puts the key in its error
-        fails here as it would in the replica, and leaves the same scrubbed message.
+        fails here as it would in the replica, and leaves the same scrubbed message. Then, unless
+        the spec says ``verify_key: false``, ``provider.verify_key`` asks the provider about the
+        key: a rejected key is a 400 ``invalid_key`` and nothing is deployed; a check that could
+        not tell (unreachable, 5xx, a timeout) is logged and the deploy goes on.
         """
-        failure = None
+        failure = warning = None
         try:
             provider.check_deploy(spec)
+            if getattr(spec, "verify_key", False):  # a wrong key fails here, not at the first caller's chat
+                warning = provider.verify_key(spec)
         except GatewayError as err:
             failure = GatewayError.from_info(err.info.model_copy(update={"message": spec.scrub(err.info.message)}))
         except Exception as exc:  # noqa: BLE001 - whatever an SDK raises
@@ -163,6 +168,8 @@ class Endpoints:
             failure = GatewayError("deploy_failed", scrubbed.message, reason=scrubbed.reason, provider=provider.name)
         if failure is not None:
             raise failure from None  # outside the except block: the original is not chained to it
+        if warning:
+            log.warning("deploy of %s: %s", spec.chat_name, spec.scrub(warning))
 
     def _digest(self, spec: DeploySpec) -> str:
         """``spec``'s ``config_digest``: an HMAC keyed with the cluster's secret, read once per process.
@@ -297,7 +304,7 @@ class Endpoints:
     def _conflict(name: str, other: str) -> GatewayError:
         return GatewayError(
             "conflict",
-            f"'{name}' is deployed as a {other} endpoint; undeploy it there first (POST /{other}/undeploy)",
+            f"'{name}' is deployed as {indefinite(other)} endpoint; undeploy it there first (POST /{other}/undeploy)",
         )
 
     # -- undeploy -----------------------------------------------------------
@@ -312,9 +319,9 @@ class Endpoints:
         apps = _app_statuses()
         owner = record["provider"] if record else (_deployment_view(apps[name])[0] if name in apps else None)
         if owner is None:
-            raise GatewayError("not_found", f"no endpoint named '{name}'")
+            raise GatewayError("not_found", f"no endpoint named '{name}'; GET /deployments lists them")
         if owner != provider.name:
-            raise GatewayError("not_found", f"'{name}' is a {owner} endpoint; use POST /{owner}/undeploy")
+            raise GatewayError("not_found", f"'{name}' is {indefinite(owner)} endpoint; use POST /{owner}/undeploy")
         dependents = ray.get(registry.dependents.remote(name))
         if dependents and not force:
             raise GatewayError("conflict", f"'{name}' is a fallback of {', '.join(dependents)}: deploy those without it "
@@ -383,7 +390,7 @@ class Endpoints:
         record = ray.get(self.cluster.registry().get.remote(name))
         apps = _app_statuses()
         if record is None and name not in apps:
-            raise GatewayError("not_found", f"no endpoint named '{name}'")
+            raise GatewayError("not_found", f"no endpoint named '{name}'; GET /deployments lists them")
         if record is not None:
             record, apps = self._settled(name, record, apps)
         return self._view(record, apps.get(name), name)

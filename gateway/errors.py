@@ -23,6 +23,8 @@ STATUS: dict[str, int] = {
     "invalid_request": 400,
     "content_filter": 400,
     "upstream_bad_request": 400,
+    #: the provider refused the key at deploy (``verify_key``); at chat time it is ``upstream_auth``
+    "invalid_key": 400,
     "unauthorized": 401,
     "forbidden": 403,
     "host_not_allowed": 403,

@@ -109,6 +109,9 @@ class SaaSDeploySpec(DeploySpec):
     base_url: Optional[str] = Field(None, validation_alias=AliasChoices("base_url", "http_proxy"))
     #: a real HTTP(S) proxy between the replica and the provider
     proxy: Optional[str] = None
+    #: check the key at deploy with a call that costs nothing (``Provider.verify_key``);
+    #: false for relays that have no such call
+    verify_key: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -132,6 +135,54 @@ class SaaSDeploySpec(DeploySpec):
         out["base_url_host"] = urlsplit(self.base_url).hostname if self.base_url else None
         out["key_fingerprint"] = key_fingerprint(self.api_key.get_secret_value())
         return out
+
+
+def auth_message(said: str) -> str:
+    """The chat-time ``upstream_auth`` message: what the provider said, then what to do."""
+    return f"{said.rstrip()} - deploy it again with a valid key"
+
+
+def indefinite(word: str) -> str:
+    """``word`` with its article: ``an openai``, ``an hf``, ``a zhipu``."""
+    return ("an " if word[:1].lower() in "aeiou" or word.lower() == "hf" else "a ") + word
+
+
+def shown_url(url: str) -> str:
+    """``url`` as a message may show it: no user, password, query or fragment (a relay's token may be there)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+def judge_key_check(err: GatewayError, base_url: str, provider: str) -> Optional[str]:
+    """What a failed deploy-time key check means, the same for every provider.
+
+    ``err`` is the provider's own mapping (``map_*_error``) of the check's failure. A key the
+    provider refused (401/403, or an auth business code) raises ``invalid_key``; a base URL
+    without the route (404/405: a relay without ``GET /models``, or a wrong path) raises
+    ``invalid_request``. Anything else (unreachable, a timeout, 5xx, 429, a malformed answer)
+    says nothing about the key: the deploy goes on and the returned warning is logged.
+    """
+    shown = shown_url(base_url)
+    status = err.info.upstream_status
+    if err.type == "upstream_auth" or status in (401, 403):
+        said = ", ".join(str(x) for x in (f"HTTP {status}" if status else None, err.info.provider_code) if x)
+        raise GatewayError(
+            "invalid_key",
+            f"the provider rejected this key ({said or 'auth'}): check it, or deploy with verify_key: false "
+            f"if {shown} has no GET /models",
+            provider=provider, provider_code=err.info.provider_code, upstream_status=status, fields=["api_key"],
+        )
+    if status in (404, 405):
+        raise GatewayError(
+            "invalid_request",
+            f"could not check the key: {shown}/models answered HTTP {status}; check base_url, or deploy "
+            f"with verify_key: false if this relay has no GET /models",
+            provider=provider, upstream_status=status, fields=["base_url", "verify_key"],
+        )
+    return f"the key could not be checked, deployed anyway: {err.info.message}"
 
 
 def key_fingerprint(key: str) -> str:
@@ -258,6 +309,19 @@ class Provider(abc.ABC):
             "graceful_shutdown_wait_loop_s": 0.1,  # how often a stopping replica looks for calls still running
             "graceful_shutdown_timeout_s": spec.timeout + 5,
         }
+
+    #: seconds the deploy-time key check may take, all of it (it holds the deploy request)
+    key_check_timeout: ClassVar[float] = 5.0
+
+    def verify_key(self, spec: DeploySpec) -> Optional[str]:
+        """Check the spec's key with a call that costs nothing, in the gateway, before anything starts.
+
+        Called at deploy when the spec has ``verify_key: true``. Raises ``GatewayError``
+        (``invalid_key``, ``invalid_request``; see ``judge_key_check``) when the deploy must
+        fail; returns ``None`` when the key was accepted, or a warning (no secret) when the
+        check could not tell. The default has no such call and checks nothing.
+        """
+        return None
 
     def check_deploy(self, spec: DeploySpec) -> None:
         """Refuse, in the gateway and before the cluster, a spec that cannot work.

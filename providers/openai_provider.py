@@ -15,8 +15,8 @@ import openai
 from gateway.errors import GatewayError
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import (ChatAdapter, Provider, SaaSDeploySpec, chunk_events, completion_result, end_event,
-                   reraise_as_gateway_error, retry_after_seconds, usage_of)
+from .base import (ChatAdapter, Provider, SaaSDeploySpec, auth_message, chunk_events, completion_result, end_event,
+                   judge_key_check, reraise_as_gateway_error, retry_after_seconds, usage_of)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -54,7 +54,8 @@ def map_openai_error(exc: Exception) -> GatewayError:
             upstream_status=status,
         )
         if status in (401, 403):
-            return GatewayError("upstream_auth", f"the provider rejected the endpoint's key: {message}", **details)
+            return GatewayError("upstream_auth", auth_message(f"the provider rejected the endpoint's key: {message}"),
+                                **details)
         if status == 402 or code == "insufficient_quota" or body.get("type") == "insufficient_quota":
             return GatewayError("upstream_quota", f"the provider's quota or balance is exhausted: {message}", **details)
         if status == 429:
@@ -147,3 +148,23 @@ class OpenAIProvider(Provider):
 
     def create_adapter(self, spec: OpenAIDeploySpec) -> OpenAIAdapter:
         return OpenAIAdapter(spec)
+
+    def verify_key(self, spec: OpenAIDeploySpec) -> Optional[str]:
+        """``GET {base_url}/models`` (free; every OpenAI-wire server and most relays have it), no retries."""
+        return verify_openai_wire_key(spec, spec.base_url or DEFAULT_BASE_URL, self.key_check_timeout, self.name)
+
+
+def verify_openai_wire_key(spec: SaaSDeploySpec, base_url: str, limit: float, provider: str = "openai") -> Optional[str]:
+    """The key check of any OpenAI-wire upstream, through the SDK's sync client: ``models.list``.
+
+    The raw response is not parsed: any 2xx means the key was accepted, whatever a relay lists.
+    """
+    timeout = openai.Timeout(limit, connect=min(limit, 3.0))
+    http_client = openai.DefaultHttpxClient(proxy=spec.proxy, timeout=timeout) if spec.proxy else None
+    try:
+        with openai.OpenAI(api_key=spec.api_key.get_secret_value(), base_url=base_url, max_retries=0,
+                           timeout=timeout, http_client=http_client) as client:
+            client.models.with_raw_response.list()
+    except Exception as exc:  # noqa: BLE001 - every SDK failure is judged below
+        return judge_key_check(map_openai_error(exc), base_url, provider)
+    return None

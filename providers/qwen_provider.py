@@ -14,12 +14,13 @@ from typing import Any, AsyncIterator, Optional
 
 import aiohttp
 import dashscope
+import requests  # the dashscope SDK's sync HTTP library
 from pydantic import field_validator
 
 from gateway.errors import GatewayError
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import ChatAdapter, Provider, SaaSDeploySpec, end_event, reraise_as_gateway_error
+from .base import ChatAdapter, Provider, auth_message, SaaSDeploySpec, end_event, judge_key_check, reraise_as_gateway_error
 
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 
@@ -70,9 +71,10 @@ def error_from_response(resp: Any) -> GatewayError:
     code = str(resp.code or "") or None
     kind = classify(code or "", int(resp.status_code))
     message = str(resp.message or "")
+    text = MESSAGES[kind] + (f": {message}" if message else f" (HTTP {resp.status_code})")
     return GatewayError(
         kind,
-        MESSAGES[kind] + (f": {message}" if message else f" (HTTP {resp.status_code})"),
+        text if kind != "upstream_auth" else auth_message(text),
         provider_code=code,
         provider_request_id=resp.request_id or None,
         upstream_status=int(resp.status_code),
@@ -179,3 +181,24 @@ class QwenProvider(Provider):
 
     def create_adapter(self, spec: QwenDeploySpec) -> QwenAdapter:
         return QwenAdapter(spec)
+
+    def verify_key(self, spec: QwenDeploySpec) -> Optional[str]:
+        """``GET {base_url}/models?page_no=1&page_size=1`` through the SDK (``dashscope.Models.list``): free.
+
+        The native API's model list, on the same base URL as the endpoint's calls (the SDK's
+        sync ``requests`` client; DashScope answers errors as values, not exceptions).
+        """
+        base_url = spec.base_url or DEFAULT_BASE_URL
+        try:
+            resp = dashscope.Models.list(page=1, page_size=1, api_key=spec.api_key.get_secret_value(),
+                                         base_address=base_url, request_timeout=self.key_check_timeout)
+        except requests.Timeout:
+            return judge_key_check(GatewayError("upstream_timeout", "the provider did not answer in time"), base_url, self.name)
+        except requests.ConnectionError:
+            return judge_key_check(GatewayError("upstream_error", "could not reach the provider (connection failed)"),
+                                   base_url, self.name)
+        except Exception as exc:  # noqa: BLE001 - anything else the SDK raises
+            return judge_key_check(map_dashscope_error(exc), base_url, self.name)
+        if int(resp.status_code) != 200:
+            return judge_key_check(error_from_response(resp), base_url, self.name)
+        return None

@@ -23,8 +23,8 @@ from pydantic import field_validator
 from gateway.errors import GatewayError
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import (ChatAdapter, Provider, SaaSDeploySpec, chunk_events, completion_result, end_event, reraise_as_gateway_error,
-                   retry_after_seconds, usage_of)
+from .base import (ChatAdapter, Provider, auth_message, SaaSDeploySpec, chunk_events, completion_result, end_event, judge_key_check,
+                   reraise_as_gateway_error, retry_after_seconds, usage_of)
 
 DEFAULT_BASE_URL = "https://open.bigmodel.cn/api/paas/v4"
 
@@ -104,6 +104,8 @@ def map_zhipu_error(exc: Exception) -> GatewayError:
         text = MESSAGES[kind] + (f": {message}" if message else f" (HTTP {status})")
         if content_filter:
             text += f" (content filter: {content_filter})"
+        if kind == "upstream_auth":
+            text = auth_message(text)
         return GatewayError(kind, text, **details)
     if isinstance(exc, httpx.TransportError):  # e.g. a stream cut half-way
         return GatewayError("upstream_error", "the connection to the provider broke")
@@ -223,3 +225,23 @@ class ZhipuProvider(Provider):
 
     def create_adapter(self, spec: ZhipuDeploySpec) -> ZhipuAdapter:
         return ZhipuAdapter(spec)
+
+    def verify_key(self, spec: ZhipuDeploySpec) -> Optional[str]:
+        """``GET {base_url}/models`` (Zhipu's free, OpenAI-shaped model list) through the SDK's own client.
+
+        The zhipuai SDK has no models resource; its generic ``get`` sends the same auth as chat.
+        """
+        base_url = spec.base_url or DEFAULT_BASE_URL
+        limit = self.key_check_timeout
+        timeout = httpx.Timeout(limit, connect=min(limit, 3.0))
+        client = zhipuai.ZhipuAI(
+            api_key=spec.api_key.get_secret_value(), base_url=base_url, max_retries=0, timeout=timeout,
+            http_client=httpx.Client(proxy=spec.proxy, timeout=timeout) if spec.proxy else None,
+        )
+        try:
+            client.get("/models", cast_type=httpx.Response)
+        except Exception as exc:  # noqa: BLE001 - every SDK failure is judged below
+            return judge_key_check(map_zhipu_error(exc), base_url, self.name)
+        finally:
+            client.close()
+        return None

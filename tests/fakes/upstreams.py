@@ -8,6 +8,13 @@ bodies and statuses follow ``shared/reference/provider-protocols.md``:
 - ``FakeOpenAI``: ``POST /v1/chat/completions``, errors ``{"error": {message, type, param, code}}``
 - ``FakeZhipu``: ``POST /api/paas/v4/chat/completions``, errors ``{"error": {code, message}}`` (+ ``contentFilter``)
 - ``FakeDashScope``: ``POST /api/v1/services/aigc/text-generation/generation``, errors ``{code, message, request_id}``
+
+Each also answers the free model list the gateway checks a key with at deploy
+(``GET {prefix}/models``: OpenAI's and Zhipu's ``{"object": "list", "data": [...]}``, DashScope's
+``{"output": {"models": [...]}, ...}``). Any key is accepted unless ``reject(key)`` was called (then
+the model list and chat answer the provider's own invalid-key error), or ``script_models(key, ...)``
+scripted that key's model-list answers (e.g. ``Reply(404)`` for a relay without the route).
+Model-list requests are kept apart (``model_requests``): ``requests`` holds chat calls only.
 """
 from __future__ import annotations
 
@@ -70,6 +77,11 @@ class FakeUpstream:
         #: streams whose client went away before the end: (key, pieces sent)
         self.abandoned: list[tuple[str, int]] = []
         self._scripts: dict[str, deque] = defaultdict(deque)
+        self._model_scripts: dict[str, deque] = defaultdict(deque)
+        #: keys the provider refuses everywhere (``reject``)
+        self.rejected: set[str] = set()
+        #: ``GET /models`` requests: path, headers, query
+        self.model_requests: list[dict] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._runner: Optional[web.AppRunner] = None
@@ -95,6 +107,14 @@ class FakeUpstream:
         """Answer the next requests made with ``key`` with ``replies``, in order."""
         self._scripts[key].extend(replies)
 
+    def reject(self, key: str) -> None:
+        """Refuse ``key`` from now on, as the provider refuses a wrong key (model list and chat)."""
+        self.rejected.add(key)
+
+    def script_models(self, key: str, *replies: Reply) -> None:
+        """Answer the next model-list requests made with ``key`` with ``replies``, in order."""
+        self._model_scripts[key].extend(replies)
+
     def requests_for(self, key: str) -> list[dict]:
         return [r for r in self.requests if r["headers"].get("Authorization") == f"Bearer {key}"]
 
@@ -114,6 +134,7 @@ class FakeUpstream:
         asyncio.set_event_loop(self._loop)
         app = web.Application()
         app.router.add_post(self.path, self._handle)
+        app.router.add_get(self.prefix + "/models", self._models)
         # stop() waits at most a second for requests still running (a hanging upstream's), then
         # cancels them and closes their connections, as a dying server would
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
@@ -136,6 +157,8 @@ class FakeUpstream:
         key = request.headers.get("Authorization", "").removeprefix("Bearer ")
         if not key:
             return self._send(self.missing_key())
+        if key in self.rejected:
+            return self._send(self.invalid_key(key))
         queue = self._scripts.get(key)
         reply = queue.popleft() if queue else Reply()
         await asyncio.sleep(reply.delay or self.latency)
@@ -159,6 +182,26 @@ class FakeUpstream:
             return await self._stream(request, body or {}, key, reply, pieces, prompt_tokens)
         if reply.body is None and reply.status == 200:
             reply = Reply(200, self.completion(body or {}, text, prompt_tokens, len(text.split())), reply.headers)
+        return self._send(reply)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        """The free model list (no default latency: that knob is for chat calls)."""
+        if self.record:
+            self.model_requests.append({"path": request.path, "headers": CIMultiDict(request.headers),
+                                        "query": dict(request.query), "at": time.monotonic()})
+        key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if not key:
+            return self._send(self.missing_key())
+        if key in self.rejected:
+            return self._send(self.invalid_key(key))
+        queue = self._model_scripts.get(key)
+        reply = queue.popleft() if queue else Reply(200, self.model_list(request))
+        await asyncio.sleep(reply.delay)
+        if reply.reset:
+            request.transport.close()
+            return web.Response(status=500)
+        if isinstance(reply.body, str):  # e.g. a relay's own 404 page: as a web server sends it
+            return web.Response(status=reply.status, text=reply.body, content_type="text/plain", headers=reply.headers)
         return self._send(reply)
 
     async def _stream(self, request, body, key, reply, pieces, prompt_tokens) -> web.StreamResponse:
@@ -225,6 +268,17 @@ class FakeUpstream:
     def missing_key(self) -> Reply:
         raise NotImplementedError
 
+    def invalid_key(self, key: str) -> Reply:
+        raise NotImplementedError
+
+    def model_list(self, request) -> dict:
+        """OpenAI's (and Zhipu's) model list; DashScope overrides."""
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 1715367049, "owned_by": self.owner}
+                                           for m in self.models]}
+
+    owner = "system"
+    models: tuple = ()
+
     def completion(self, body: dict, text: str, prompt_tokens: int, completion_tokens: int) -> dict:
         raise NotImplementedError
 
@@ -236,8 +290,17 @@ class FakeOpenAI(FakeUpstream):
     def reply_headers(self) -> dict:
         return {"x-request-id": "req_" + uuid.uuid4().hex[:16]}
 
+    models = ("gpt-4o-mini", "gpt-4o")
+
     def missing_key(self) -> Reply:
         return openai_error(401, "You didn't provide an API key.", "invalid_request_error", None)
+
+    def invalid_key(self, key: str) -> Reply:
+        # OpenAI shows the wrong key masked: its first 3 and last 4 characters
+        masked = key[:3] + "*" * max(0, len(key) - 7) + key[-4:] if len(key) > 7 else "*" * len(key)
+        return openai_error(401, f"Incorrect API key provided: {masked}. You can find your API key at "
+                                 "https://platform.openai.com/account/api-keys.", "invalid_request_error", "invalid_api_key",
+                            self.reply_headers())
 
     def completion(self, body, text, prompt_tokens, completion_tokens):
         return {
@@ -282,8 +345,14 @@ class FakeZhipu(FakeUpstream):
     path = "/api/paas/v4/chat/completions"
     prefix = "/api/paas/v4"
 
+    models = ("glm-4-plus", "glm-4-flash")
+    owner = "zhipuai"  # (an assumption: the field's value is not documented)
+
     def missing_key(self) -> Reply:
         return zhipu_error(401, "1001", "Header中未收到Authorization参数，无法进行身份验证。")
+
+    def invalid_key(self, key: str) -> Reply:
+        return zhipu_error(401, "1002", "Authorization Token非法，请确认Authorization Token正确传递。")
 
     def completion(self, body, text, prompt_tokens, completion_tokens):
         rid = str(int(time.time() * 1e6))
@@ -320,6 +389,17 @@ class FakeDashScope(FakeUpstream):
 
     def missing_key(self) -> Reply:
         return dashscope_error(401, "InvalidApiKey", "No API-key provided.")
+
+    def invalid_key(self, key: str) -> Reply:
+        return dashscope_error(401, "InvalidApiKey", "Invalid API-key provided.")
+
+    def model_list(self, request) -> dict:
+        """``GET /api/v1/models?page_no=&page_size=``: a page of the native model list."""
+        models = ["qwen-plus", "qwen-turbo", "qwen-max"]
+        page, size = int(request.query.get("page_no", 1)), int(request.query.get("page_size", 10))
+        return {"request_id": str(uuid.uuid4()),
+                "output": {"models": [{"model": m} for m in models[(page - 1) * size: page * size]],
+                           "page_no": page, "page_size": size, "total": len(models)}}
 
     def completion(self, body, text, prompt_tokens, completion_tokens):
         return {
