@@ -1,7 +1,6 @@
 """HTTP routes: one blueprint per provider plus the core routes, and the one error renderer."""
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -32,23 +31,21 @@ def gw():
     return current_app.extensions["gateway"]
 
 
-def _no_constant(name: str):
-    raise ValueError(name)
-
-
 def json_body() -> dict:
-    raw = request.get_data(cache=True)
-    if not raw.strip():
-        raise GatewayError("invalid_request", "the body must be a JSON object")
-    try:  # NaN and Infinity are not JSON: no provider would take them
-        data = json.loads(raw, parse_constant=_no_constant)
-    except ValueError:
-        raise GatewayError("invalid_request", "the body is not valid JSON (NaN and Infinity are not JSON numbers)") from None
-    except RecursionError:
-        raise GatewayError("invalid_request", "the body nests too deeply") from None
-    if not isinstance(data, dict):
-        raise GatewayError("invalid_request", "the body must be a JSON object")
-    return data
+    """The body's fields however an old application sent them: charsets, forms, limits (``gateway.bodies``).
+
+    Form bodies only on chat routes: the admin routes take JSON alone (``gateway.doors``).
+    A caller whose body was not UTF-8 gets its answers, errors included, in ASCII-only JSON.
+    """
+    from flask import after_this_request
+
+    from . import bodies
+
+    body = bodies.read(bodies.request_bytes(), request.headers.get("Content-Type"),
+                       forms=not _is_admin_route(request.endpoint))
+    if not body.utf8:
+        after_this_request(bodies.escape_non_ascii)
+    return body.data
 
 
 # -- request bookkeeping and errors ------------------------------------------
@@ -138,23 +135,52 @@ def render_error(err: GatewayError):
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 400: "invalid_request"}
 
 
+#: the main routes, named when a path matches none
+_MAIN_ROUTES = ("POST /chat", "POST /chat/broadcast", "POST /<provider>/deploy|chat|undeploy", "GET /deployments",
+                "POST /v1/chat/completions", "GET /v1/models", "GET /healthz")
+
+
+def _no_route() -> str:
+    """What to call instead of a path no route matches: the providers there are, or the close routes."""
+    import difflib
+
+    said = f"no route {request.method} {request.path}"
+    parts = request.path.strip("/").split("/")
+    names = providers.names()
+    if len(parts) == 2 and parts[1] in ("deploy", "chat", "undeploy"):
+        close = difflib.get_close_matches(parts[0], names, n=1, cutoff=0.6)
+        hint = f" (did you mean POST /{close[0]}/{parts[1]}?)" if close else ""
+        return (f"{said}: '{parts[0]}' is not a provider of this gateway{hint}; "
+                f"the providers are {', '.join(names)} (POST /<provider>/{parts[1]})")
+    paths = sorted({r.rule for r in current_app.url_map.iter_rules() if "<" not in r.rule and r.endpoint != "static"})
+    close = difflib.get_close_matches(request.path, paths, n=2, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return f"{said}{hint}; the routes are {', '.join(_MAIN_ROUTES)}, with <provider> one of {', '.join(names)}"
+
+
 def _http_error(exc: HTTPException):
     kind = _HTTP_TYPES.get(exc.code or 500, "internal_error")
-    messages = {
-        "not_found": f"no route {request.method} {request.path}",
-        "method_not_allowed": f"{request.method} is not allowed on {request.path}",
-        "payload_too_large": f"the body is larger than {current_app.config['MAX_CONTENT_LENGTH']} bytes",
-        "invalid_request": "the request could not be read",
-        "internal_error": "the gateway failed; see its log",
-    }
-    return render_error(GatewayError(kind, messages[kind]))
+    if kind == "not_found":
+        message = _no_route()
+    elif kind == "method_not_allowed":
+        allowed = [m for m in (getattr(exc, "valid_methods", None) or []) if m not in ("HEAD", "OPTIONS")]
+        message = f"{request.method} is not allowed on {request.path}" + (f": use {' or '.join(allowed)}" if allowed else "")
+    else:
+        message = {
+            "payload_too_large": f"the body is larger than {current_app.config['MAX_CONTENT_LENGTH']} bytes: send a "
+                                 f"smaller one (the gateway's GATEWAY_MAX_BODY_BYTES sets the limit)",
+            "invalid_request": "the request could not be read: send a JSON object (Content-Type: application/json) "
+                               "or a form",
+            "internal_error": "the gateway failed; see its log (the request_id names the call there)",
+        }[kind]
+    return render_error(GatewayError(kind, message))
 
 
 def _unexpected(exc: Exception):
     from ray.exceptions import RayError
 
     if isinstance(exc, RayError):
-        return render_error(GatewayError("cluster_unavailable", "the Ray cluster did not answer", retry_after=2))
+        return render_error(GatewayError("cluster_unavailable", "the Ray cluster did not answer; try again shortly", retry_after=2))
     # The traceback's places, not its messages: a message could carry user input.
     where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)[-4:])
     log.error("unhandled %s request_id=%s at %s", type(exc).__name__, g.get("request_id"), where)
@@ -191,8 +217,10 @@ def _chat(data: dict, provider: Optional[str], legacy: bool):
     outcome = dispatcher.chat(req.chat_name, call, provider=provider, fallbacks=req.fallbacks, caller=caller)
     g.upstream_ms = outcome.result.upstream_ms
     note_served(outcome, outcome.result.attempts, outcome.result.usage.model_dump(), outcome.result.upstream_ms)
-    if legacy:
-        return jsonify(outcome.result.output)
+    if legacy:  # a JSON string, or bare text to a caller that asks for text/plain
+        from .bodies import legacy_text
+
+        return legacy_text(outcome.result.output) or jsonify(outcome.result.output)
     return jsonify(_result_body(req.chat_name, outcome))
 
 
@@ -266,7 +294,7 @@ def _sse(req: ChatRequest, outcome, rest):
                 yield _sse_data({"tool_calls": event["tool_calls"]} if "tool_calls" in event else {"delta": event["delta"]})
                 event = next(rest, None)
                 if event is None:
-                    err = GatewayError("upstream_error", "the stream ended before it finished")
+                    err = GatewayError("upstream_error", "the stream ended before it finished; try again")
                     error_type = err.type
                     yield "event: error\n" + _sse_data(err.body(request_id))
                     return

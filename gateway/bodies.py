@@ -1,0 +1,262 @@
+"""Request bodies as old applications really send them, read in one place.
+
+The gateway's users call it from old programs that can only make plain HTTP calls. What
+they send, and what this module reads:
+
+- JSON in the charset their platform uses, named in the Content-Type
+  (``application/json; charset=gbk``: GBK, GB18030, Big5, Shift-JIS, UTF-16 ...). With no
+  charset the body is UTF-8, and when it is not, GB18030 (a superset of GBK and GB2312, what
+  old Windows programs in China send) is tried before giving up.
+- On chat routes, ``application/x-www-form-urlencoded`` and ``multipart/form-data`` bodies
+  with the JSON body's fields: scalars are text that the pydantic models convert as usual;
+  list and object fields (``messages``, ``fallbacks``, ``chat_names``, ``tools`` ...) are
+  JSON text in a field. The admin routes keep to JSON (``gateway.doors``).
+- Every body is held to the same limits: the size (``MAX_CONTENT_LENGTH``, 413) and a
+  nesting depth (400): a body nested a thousand levels deep parses, but then breaks whatever
+  walks it recursively (pickling it for Ray did, a 500).
+
+Answers: a caller whose body was not UTF-8 gets JSON with every non-ASCII character escaped
+(``\\uXXXX``), readable by any decoder (``escape_non_ascii``); a legacy caller that asks for
+``Accept: text/plain`` gets its answer as bare text in the charset it asks for
+(``legacy_text``).
+"""
+from __future__ import annotations
+
+import codecs
+import email.parser
+import email.policy
+import json
+import re
+from dataclasses import dataclass
+from typing import Optional
+from urllib.parse import parse_qsl
+
+from flask import Response, request
+from werkzeug.http import parse_options_header
+
+from .errors import GatewayError
+
+#: deeper than any real chat body (a tool's JSON schema included), shallow enough for any recursive walk
+MAX_DEPTH = 64
+
+FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+
+#: list and object fields of the chat bodies: in a form, their value is JSON text
+JSON_FIELDS = frozenset({"messages", "fallbacks", "chat_names", "stop", "tools", "tool_choice",
+                         "response_format", "stream_options"})
+#: lists of names: in a form, plain values (repeated or single) are the list's items
+NAME_LISTS = frozenset({"fallbacks", "chat_names"})
+
+#: a declared charset read as its superset: programs that say GB2312 or Shift_JIS send GBK or CP932 characters
+_WIDER = {"gb2312": "gb18030", "gbk": "gb18030", "shift_jis": "cp932"}
+_UTF8 = frozenset({"utf-8", "utf-8-sig"})
+_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_TOKEN = re.compile(r"^[A-Za-z0-9._:\-]{1,40}$")
+
+
+@dataclass
+class Body:
+    """The fields of a request body, and the charset they were read in."""
+
+    data: dict
+    charset: str
+
+    @property
+    def utf8(self) -> bool:
+        return self.charset in _UTF8
+
+
+def request_bytes() -> bytes:
+    """The request's body; a chunked one (no Content-Length) that reaches the size limit is a 413.
+
+    Werkzeug stops reading such a body at ``MAX_CONTENT_LENGTH`` without a word: what it
+    returns is a truncated body, which would be answered as "not valid JSON".
+    """
+    raw = request.get_data(cache=True)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        raise GatewayError("payload_too_large", f"the body is larger than {limit} bytes")
+    return raw
+
+
+def read(raw: bytes, content_type: Optional[str], forms: bool) -> Body:
+    """The body's fields; ``forms``: whether form bodies are taken (chat routes) or read as JSON."""
+    mimetype, params = parse_options_header(content_type or "")
+    mimetype = mimetype.lower()
+    charset = params.get("charset") or None
+    if forms and mimetype == "application/x-www-form-urlencoded":
+        body = _urlencoded(raw, charset)
+    elif forms and mimetype == "multipart/form-data":
+        body = _multipart(raw, content_type or "", charset)
+    else:
+        if not raw.strip():
+            raise GatewayError("invalid_request", "the body must be a JSON object")
+        text, codec = decode(raw, charset)
+        data = _json(text, "the body")
+        if not isinstance(data, dict):
+            raise GatewayError("invalid_request", "the body must be a JSON object")
+        body = Body(data, codec)
+    _check_depth(body.data)
+    return body
+
+
+# -- charsets -------------------------------------------------------------------
+def codec_of(charset: str) -> str:
+    """Python's codec for a declared charset, or ``invalid_request`` naming it."""
+    try:
+        name = codecs.lookup(charset).name
+        b"\0\0\0\0".decode(name, "ignore")  # a text encoding, not base64 or rot13
+    except LookupError:
+        raise GatewayError(
+            "invalid_request",
+            f"unknown charset {ascii(charset[:40])} in the Content-Type; name a text encoding such as "
+            f"utf-8, gbk, gb18030, big5, shift_jis or utf-16, or leave it out for UTF-8") from None
+    return _WIDER.get(name, name)
+
+
+def decode(raw: bytes, charset: Optional[str]) -> tuple[str, str]:
+    """The text of ``raw`` and the codec it was read with: the declared charset, or UTF-8 then GB18030."""
+    if charset:
+        codec = codec_of(charset)
+        try:
+            return raw.decode(codec).removeprefix("\ufeff"), codec
+        except UnicodeDecodeError:
+            raise GatewayError("invalid_request", f"the body is not valid {ascii(charset[:40])} text; "
+                                                  f"send it in the charset the Content-Type names") from None
+    for bom, codec in _BOMS:
+        if raw.startswith(bom):
+            try:
+                return raw.decode(codec).removeprefix("\ufeff"), codec
+            except UnicodeDecodeError:
+                break
+    for codec in ("utf-8", "gb18030"):
+        try:
+            return raw.decode(codec), codec
+        except UnicodeDecodeError:
+            pass
+    raise GatewayError("invalid_request", "the body is neither UTF-8 nor GB18030 text; name its charset in "
+                                          "the Content-Type, e.g. application/json; charset=big5")
+
+
+# -- JSON and its limits ----------------------------------------------------------
+def _no_constant(name: str):
+    raise ValueError(name)
+
+
+def _json(text: str, what: str):
+    try:  # NaN and Infinity are not JSON: no provider would take them
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise GatewayError("invalid_request", f"{what} nests too deeply (at most {MAX_DEPTH} levels)") from None
+    except ValueError:
+        raise GatewayError("invalid_request", f"{what} is not valid JSON (NaN and Infinity are not JSON numbers)") from None
+
+
+def _check_depth(data) -> None:
+    """No list or object deeper than ``MAX_DEPTH``; a loop, not a recursion, so that it cannot overflow itself."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise GatewayError("invalid_request", f"the body nests too deeply (at most {MAX_DEPTH} levels)")
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
+# -- forms --------------------------------------------------------------------------
+def _urlencoded(raw: bytes, charset: Optional[str]) -> Body:
+    """``a=1&b=%C4%E3``: percent-escapes are bytes in the form's charset (UTF-8, else GB18030), like raw bytes."""
+    pairs = [(k.encode("latin-1"), v.encode("latin-1"))
+             for k, v in parse_qsl(raw.decode("latin-1"), keep_blank_values=True, encoding="latin-1")]
+    # one codec for the whole form: "&" joins fields without making or breaking a multibyte character
+    _, codec = decode(b"&".join(k + b"=" + v for k, v in pairs), charset)
+    return Body(_fields([(k.decode(codec), v.decode(codec)) for k, v in pairs]), codec)
+
+
+def _multipart(raw: bytes, content_type: str, charset: Optional[str]) -> Body:
+    """Each part read with its own charset, else the request's, else UTF-8 then GB18030; file parts too (``curl -F x=@file``)."""
+    head = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
+    if not message.is_multipart() or not message.get_boundary():
+        raise GatewayError("invalid_request", "the multipart/form-data body could not be read: "
+                                              "send it with the boundary its Content-Type names")
+    pairs, codecs_used = [], set()
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            continue
+        payload = part.get_payload(decode=True) or b""
+        text, codec = decode(payload, part.get_content_charset() or charset)
+        codecs_used.add(codec)
+        pairs.append((name, text))
+    utf8 = codecs_used <= _UTF8
+    return Body(_fields(pairs), "utf-8" if utf8 else next(iter(codecs_used - _UTF8)))
+
+
+def _fields(pairs: list[tuple[str, str]]) -> dict:
+    """Form fields as the JSON body's: empty ones left out, JSON text parsed, repeated names and name lists as lists."""
+    data: dict = {}
+    for key, value in pairs:
+        if value == "":
+            continue  # old forms send every field, the ones left blank too
+        if key in JSON_FIELDS and value.lstrip()[:1] in ("[", "{"):
+            parsed = _json(value, f"the form field {key!r}")
+            if key in NAME_LISTS and isinstance(parsed, list):
+                data.setdefault(key, []).extend(parsed)
+                continue
+            value = parsed
+        if key in NAME_LISTS:
+            data.setdefault(key, []).append(value)
+        elif key in data:
+            data[key] = (data[key] if isinstance(data[key], list) else [data[key]]) + [value]
+        else:
+            data[key] = value
+    return data
+
+
+# -- answers ----------------------------------------------------------------------------
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # outside the BMP: a surrogate pair, as JSON writes it
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def escape_non_ascii(response: Response) -> Response:
+    """A JSON answer with ``\\uXXXX`` for each non-ASCII character (the same JSON, in ASCII only).
+
+    Non-ASCII characters are only ever inside JSON strings, so each can be escaped in place.
+    Streams (``text/event-stream``) and bare text answers are left as they are.
+    """
+    if response.is_json and not response.is_streamed:
+        text = response.get_data(as_text=True)
+        if not text.isascii():
+            response.set_data(_NON_ASCII.sub(_escape, text))
+    return response
+
+
+def legacy_text(text: str) -> Optional[Response]:
+    """The legacy chat answer as bare text when the caller prefers ``text/plain`` (else ``None``: a JSON string).
+
+    The charset is the first of ``Accept-Charset`` that Python knows (UTF-8 by default); a
+    character it cannot encode becomes ``?``.
+    """
+    accept = request.accept_mimetypes
+    if not accept or accept.best_match(["application/json", "text/plain"]) != "text/plain":
+        return None
+    name, codec = "utf-8", "utf-8"
+    for asked, quality in request.accept_charsets:  # best first
+        if quality <= 0 or asked == "*" or not _TOKEN.match(asked):
+            continue
+        try:
+            "x".encode(codecs.lookup(asked).name)  # a text encoding, not base64 or rot13
+        except LookupError:
+            continue
+        name, codec = asked.lower(), codecs.lookup(asked).name
+        break
+    return Response(text.encode(codec, "replace"), content_type=f"text/plain; charset={name}")
