@@ -49,7 +49,8 @@ class EndpointEntry(BaseModel):
         if self.api_key_env:
             key = env.get(self.api_key_env, "")
             if not key:
-                raise GatewayError("invalid_request", f"environment variable {self.api_key_env} is not set", fields=["api_key_env"])
+                raise GatewayError("invalid_request", f"environment variable {self.api_key_env} is not set: set it in the "
+                                   f"gateway's environment, or name another in api_key_env", fields=["api_key_env"])
             body["api_key"] = key
         return body
 

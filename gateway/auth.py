@@ -186,4 +186,6 @@ def check_chat_names(key: Optional[ClientKey], names: Iterable[str]) -> None:
         return
     denied = sorted({n for n in names if not key.allows(n)})
     if denied:
-        raise GatewayError("forbidden", f"{key.name} may not use: {', '.join(denied)}")
+        raise GatewayError("forbidden", f"{key.name} may not use: {', '.join(denied)}; it may use "
+                                        f"{', '.join(sorted(key.chat_names or ())) or 'none'} (ask the gateway's operator "
+                                        f"to add it to the key's chat_names in GATEWAY_API_KEYS_FILE)")

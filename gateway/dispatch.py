@@ -26,6 +26,7 @@ always free for the other endpoints.
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import threading
 import time
@@ -37,6 +38,7 @@ import ray
 from ray import serve
 
 import providers
+from providers.base import indefinite
 from ray.exceptions import RayActorError, RayError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 
@@ -143,7 +145,7 @@ class Stream:
             raise
         except RayError:
             self._ended = True
-            self._failed = GatewayError("upstream_error", f"'{self._endpoint.name}' lost its stream mid-way")
+            self._failed = GatewayError("upstream_error", f"'{self._endpoint.name}' lost its stream mid-way; try again")
             return {"error": self._failed.info}
         if "error" in event:
             self._failed = GatewayError.from_info(event["error"])
@@ -236,7 +238,8 @@ class Dispatcher:
             if self.applying():  # (a restarted cluster: the endpoints file brings it back shortly)
                 raise GatewayError("endpoint_not_ready", f"no endpoint named '{chat_name}' yet: this gateway process "
                                    f"is still applying its endpoints file", retry_after=2)
-            raise GatewayError("not_found", f"no endpoint named '{chat_name}'")
+            raise GatewayError("not_found", f"no endpoint named '{chat_name}'{self._did_you_mean(chat_name)}; "
+                               f"GET /deployments (or GET /v1/models) lists them, POST /<provider>/deploy makes one")
         status = record.get("status", "RUNNING")
         if status == "DEPLOYING":
             raise GatewayError("endpoint_not_ready", f"'{chat_name}' is still deploying (loading its model); "
@@ -254,11 +257,26 @@ class Dispatcher:
                 try:
                     handle = serve.get_app_handle(chat_name)
                 except RayServeException:
-                    raise GatewayError("endpoint_not_ready", f"'{chat_name}' is registered but not running", retry_after=2) from None
+                    raise GatewayError("endpoint_not_ready", f"'{chat_name}' is registered but not running: try again shortly, "
+                                       f"or deploy it again", retry_after=2) from None
                 self._handles[handle_key] = handle
             endpoint = Endpoint(record, handle, now)
             self._cache[chat_name] = endpoint
         return endpoint
+
+    def _did_you_mean(self, chat_name: str) -> str:
+        """The hint "(did you mean 'x'?)" over the deployed names the caller may use; only on the not-found path."""
+        try:
+            names = [r["chat_name"] for r in ray.get(self.cluster.registry().list.remote(), timeout=_REGISTRY_WAIT_S)]
+        except Exception:  # noqa: BLE001 - a hint only: what this process knows will do
+            names = list(self._cache)
+        from flask import g, has_request_context
+
+        key = g.get("client_key") if has_request_context() else None
+        if key is not None:  # never name an endpoint the caller's key may not use
+            names = [n for n in names if key.allows(n)]
+        close = difflib.get_close_matches(chat_name, names, n=3, cutoff=0.6)
+        return f" (did you mean {' or '.join(repr(n) for n in close)}?)" if close else ""
 
     def forget(self, chat_name: str) -> None:
         with self._lock:
@@ -271,7 +289,7 @@ class Dispatcher:
         if provider is not None and primary.provider != provider:
             raise GatewayError(
                 "not_found",
-                f"'{chat_name}' is a {primary.provider} endpoint, not {provider}: use POST /{primary.provider}/chat or POST /chat",
+                f"'{chat_name}' is {indefinite(primary.provider)} endpoint, not {provider}: use POST /{primary.provider}/chat or POST /chat",
             )
         names = list(primary.record.get("fallbacks") or []) if fallbacks is None else list(fallbacks)
         return primary, [chat_name] + [n for n in names if n != chat_name]
@@ -293,11 +311,13 @@ class Dispatcher:
         now = time.time()
         if until > now:
             return endpoint, GatewayError("endpoint_not_ready", f"'{endpoint.name}' is cooling down after upstream "
-                                          f"failures ({health.get('last_error')})", retry_after=until - now), False
+                                          f"failures ({health.get('last_error')}); try again in {until - now:.0f}s, or "
+                                          f"give it fallbacks", retry_after=until - now), False
         lease = float(endpoint.record.get("timeout", 60)) + 5
         if ray.get(self.cluster.registry().claim_probe.remote(endpoint.name, lease), timeout=_REGISTRY_WAIT_S):
             return endpoint, None, True  # this request probes it
-        return endpoint, GatewayError("endpoint_not_ready", f"'{endpoint.name}' is being probed after a cooldown",
+        return endpoint, GatewayError("endpoint_not_ready", f"'{endpoint.name}' is being probed after a cooldown; try "
+                                      f"again in a second",
                                       retry_after=1), False
 
     def _release_probe(self, endpoint: Endpoint) -> None:
@@ -399,7 +419,8 @@ class Dispatcher:
                 continue
             if skip is None and not self._bulkhead.take(name):
                 skip = GatewayError("endpoint_busy", f"'{name}' already has {self._bulkhead.seats} calls in flight "
-                                    f"in this gateway process (its upstream is slow or hanging)", retry_after=1)
+                                    f"in this gateway process (its upstream is slow or hanging); try "
+                                    f"again shortly, or give it fallbacks", retry_after=1)
                 if probing:
                     self._release_probe(endpoint)
             if skip is not None:
@@ -474,7 +495,7 @@ class Dispatcher:
                     continue
                 raise GatewayError("endpoint_not_ready", f"no replica of '{endpoint.name}' could take the call", retry_after=1) from None
             except StopIteration:
-                raise GatewayError("upstream_error", f"'{endpoint.name}' ended its stream at once") from None
+                raise GatewayError("upstream_error", f"'{endpoint.name}' ended its stream at once; try again") from None
             except RayError:
                 raise GatewayError("cluster_unavailable", "the Ray cluster failed while serving the call", retry_after=2) from None
             if "error" in first:
@@ -499,7 +520,7 @@ class Dispatcher:
             if self.cluster.lost or time.monotonic() > deadline:
                 gen.cancel()
                 self.cluster.ensure_up()
-                raise GatewayError("upstream_timeout", "the endpoint did not start its stream in time")
+                raise GatewayError("upstream_timeout", "the endpoint did not start its stream in time; try again")
         if "error" in result:
             raise result["error"]
         return result["event"]

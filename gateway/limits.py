@@ -280,7 +280,8 @@ def _refusal(key: ClientKey, why: str, wait: float) -> GatewayError:
         what = f"its {key.tokens_per_minute:g} tokens a minute"
     else:
         what = f"its rate of {key.rate_per_minute:g} requests a minute (each endpoint called counts)"
-    return GatewayError("rate_limited", f"{key.name} is over {what}", retry_after=max(1.0, wait))
+    return GatewayError("rate_limited", f"{key.name} is over {what}: try again in {max(1.0, wait):.0f}s",
+                        retry_after=max(1.0, wait))
 
 
 class Caller:

@@ -37,7 +37,8 @@ class CompatMessage(BaseModel):
             texts = []
             for part in content:
                 if part.get("type") != "text":
-                    raise GatewayError("invalid_request", f"content parts of type {part.get('type')!r} are not supported; send text",
+                    raise GatewayError("invalid_request", f"content parts of type {part.get('type')!r} are not supported by this gateway; "
+                                       f"send text parts (type 'text') or a plain string",
                                        fields=["messages"])
                 texts.append(str(part.get("text", "")))
             content = "".join(texts)
@@ -198,7 +199,7 @@ def _stream(req: CompletionRequest, completion_id: str, created: int, outcome, r
                     yield chunk([{"index": 0, "delta": {"content": event["delta"]}, "logprobs": None, "finish_reason": None}])
                 event = next(rest, None)
                 if event is None:
-                    err = GatewayError("upstream_error", "the stream ended before it finished")
+                    err = GatewayError("upstream_error", "the stream ended before it finished; try again")
                     error_type = err.type
                     yield "data: " + current_app.json.dumps(openai_error_body(err, request_id)) + "\n\n"
                     return

@@ -75,7 +75,8 @@ async def call_with_retries(policy: RetryPolicy, attempt: Callable[[], Awaitable
                 try:
                     result = await asyncio.wait_for(attempt(), max(left, 0.001))
                 except asyncio.TimeoutError:
-                    raise GatewayError("upstream_timeout", f"no answer within the endpoint's {policy.deadline_s:g}s deadline") from None
+                    raise GatewayError("upstream_timeout", f"no answer within the endpoint's {policy.deadline_s:g}s deadline: try again, "
+                                       f"or deploy it again with a larger timeout") from None
     except GatewayError as err:
         raise GatewayError.from_info(err.info.model_copy(update={"attempts": attempts})) from None
     return result, attempts

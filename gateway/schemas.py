@@ -7,15 +7,31 @@ the same ``ChatCall`` and read the same ``ChatResult``.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+import annotated_types
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from .errors import GatewayError
 
 ChatName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
 
 CHAT_NAME_RULE = "1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+
+CONTENT_OR_MESSAGES = ("content or messages is required: give either 'content' (one user message) "
+                       "or 'messages' (a list of {\"role\", \"content\"})")
+
+#: what a missing required field takes, said when it is missing
+_REQUIRED = {
+    "chat_name": "the endpoint's name (GET /deployments lists them)",
+    "chat_names": "a list of endpoint names (GET /deployments lists them)",
+    "model": "the endpoint's chat_name (GET /v1/models lists them)",
+    "model_name": "the provider's model, e.g. gpt-4o-mini",
+    "api_key": "the provider's API key",
+    "messages": "a list of {\"role\", \"content\"}",
+    "role": "one of system, user, assistant, tool",
+}
 
 
 class Message(BaseModel):
@@ -30,7 +46,7 @@ class Message(BaseModel):
     @model_validator(mode="after")
     def _has_content(self) -> "Message":
         if self.content is None and not self.tool_calls:
-            raise ValueError("a message needs content")
+            raise ValueError("a message needs content (or tool_calls)")
         return self
 
 
@@ -60,7 +76,7 @@ class SamplingParams(BaseModel):
     @model_validator(mode="after")
     def _stop_list(self) -> "SamplingParams":
         if isinstance(self.stop, list) and not 1 <= len(self.stop) <= 4:
-            raise ValueError("stop takes 1 to 4 strings")
+            raise ValueError("stop takes 1 to 4 strings (or one string)")
         return self
 
 
@@ -72,10 +88,12 @@ class ChatInput(SamplingParams):
 
     @model_validator(mode="after")
     def _one_input(self) -> "ChatInput":
-        if (self.content is None) == (self.messages is None):
-            raise ValueError("give either 'content' (one user message) or 'messages' (a list)")
+        if self.content is None and self.messages is None:
+            raise ValueError(CONTENT_OR_MESSAGES)
+        if self.content is not None and self.messages is not None:
+            raise ValueError("give either 'content' (one user message) or 'messages' (a list), not both")
         if self.messages is not None and not self.messages:
-            raise ValueError("'messages' is empty")
+            raise ValueError("'messages' is empty: give at least one {\"role\": \"user\", \"content\": ...}")
         return self
 
     def to_call(self, request_id: str) -> "ChatCall":
@@ -102,7 +120,7 @@ class BroadcastRequest(ChatInput):
     @model_validator(mode="after")
     def _unique(self) -> "BroadcastRequest":
         if len(set(self.chat_names)) != len(self.chat_names):
-            raise ValueError("chat_names lists an endpoint twice")
+            raise ValueError("chat_names lists an endpoint twice: name each once")
         return self
 
 
@@ -152,14 +170,47 @@ def validate(model: type[BaseModel], data: Any) -> Any:
     Pydantic's own messages echo the input; ours never do (it may hold a key).
     """
     if not isinstance(data, dict):
-        raise GatewayError("invalid_request", "the body must be a JSON object")
+        raise GatewayError("invalid_request", "the body must be a JSON object of fields: {\"name\": value, ...}")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise invalid_request_from(exc) from None
+        raise invalid_request_from(exc, model, data) from None
 
 
-def invalid_request_from(exc: ValidationError) -> GatewayError:
+def _names(model: type[BaseModel]) -> list[str]:
+    """The field names a body may use (aliases included)."""
+    out = []
+    for name, info in model.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            out += [c for c in alias.choices if isinstance(c, str)]
+        else:
+            out.append(alias if isinstance(alias, str) else info.alias or name)
+    return list(dict.fromkeys(out))
+
+
+def _only_value(model: Optional[type[BaseModel]], loc: tuple) -> Any:
+    """The one value a field accepts when its bounds allow only one (a parameter the gateway refuses)."""
+    if model is None or len(loc) != 1 or loc[0] not in model.model_fields:
+        return None
+    low = high = None
+    for meta in model.model_fields[loc[0]].metadata:
+        if isinstance(meta, annotated_types.Ge):
+            low = meta.ge
+        elif isinstance(meta, annotated_types.Le):
+            high = meta.le
+    return low if low is not None and low == high else None
+
+
+def _unknown(field: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(field, known, n=2, cutoff=0.6)
+    if close:
+        return f"'{field}' (did you mean {' or '.join(repr(c) for c in close)}?)"
+    return f"'{field}'"
+
+
+def invalid_request_from(exc: ValidationError, model: Optional[type[BaseModel]] = None, data: Any = None) -> GatewayError:
+    """``invalid_request`` naming each field, what it takes, and, for a misspelt one, the close names."""
     problems, fields, unknown = [], [], []
     for err in exc.errors(include_input=False, include_url=False):
         loc = ".".join(str(p) for p in err["loc"])
@@ -168,10 +219,26 @@ def invalid_request_from(exc: ValidationError) -> GatewayError:
             continue
         fields.append(loc or "body")
         msg = err["msg"].removeprefix("Value error, ")
+        only = _only_value(model, err["loc"])
         if err["type"] == "string_pattern_mismatch" and loc == "chat_name":
             msg = CHAT_NAME_RULE
+        elif err["type"] == "missing":
+            what = _REQUIRED.get(str(err["loc"][-1]))
+            problems.append(f"{loc} is required" + (f": {what}" if what else ""))
+            continue
+        elif only is not None:
+            problems.append(f"{loc} is not supported by this gateway (leave it out, or send {only})")
+            continue
         problems.append(f"{loc}: {msg}" if loc else msg)
     if unknown:
-        problems.insert(0, "unknown field(s): " + ", ".join(unknown))
+        known = _names(model) if model is not None else []
+        listed = ", ".join(_unknown(f, known) for f in unknown)
+        hint = "" if "did you mean" in listed or not known else f"; the fields are: {', '.join(known)}"
+        problems.insert(0, f"unknown field{'s' if len(unknown) > 1 else ''}: {listed}{hint}")
         fields = unknown + fields
+    if (model is not None and issubclass(model, ChatInput) and isinstance(data, dict)
+            and "content" not in data and "messages" not in data and CONTENT_OR_MESSAGES not in problems):
+        # (an unknown field stops pydantic before the check that says so)
+        problems.append(CONTENT_OR_MESSAGES)
+        fields.append("content")
     return GatewayError("invalid_request", "; ".join(problems), fields=fields)
