@@ -29,9 +29,13 @@ loglevel = "info"
 def on_starting(server):
     """Master, before any fork: the bind check; metrics directory for all workers; the embedded Ray head."""
     global _head, _metrics_dir
+    import atexit
     import os
     import shutil
     import tempfile
+
+    # gunicorn exits without on_exit when it cannot bind (after this hook): clean up then too
+    atexit.register(_at_exit, os.getpid())
 
     # where gunicorn will listen, however it was told (GATEWAY_BIND, -b, GUNICORN_CMD_ARGS, a config)
     # (an int is an inherited fd://, checked in when_ready; a str is a unix socket's path)
@@ -58,6 +62,16 @@ def on_starting(server):
                         _head.address, _settings.dashboard_host, _settings.dashboard_port)
     else:
         server.log.info("joining the Ray cluster at %s", os.environ.get("RAY_ADDRESS") or _settings.ray_address)
+
+
+def _at_exit(master_pid: int) -> None:
+    """The master's last word (forked workers inherit this hook: they leave the head alone)."""
+    import os
+
+    if os.getpid() == master_pid:
+        if _head is not None:
+            _head.stop()
+        _remove_metrics_dir()
 
 
 def _remove_metrics_dir():

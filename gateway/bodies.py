@@ -101,13 +101,22 @@ def read(raw: bytes, content_type: Optional[str], forms: bool) -> Body:
     return body
 
 
+#: codecs Python knows that no body is written in (they need strict handling or are not text)
+_NOT_FOR_BODIES = frozenset({"idna", "punycode", "raw_unicode_escape", "unicode_escape", "uu_codec",
+                             "base64_codec", "hex_codec", "quopri_codec", "zlib_codec", "bz2_codec", "rot_13"})
+#: form fields that may be plain text even when they start like JSON
+_TEXT_TOO = frozenset({"stop", "tool_choice"})
+
+
 # -- charsets -------------------------------------------------------------------
 def codec_of(charset: str) -> str:
     """Python's codec for a declared charset, or ``invalid_request`` naming it."""
     try:
         name = codecs.lookup(charset).name
         b"\0\0\0\0".decode(name, "ignore")  # a text encoding, not base64 or rot13
-    except LookupError:
+        if name in _NOT_FOR_BODIES:
+            raise LookupError(name)
+    except (LookupError, UnicodeError, ValueError):
         raise GatewayError(
             "invalid_request",
             f"unknown charset {ascii(charset[:40])} in the Content-Type; name a text encoding such as "
@@ -121,7 +130,7 @@ def decode(raw: bytes, charset: Optional[str]) -> tuple[str, str]:
         codec = codec_of(charset)
         try:
             return raw.decode(codec).removeprefix("\ufeff"), codec
-        except UnicodeDecodeError:
+        except (UnicodeError, ValueError):
             raise GatewayError("invalid_request", f"the body is not valid {ascii(charset[:40])} text; "
                                                   f"send it in the charset the Content-Type names") from None
     for bom, codec in _BOMS:
@@ -171,7 +180,11 @@ def _urlencoded(raw: bytes, charset: Optional[str]) -> Body:
              for k, v in parse_qsl(raw.decode("latin-1"), keep_blank_values=True, encoding="latin-1")]
     # one codec for the whole form: "&" joins fields without making or breaking a multibyte character
     _, codec = decode(b"&".join(k + b"=" + v for k, v in pairs), charset)
-    return Body(_fields([(k.decode(codec), v.decode(codec)) for k, v in pairs]), codec)
+    try:
+        return Body(_fields([(k.decode(codec), v.decode(codec)) for k, v in pairs]), codec)
+    except (UnicodeError, ValueError):  # (a codec such as UTF-16 cannot read fields one by one)
+        raise GatewayError("invalid_request", f"a form's fields cannot be read one by one as {codec}: send the "
+                                              f"form in UTF-8 or GB18030, or the body as JSON") from None
 
 
 def _multipart(raw: bytes, content_type: str, charset: Optional[str]) -> Body:
@@ -201,7 +214,12 @@ def _fields(pairs: list[tuple[str, str]]) -> dict:
         if value == "":
             continue  # old forms send every field, the ones left blank too
         if key in JSON_FIELDS and value.lstrip()[:1] in ("[", "{"):
-            parsed = _json(value, f"the form field {key!r}")
+            try:
+                parsed = _json(value, f"the form field {key!r}")
+            except GatewayError:
+                if key not in _TEXT_TOO:
+                    raise
+                parsed = value  # ``stop=[END]``: a plain string that starts like JSON
             if key in NAME_LISTS and isinstance(parsed, list):
                 data.setdefault(key, []).extend(parsed)
                 continue
@@ -249,14 +267,12 @@ def legacy_text(text: str) -> Optional[Response]:
     accept = request.accept_mimetypes
     if not accept or accept.best_match(["application/json", "text/plain"]) != "text/plain":
         return None
-    name, codec = "utf-8", "utf-8"
     for asked, quality in request.accept_charsets:  # best first
         if quality <= 0 or asked == "*" or not _TOKEN.match(asked):
             continue
         try:
-            "x".encode(codecs.lookup(asked).name)  # a text encoding, not base64 or rot13
-        except LookupError:
+            body = text.encode(codecs.lookup(asked).name, "replace")  # a text encoding, not base64 or rot13
+        except (LookupError, UnicodeError, ValueError, TypeError):
             continue
-        name, codec = asked.lower(), codecs.lookup(asked).name
-        break
-    return Response(text.encode(codec, "replace"), content_type=f"text/plain; charset={name}")
+        return Response(body, content_type=f"text/plain; charset={asked.lower()}")
+    return Response(text.encode("utf-8"), content_type="text/plain; charset=utf-8")

@@ -376,9 +376,9 @@ class Dispatcher:
                 if attempt + 1 < _RAY_ATTEMPTS:
                     time.sleep(0.05 * 2 ** attempt)  # Serve routes the retry to a live replica
                     continue
-                raise GatewayError("endpoint_not_ready", f"no replica of '{endpoint.name}' could take the call", retry_after=1) from None
+                raise GatewayError("endpoint_not_ready", f"no replica of '{endpoint.name}' could take the call; try again shortly", retry_after=1) from None
             except RayError:
-                raise GatewayError("cluster_unavailable", "the Ray cluster failed while serving the call", retry_after=2) from None
+                raise GatewayError("cluster_unavailable", "the Ray cluster failed while serving the call; try again shortly", retry_after=2) from None
             if isinstance(reply, ErrorInfo):
                 raise GatewayError.from_info(reply)
             return reply
@@ -493,11 +493,11 @@ class Dispatcher:
                 if attempt + 1 < _RAY_ATTEMPTS:
                     time.sleep(0.05 * 2 ** attempt)
                     continue
-                raise GatewayError("endpoint_not_ready", f"no replica of '{endpoint.name}' could take the call", retry_after=1) from None
+                raise GatewayError("endpoint_not_ready", f"no replica of '{endpoint.name}' could take the call; try again shortly", retry_after=1) from None
             except StopIteration:
                 raise GatewayError("upstream_error", f"'{endpoint.name}' ended its stream at once; try again") from None
             except RayError:
-                raise GatewayError("cluster_unavailable", "the Ray cluster failed while serving the call", retry_after=2) from None
+                raise GatewayError("cluster_unavailable", "the Ray cluster failed while serving the call; try again shortly", retry_after=2) from None
             if "error" in first:
                 raise GatewayError.from_info(first["error"])
             return first, gen

@@ -84,6 +84,9 @@ class Endpoints:
         unchanged = self._unchanged(provider, spec, digest, apps.get(name))
         if unchanged is not None:
             return unchanged
+        # the key check costs a provider call: not for an unchanged endpoint (every worker's start
+        # applies the endpoints file again), only for what is about to be deployed
+        self._check_deploy(provider, spec, verify=True)
         state, existing = ray.get(registry.begin.remote(name, provider.name, 60))
         if state == "conflict":
             raise self._conflict(name, existing["provider"])
@@ -147,19 +150,20 @@ class Endpoints:
                                reason=failure.get("reason", "replica_failed"), provider=provider.name)
         return view
 
-    def _check_deploy(self, provider: Provider, spec: DeploySpec) -> None:
+    def _check_deploy(self, provider: Provider, spec: DeploySpec, verify: bool = False) -> None:
         """``provider.check_deploy``, its failures as 422 ``deploy_failed`` without the spec's secrets.
 
         A SaaS check builds the adapter, so an SDK constructor that puts the key in its error
-        fails here as it would in the replica, and leaves the same scrubbed message. Then, unless
-        the spec says ``verify_key: false``, ``provider.verify_key`` asks the provider about the
-        key: a rejected key is a 400 ``invalid_key`` and nothing is deployed; a check that could
+        fails here as it would in the replica, and leaves the same scrubbed message. With
+        ``verify`` (once the deploy is known to change something) and unless the spec says
+        ``verify_key: false``, ``provider.verify_key`` asks the provider about the key instead: a rejected key is a 400 ``invalid_key`` and nothing is deployed; a check that could
         not tell (unreachable, 5xx, a timeout) is logged and the deploy goes on.
         """
         failure = warning = None
         try:
-            provider.check_deploy(spec)
-            if getattr(spec, "verify_key", False):  # a wrong key fails here, not at the first caller's chat
+            if not verify:
+                provider.check_deploy(spec)
+            elif getattr(spec, "verify_key", False):  # a wrong key fails here, not at the first caller's chat
                 warning = provider.verify_key(spec)
         except GatewayError as err:
             failure = GatewayError.from_info(err.info.model_copy(update={"message": spec.scrub(err.info.message)}))

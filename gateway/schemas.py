@@ -24,8 +24,8 @@ CONTENT_OR_MESSAGES = ("content or messages is required: give either 'content' (
 
 #: what a missing required field takes, said when it is missing
 _REQUIRED = {
-    "chat_name": "the endpoint's name (GET /deployments lists them)",
-    "chat_names": "a list of endpoint names (GET /deployments lists them)",
+    "chat_name": "the endpoint's name (GET /v1/models lists the ones you may use)",
+    "chat_names": "a list of endpoint names (GET /v1/models lists the ones you may use)",
     "model": "the endpoint's chat_name (GET /v1/models lists them)",
     "model_name": "the provider's model, e.g. gpt-4o-mini",
     "api_key": "the provider's API key",

@@ -160,14 +160,18 @@ def judge_key_check(err: GatewayError, base_url: str, provider: str) -> Optional
     """What a failed deploy-time key check means, the same for every provider.
 
     ``err`` is the provider's own mapping (``map_*_error``) of the check's failure. A key the
-    provider refused (401/403, or an auth business code) raises ``invalid_key``; a base URL
+    provider refused (401, or an auth business code) raises ``invalid_key``; a 403 (a key without
+    the permission to list models, a blocked region) could still chat, so it only warns; a base URL
     without the route (404/405: a relay without ``GET /models``, or a wrong path) raises
     ``invalid_request``. Anything else (unreachable, a timeout, 5xx, 429, a malformed answer)
     says nothing about the key: the deploy goes on and the returned warning is logged.
     """
     shown = shown_url(base_url)
     status = err.info.upstream_status
-    if err.type == "upstream_auth" or status in (401, 403):
+    if status == 403:  # a key without the models permission, or a blocked region: not a wrong key
+        return (f"the key could not be checked ({shown}/models answered HTTP 403: a missing permission or a "
+                f"blocked region, not a wrong key), deployed anyway")
+    if err.type == "upstream_auth" or status == 401:
         said = ", ".join(str(x) for x in (f"HTTP {status}" if status else None, err.info.provider_code) if x)
         raise GatewayError(
             "invalid_key",
@@ -310,7 +314,8 @@ class Provider(abc.ABC):
             "graceful_shutdown_timeout_s": spec.timeout + 5,
         }
 
-    #: seconds the deploy-time key check may take, all of it (it holds the deploy request)
+    #: seconds the deploy-time key check may wait, per phase (the SDKs' connect and read timeouts;
+    #: it holds the deploy request)
     key_check_timeout: ClassVar[float] = 5.0
 
     def verify_key(self, spec: DeploySpec) -> Optional[str]:

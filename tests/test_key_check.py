@@ -81,6 +81,19 @@ def test_a_relay_without_get_models_is_told_to_set_verify_key_false(client, depl
     assert_nothing_deployed(client, chat_name)
 
 
+@pytest.mark.parametrize("reply", [Reply(403, {"error": {"message": "Missing scopes: api.model.read", "type": "invalid_request_error",
+                                                          "code": None}}), Reply(503, {"error": {"message": "overloaded"}})])
+def test_a_check_that_cannot_tell_deploys_and_warns(client, deploy, fake_openai, name, caplog, reply):
+    """403 (a key without the models permission, a blocked region) and 5xx say nothing about the key."""
+    caplog.set_level("WARNING")
+    key, chat_name = key_for("openai"), name("cannot_tell")
+    fake_openai.script_models(key, reply)
+    r = deploy(chat_name, key, base_url=fake_openai.base_url)
+    assert r.status_code == 200, r.get_json()
+    warned = [rec.getMessage() for rec in caplog.records if "could not be checked" in rec.getMessage()]
+    assert warned and all(key not in w for w in warned)
+
+
 def test_messages_show_the_base_url_without_its_secrets():
     """A relay's token in the base URL's user part or query stays out of a check's message."""
     assert shown_url("https://user:tok3n@relay.example:8443/v1?token=tok3n#x") == "https://relay.example:8443/v1"

@@ -87,7 +87,7 @@ def test_invalid_request_says_the_required_field_and_the_close_name(client):
         message = _check(client.post(path, json={"chat_name": "x", "message": "hi"}), "invalid_request",
                          "did you mean 'messages'", "content or messages is required")
         assert "Input should" not in message
-    _check(client.post("/chat", json={"content": "hi"}), "invalid_request", "chat_name is required", "GET /deployments")
+    _check(client.post("/chat", json={"content": "hi"}), "invalid_request", "chat_name is required", "GET /v1/models")
     _check(client.post("/chat", json={"chat_name": "x"}), "invalid_request", "content or messages is required")
     _check(client.post("/chat", json={"chat_name": "x", "content": "a", "temprature": 1}), "invalid_request",
            "did you mean 'temperature'")

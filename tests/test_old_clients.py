@@ -110,6 +110,13 @@ def test_unreadable_charsets_are_invalid_request_naming_them(gateway):
         assert status == 400 and "klingon-8" in err["message"], (path, answer)
     status, _, answer = post(base, "/chat", b'{"content": "\xff\xfe\xff"}', "application/json; charset=utf-8")
     assert status == 400 and "utf-8" in error(status, answer)["message"]
+    # codecs Python has but no body is written in, and forms a codec cannot read field by field: 400, not 500
+    for content_type in ("application/json; charset=idna", "application/json; charset=punycode",
+                         "application/x-www-form-urlencoded; charset=utf-16"):
+        status, _, answer = post(base, "/chat", raw if "json" in content_type else b"a=bc&d=e", content_type)
+        assert status == 400, (content_type, answer)
+    status, _, answer = post(base, "/chat", b"%FF%FEab=c", "application/x-www-form-urlencoded")
+    assert status == 400, answer
 
 
 def test_errors_to_a_gbk_caller_are_ascii_json(gateway):
@@ -132,9 +139,14 @@ def test_form_bodies_on_chat_routes(gateway):
     status, _, answer = post(base, "/chat", raw, form)
     assert status == 200, answer
     assert json.loads(answer)["output"] == "echo: " + HELLO and HELLO.encode() in answer  # a UTF-8 form: raw UTF-8
-    # chat_names repeated
+    # chat_names as a plain field, and repeated
     status, _, answer = post(base, "/chat/broadcast", f"chat_names={chat_name}&content=hi".encode(), form)
     assert status == 200 and json.loads(answer)["results"][chat_name]["output"] == "echo: hi", answer
+    status, _, answer = post(base, "/chat/broadcast", f"chat_names={chat_name}&chat_names=nope_x&content=hi".encode(), form)
+    assert status == 200 and set(json.loads(answer)["results"]) == {chat_name, "nope_x"}, answer
+    # a stop string that merely starts like JSON
+    status, _, answer = post(base, "/chat", f"chat_name={chat_name}&content=hi&stop=[END]".encode(), form)
+    assert status == 200, answer
     status, _, answer = post(base, "/v1/chat/completions", f"model={chat_name}&messages={quote(messages)}".encode(), form)
     assert status == 200 and json.loads(answer)["choices"][0]["message"]["content"] == "echo: " + HELLO
     # scalars still validated by the models
@@ -200,6 +212,9 @@ def test_legacy_answer_as_bare_text(gateway):
     # a character the charset cannot write becomes "?"
     status, headers, answer = post(base, "/openai/chat", raw, "application/json", Accept="text/plain", Accept_Charset="iso-8859-1")
     assert headers["content-type"] == "text/plain; charset=iso-8859-1" and answer == b"echo: " + b"?" * len(HELLO)
+    # a charset Python has but cannot write text in: the next one, here UTF-8 (the call is paid for: no 500)
+    status, headers, answer = post(base, "/openai/chat", raw, "application/json", Accept="text/plain", Accept_Charset="idna")
+    assert status == 200 and headers["content-type"] == "text/plain; charset=utf-8", answer
     # no Accept, or JSON first: the JSON string, as before
     for accept in ({}, {"Accept": "*/*"}, {"Accept": "application/json, text/plain"}):
         status, headers, answer = post(base, "/openai/chat", raw, "application/json", **accept)
