@@ -73,7 +73,7 @@ class Endpoints:
         (same digest, key included) changes nothing and answers its view with ``unchanged``.
         """
         name = spec.chat_name
-        self._check_deploy(provider, spec)  # fails here, before the cluster, on a spec the adapter refuses
+        self._check(provider, spec, provider.check_deploy)  # fails here, before the cluster, on a spec the adapter refuses
         registry = self.cluster.registry()
         apps = _app_statuses()
         if name in apps:
@@ -85,8 +85,10 @@ class Endpoints:
         if unchanged is not None:
             return unchanged
         # the key check costs a provider call: not for an unchanged endpoint (every worker's start
-        # applies the endpoints file again), only for what is about to be deployed
-        self._check_deploy(provider, spec, verify=True)
+        # applies the endpoints file again), only for what is about to be deployed; a wrong key
+        # fails here, not at the first caller's chat
+        if getattr(spec, "verify_key", False):
+            self._check(provider, spec, provider.verify_key)
         state, existing = ray.get(registry.begin.remote(name, provider.name, 60))
         if state == "conflict":
             raise self._conflict(name, existing["provider"])
@@ -150,21 +152,18 @@ class Endpoints:
                                reason=failure.get("reason", "replica_failed"), provider=provider.name)
         return view
 
-    def _check_deploy(self, provider: Provider, spec: DeploySpec, verify: bool = False) -> None:
-        """``provider.check_deploy``, its failures as 422 ``deploy_failed`` without the spec's secrets.
+    def _check(self, provider: Provider, spec: DeploySpec, check: Callable[[DeploySpec], Optional[str]]) -> None:
+        """Run a deploy-time ``check(spec)`` of the provider; its failures without the spec's secrets.
 
-        A SaaS check builds the adapter, so an SDK constructor that puts the key in its error
-        fails here as it would in the replica, and leaves the same scrubbed message. With
-        ``verify`` (once the deploy is known to change something) and unless the spec says
-        ``verify_key: false``, ``provider.verify_key`` asks the provider about the key instead: a rejected key is a 400 ``invalid_key`` and nothing is deployed; a check that could
-        not tell (unreachable, 5xx, a timeout) is logged and the deploy goes on.
+        ``provider.check_deploy`` builds a SaaS adapter, so an SDK constructor that puts the key
+        in its error fails here as it would in the replica (422 ``deploy_failed``, the same scrubbed
+        message). ``provider.verify_key`` asks the provider about the key: a rejected key is a 400
+        ``invalid_key`` and nothing is deployed; a check that could not tell (unreachable, 5xx, a
+        timeout) returns a warning, which is logged, and the deploy goes on.
         """
         failure = warning = None
         try:
-            if not verify:
-                provider.check_deploy(spec)
-            elif getattr(spec, "verify_key", False):  # a wrong key fails here, not at the first caller's chat
-                warning = provider.verify_key(spec)
+            warning = check(spec)
         except GatewayError as err:
             failure = GatewayError.from_info(err.info.model_copy(update={"message": spec.scrub(err.info.message)}))
         except Exception as exc:  # noqa: BLE001 - whatever an SDK raises

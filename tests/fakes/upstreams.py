@@ -154,11 +154,9 @@ class FakeUpstream:
         if self.record:
             self.requests.append({"path": request.path, "headers": CIMultiDict(request.headers), "json": body,
                                   "at": time.monotonic()})
-        key = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if not key:
-            return self._send(self.missing_key())
-        if key in self.rejected:
-            return self._send(self.invalid_key(key))
+        key, refusal = self._authenticate(request)
+        if refusal is not None:
+            return refusal
         queue = self._scripts.get(key)
         reply = queue.popleft() if queue else Reply()
         await asyncio.sleep(reply.delay or self.latency)
@@ -184,16 +182,23 @@ class FakeUpstream:
             reply = Reply(200, self.completion(body or {}, text, prompt_tokens, len(text.split())), reply.headers)
         return self._send(reply)
 
+    def _authenticate(self, request: web.Request) -> tuple[str, Optional[web.Response]]:
+        """The request's key, and the provider's answer when there is none or it is rejected."""
+        key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if not key:
+            return key, self._send(self.missing_key())
+        if key in self.rejected:
+            return key, self._send(self.invalid_key(key))
+        return key, None
+
     async def _models(self, request: web.Request) -> web.Response:
         """The free model list (no default latency: that knob is for chat calls)."""
         if self.record:
             self.model_requests.append({"path": request.path, "headers": CIMultiDict(request.headers),
                                         "query": dict(request.query), "at": time.monotonic()})
-        key = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if not key:
-            return self._send(self.missing_key())
-        if key in self.rejected:
-            return self._send(self.invalid_key(key))
+        key, refusal = self._authenticate(request)
+        if refusal is not None:
+            return refusal
         queue = self._model_scripts.get(key)
         reply = queue.popleft() if queue else Reply(200, self.model_list(request))
         await asyncio.sleep(reply.delay)
