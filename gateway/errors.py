@@ -1,51 +1,91 @@
-"""The gateway's one error model.
+"""The gateway's one error model, and its one table of error types.
 
-Every non-2xx answer of the gateway is ``{"error": {"type": ..., "message": ..., ...}}``.
-The ``type`` is stable and decides the HTTP status::
+Every non-2xx answer of the gateway is ``{"error": {"type": ..., "message": ..., ...}}``
+(``/v1/`` routes answer the same error in OpenAI's shape). The ``type`` is stable; the
+table ``TYPES`` below says, for each type, everything the gateway does with it: the HTTP
+status, whether the replica retries it, whether dispatch moves on to the next fallback,
+whether it counts towards the endpoint's cooldown, and its OpenAI ``type``/``code``.
+Retry (``gateway.retry``), dispatch (``gateway.dispatch``) and both renderers read it;
+no other module keeps a list of types.
 
-    GatewayError(type, message, **details)        raised anywhere in the gateway process
-      └─ .info -> ErrorInfo                       a plain pydantic value; the only form an
-                                                  error takes when it crosses the Ray boundary
+Where errors come from, and the one form they take::
 
-Provider SDK exceptions never leave a replica: each adapter maps them onto a
-``GatewayError`` (see ``providers.base.map_errors``), the replica returns its
-``ErrorInfo`` as a value, and the gateway raises it again on its side.
+    provider SDK exception                         raised in a replica, by the SDK
+      └─ providers.<name>: an exception-class table ({SDK class: mapper}, most specific
+         class first), as httpx maps httpcore's exceptions; a test checks that every
+         public exception class of the pinned SDK has an entry
+          └─ GatewayError(type, message, **details)  raised anywhere (replica or gateway)
+               └─ .info -> ErrorInfo             a plain pydantic value: the only form an
+                                                 error takes across the Ray boundary (a
+                                                 replica answers it, or yields it in a
+                                                 stream's ``Failure`` event)
+    Ray exception (a lost replica, a lost cluster)  raised in the gateway by a Serve handle
+      └─ gateway.dispatch.ray_failure(...)       -> GatewayError (cluster_unavailable, ...)
+    HTTP-level problem (no route, wrong method)     raised by Flask/werkzeug
+      └─ gateway.web                             -> GatewayError (not_found, ...)
+
 Messages are written for humans and never contain a key (adapters redact).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-#: type -> HTTP status. The list is closed: a new type is added here, nowhere else.
-STATUS: dict[str, int] = {
-    "invalid_request": 400,
-    "content_filter": 400,
-    "upstream_bad_request": 400,
+
+@dataclass(frozen=True)
+class ErrorType:
+    """What the gateway does with one error type."""
+
+    status: int
+    #: retried by the replica next to the upstream (``gateway.retry``; backoff, Retry-After)
+    retried: bool = False
+    #: dispatch moves on to the endpoint's next fallback (caller errors never do)
+    falls_back: bool = False
+    #: counts towards the endpoint's cooldown: ``"count"`` (N within a window), ``"at_once"``
+    cooldown: Optional[Literal["count", "at_once"]] = None
+    #: the ``type`` an OpenAI client sees on ``/v1/`` (None: the gateway's own type name)
+    openai_type: Optional[str] = None
+    #: the ``code`` an OpenAI client sees (None: the provider's code, else the gateway's type)
+    openai_code: Optional[str] = None
+
+
+_INVALID, _PERMISSION = "invalid_request_error", "permission_error"
+#: the closed list of error types: a new type is added here, nowhere else
+TYPES: dict[str, ErrorType] = {
+    # the caller's request
+    "invalid_request": ErrorType(400, openai_type=_INVALID),
+    "content_filter": ErrorType(400),
+    "upstream_bad_request": ErrorType(400),
     #: the provider refused the key at deploy (``verify_key``); at chat time it is ``upstream_auth``
-    "invalid_key": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "host_not_allowed": 403,
-    "origin_not_allowed": 403,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "conflict": 409,
-    "payload_too_large": 413,
-    "unsupported_media_type": 415,
-    "deploy_failed": 422,
-    "upstream_rate_limited": 429,
-    "rate_limited": 429,
-    "internal_error": 500,
-    "upstream_auth": 502,
-    "upstream_quota": 502,
-    "upstream_error": 502,
-    "cluster_unavailable": 503,
-    "endpoint_not_ready": 503,
-    "endpoint_busy": 503,
-    "upstream_timeout": 504,
+    "invalid_key": ErrorType(400),
+    "unauthorized": ErrorType(401, openai_type="authentication_error"),
+    "forbidden": ErrorType(403, openai_type=_PERMISSION),
+    "host_not_allowed": ErrorType(403, openai_type=_PERMISSION),
+    "origin_not_allowed": ErrorType(403, openai_type=_PERMISSION),
+    "not_found": ErrorType(404, openai_type=_INVALID, openai_code="model_not_found"),
+    "method_not_allowed": ErrorType(405),
+    "conflict": ErrorType(409),
+    "payload_too_large": ErrorType(413),
+    "unsupported_media_type": ErrorType(415, openai_type=_INVALID),
+    "deploy_failed": ErrorType(422),
+    "rate_limited": ErrorType(429, openai_type="rate_limit_error"),  # the caller's own client-key limit
+    # the upstream provider, after the replica's retries
+    "upstream_rate_limited": ErrorType(429, retried=True, falls_back=True, cooldown="count", openai_type="rate_limit_error"),
+    "upstream_auth": ErrorType(502, falls_back=True, cooldown="at_once"),
+    "upstream_quota": ErrorType(502, falls_back=True, cooldown="at_once"),
+    "upstream_error": ErrorType(502, retried=True, falls_back=True, cooldown="count"),
+    "upstream_timeout": ErrorType(504, retried=True, falls_back=True, cooldown="count"),
+    # the gateway and its cluster
+    "internal_error": ErrorType(500),
+    "cluster_unavailable": ErrorType(503),
+    "endpoint_not_ready": ErrorType(503, falls_back=True),
+    "endpoint_busy": ErrorType(503, falls_back=True),
 }
+
+#: type -> HTTP status (a view of ``TYPES``)
+STATUS: dict[str, int] = {name: t.status for name, t in TYPES.items()}
 
 
 class ErrorInfo(BaseModel):
@@ -73,7 +113,7 @@ class GatewayError(Exception):
     """The one exception type of the gateway; see the module docstring."""
 
     def __init__(self, type: str, message: str, **details: Any) -> None:
-        if type not in STATUS:
+        if type not in TYPES:
             raise ValueError(f"unknown error type {type!r}")
         self.info = ErrorInfo(type=type, message=message, **details)
         super().__init__(message)
@@ -90,8 +130,13 @@ class GatewayError(Exception):
         return self.info.type
 
     @property
+    def kind(self) -> ErrorType:
+        """This error's row of ``TYPES``: status, retried, falls back, cooldown, OpenAI type."""
+        return TYPES[self.info.type]
+
+    @property
     def status(self) -> int:
-        return STATUS[self.info.type]
+        return TYPES[self.info.type].status
 
     def headers(self) -> dict[str, str]:
         if self.info.retry_after is not None and self.status in (429, 503):

@@ -1,7 +1,8 @@
 """Retries around the upstream call, inside the replica (tenacity).
 
-Retried: ``upstream_rate_limited``, ``upstream_error`` (5xx, malformed answers, broken
-connections) and ``upstream_timeout``. Never: auth, quota, content filter, bad request.
+Retried: the types ``errors.TYPES`` marks ``retried`` (``upstream_rate_limited``,
+``upstream_error``: 5xx, malformed answers, broken connections; ``upstream_timeout``).
+Never: auth, quota, content filter, bad request.
 Backoff is exponential with jitter; a provider's ``Retry-After`` (or ``retry-after-ms``)
 is honoured up to ``retry_after_cap_s``; past the cap the call stops at once and the
 caller gets the 429 with the provider's ``Retry-After``. No retry starts past the
@@ -18,11 +19,11 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity import wait_exponential_jitter
 from tenacity.stop import stop_base
 
-from .errors import GatewayError
+from .errors import TYPES, GatewayError
 
 T = TypeVar("T")
 
-RETRYABLE = frozenset({"upstream_rate_limited", "upstream_error", "upstream_timeout"})
+RETRYABLE = frozenset(name for name, kind in TYPES.items() if kind.retried)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,68 @@
+"""The one table of error types (``gateway.errors.TYPES``) and what reads it."""
+from __future__ import annotations
+
+import pytest
+
+from gateway import dispatch, retry
+from gateway.errors import STATUS, TYPES, ErrorInfo, GatewayError
+
+
+def test_status_is_a_view_of_the_table():
+    assert STATUS == {name: kind.status for name, kind in TYPES.items()}
+    assert all(100 <= kind.status < 600 for kind in TYPES.values())
+
+
+def test_retry_fallback_and_cooldown_sets_come_from_the_table():
+    assert retry.RETRYABLE == {"upstream_rate_limited", "upstream_error", "upstream_timeout"}
+    assert dispatch.FALLBACK_ON == {"upstream_auth", "upstream_quota", "upstream_rate_limited", "upstream_error",
+                                    "upstream_timeout", "endpoint_not_ready", "endpoint_busy"}
+    assert dispatch.UPSTREAM_FAILURES == {"upstream_auth", "upstream_quota", "upstream_rate_limited", "upstream_error",
+                                          "upstream_timeout"}
+    assert dispatch.IMMEDIATE_COOLDOWN == {"upstream_auth", "upstream_quota"}
+
+
+@pytest.mark.parametrize("name", sorted(TYPES))
+def test_each_type_is_consistent(name):
+    kind = TYPES[name]
+    if kind.retried or kind.cooldown:  # what is retried or cools an endpoint down is the upstream's failure...
+        assert name.startswith("upstream_") and kind.falls_back  # ...so another endpoint may answer
+    if not kind.falls_back:  # a caller's error is the same on every endpoint
+        assert not kind.retried and not kind.cooldown
+    if kind.status < 500 and kind.status != 429:
+        assert not kind.retried
+
+
+def test_a_type_outside_the_table_is_refused():
+    with pytest.raises(ValueError):
+        GatewayError("teapot", "no such type")
+
+
+@pytest.mark.parametrize("name", sorted(TYPES))
+def test_openai_shape_of_every_type(name):
+    from gateway.openai_compat import openai_error_body
+
+    err = GatewayError.from_info(ErrorInfo(type=name, message="m", provider_code="pc" if name.startswith("upstream") else None))
+    body = openai_error_body(err, "rid")["error"]
+    assert body["gateway_type"] == name and body["message"] == "m" and body["request_id"] == "rid"
+    assert body["type"] == (TYPES[name].openai_type or name)
+    if name == "not_found":
+        assert body["code"] == "model_not_found"  # what OpenAI answers for an unknown model
+    elif name.startswith("upstream"):
+        assert body["code"] == "pc"  # the provider's own code passes through
+    else:
+        assert body["code"] == name
+
+
+def test_retry_after_header_only_where_a_wait_helps():
+    assert GatewayError("upstream_rate_limited", "m", retry_after=2.4).headers() == {"Retry-After": "2"}
+    assert GatewayError("endpoint_busy", "m", retry_after=0.2).headers() == {"Retry-After": "1"}
+    assert GatewayError("upstream_error", "m", retry_after=3).headers() == {}
+
+
+def test_the_readme_lists_every_type_with_its_status():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (\d{3}) \|", readme, re.M))
+    assert {name: int(status) for name, status in rows.items()} == STATUS
