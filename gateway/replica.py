@@ -8,8 +8,8 @@ constructor argument (a ``SecretStr`` inside the spec): never in ``user_config``
 ``DeployFailure`` with the spec's secrets redacted: Serve shows that traceback everywhere.
 
 Nothing raised by an SDK crosses the Ray boundary: ``chat`` answers a ``ChatResult``
-or an ``ErrorInfo`` value; ``stream`` yields event dicts and ends with an ``{"error":
-ErrorInfo}`` event when it fails. Retries (``gateway.retry``) happen here, next to the
+or an ``ErrorInfo`` value; ``stream`` yields the typed events of ``gateway.events`` and
+ends with ``Finish``, or with a ``Failure`` event when it fails. Retries (``gateway.retry``) happen here, next to the
 upstream, and for streams only until the first event.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ray.util import metrics as ray_metrics
 
 from providers.base import DeploySpec, Provider, construction_failure
 from gateway.errors import ErrorInfo, GatewayError
+from gateway.events import Failure, Finish, StreamEvent
 from gateway.retry import RetryPolicy, call_with_retries
 from gateway.schemas import ChatCall, ChatResult
 
@@ -98,10 +99,17 @@ class ChatEndpoint:
                  call.request_id, self._chat_name, attempts, result.upstream_ms)
         return result
 
-    async def stream(self, call: ChatCall) -> AsyncIterator[dict]:
-        """Events: ``{"delta"}``..., then ``{"finish_reason", "usage", "attempts"}`` or ``{"error"}``."""
+    async def stream(self, call: ChatCall) -> AsyncIterator[StreamEvent]:
+        """The adapter's events (``gateway.events``), ending with ``Finish`` or ``Failure``.
+
+        The first event carries ``upstream_ms`` (the upstream's time to it) and ``Finish``
+        the attempts and timings, so that the gateway can tell its own overhead apart.
+        """
         started = time.perf_counter()
         stream = None
+
+        def failure(info: ErrorInfo) -> Failure:
+            return Failure(info, upstream_ms=(time.perf_counter() - started) * 1000)
 
         async def first_event():
             nonlocal stream
@@ -116,34 +124,36 @@ class ChatEndpoint:
             except GatewayError as err:
                 info = self._info(err)
                 self._observe(started, info.attempts or 1, info)
-                yield {"error": info}
+                yield failure(info)
                 return
             except StopAsyncIteration:
-                yield {"error": ErrorInfo(type="upstream_error", message="the provider's stream was empty", provider=self._provider.name)}
+                yield failure(ErrorInfo(type="upstream_error", message="the provider's stream was empty", provider=self._provider.name))
                 return
             except Exception as exc:  # noqa: BLE001 - nothing raw crosses Ray
-                yield {"error": self._crashed(call, exc)}
+                yield failure(self._crashed(call, exc))
                 return
             first_ms = (time.perf_counter() - started) * 1000
+            event.upstream_ms = first_ms
             while True:
-                if "finish_reason" in event:
+                if isinstance(event, Finish):
                     self._observe(started, attempts)
-                    yield {**event, "attempts": attempts, "upstream_ms": (time.perf_counter() - started) * 1000,
-                           "first_event_ms": first_ms}
+                    event.attempts, event.first_event_ms = attempts, first_ms
+                    event.upstream_ms = (time.perf_counter() - started) * 1000
+                    yield event
                     break
                 yield event
                 try:
                     event = await asyncio.wait_for(stream.__anext__(), self._policy.deadline_s)
                 except asyncio.TimeoutError:
-                    yield {"error": ErrorInfo(type="upstream_timeout", message="the provider's stream stalled", provider=self._provider.name)}
+                    yield failure(ErrorInfo(type="upstream_timeout", message="the provider's stream stalled", provider=self._provider.name))
                     break
                 except GatewayError as err:  # after the first byte: reported in the stream, no retry
-                    yield {"error": self._info(err)}
+                    yield failure(self._info(err))
                     break
                 except StopAsyncIteration:
                     break
                 except Exception as exc:  # noqa: BLE001 - nothing raw crosses Ray
-                    yield {"error": self._crashed(call, exc)}
+                    yield failure(self._crashed(call, exc))
                     break
         finally:
             if stream is not None:

@@ -1,11 +1,13 @@
 """What a provider is: a deploy spec, an adapter, and how it maps its errors.
 
-A provider module defines a ``Provider`` subclass and registers an instance in
+A provider module defines a ``Provider`` subclass and registers it in
 ``providers/__init__.py``. The gateway never imports a provider module directly:
 it looks providers up by name, validates deploy bodies with ``spec_class``,
 builds Serve options with ``replica_options`` and, inside the replica, calls
-``create_adapter``. An adapter turns a ``ChatCall`` into a ``ChatResult`` and
-raises only ``GatewayError`` (use ``map_errors`` around SDK calls).
+``create_adapter``. An adapter follows the engine protocol documented on
+``ChatAdapter`` and raises only ``GatewayError``: its SDK's exceptions are mapped by an
+exception-class table (``map_by_class``) inside ``reraise_as_gateway_error``, which
+also redacts the key.
 """
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ import contextlib
 import hashlib
 import hmac
 import json
-from typing import Any, AsyncIterator, ClassVar, Iterator, Optional
+import math
+import re
+from typing import Any, AsyncIterator, Callable, ClassVar, Iterator, Mapping, Optional
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from gateway.errors import GatewayError
+from gateway.events import Delta, Finish, StreamEvent, ToolCallDelta
 from gateway.schemas import ChatCall, ChatName, ChatResult, Usage
 
 
@@ -150,9 +155,7 @@ def indefinite(word: str) -> str:
 def shown_url(url: str) -> str:
     """``url`` as a message may show it: no user, password, query or fragment (a relay's token may be there)."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # (an IPv6 host keeps its brackets)
     return f"{parts.scheme}://{host}{parts.path}"
 
 
@@ -221,17 +224,23 @@ def retry_after_seconds(headers: Any) -> Optional[float]:
         value = headers.get(name)
         if value:
             try:
-                return max(0.0, float(value) / scale)
+                seconds = float(value) / scale
             except ValueError:
                 continue
+            if math.isfinite(seconds):  # ("inf", "1e400": a wait no one can honour)
+                return max(0.0, seconds)
     return None
+
+
+#: how a ``DeployFailure`` reads in a traceback: ``DeployFailure: <reason>: <message>`` on one line
+_FAILURE_LINE = re.compile(r"DeployFailure: ([a-z_]+): (.+)")
 
 
 class DeployFailure(Exception):
     """Raised by an adapter that cannot start in a replica; ``reason`` is a stable code.
 
-    The gateway reads ``DeployFailure: <reason>: <message>`` from Serve's report of the
-    failed replica and shows it in ``GET /deployments/<chat_name>`` (see ``ErrorInfo.reason``).
+    The gateway reads it back from Serve's report of the failed replica (``parse``) and shows
+    it in ``GET /deployments/<chat_name>`` (see ``ErrorInfo.reason``).
     The replica raises every construction failure as one (``construction_failure``), so that
     report never holds a key.
     """
@@ -243,6 +252,19 @@ class DeployFailure(Exception):
 
     def __reduce__(self):  # pickles with both arguments (Exception's default passes only the text)
         return type(self), (self.reason, self.message)
+
+    @classmethod
+    def parse(cls, text: str) -> Optional["DeployFailure"]:
+        """The last ``DeployFailure`` in ``text`` (Serve's report of a failed replica), or None.
+
+        Serve's status message (a traceback's text) is the only channel Serve gives a failed
+        constructor; this is the one place that reads what ``__init__`` wrote there.
+        """
+        found = _FAILURE_LINE.findall(text or "")
+        if not found:
+            return None
+        reason, message = found[-1]
+        return cls(reason, message.strip())
 
 
 def construction_failure(exc: BaseException, spec: DeploySpec, provider: str) -> DeployFailure:
@@ -269,18 +291,33 @@ def construction_failure(exc: BaseException, spec: DeploySpec, provider: str) ->
 class ChatAdapter(abc.ABC):
     """Lives in a replica and talks to one upstream with one key.
 
-    ``stream`` yields ``{"delta": text}`` events and ends with one
-    ``{"finish_reason": ..., "usage": {...}}`` event; failures raise ``GatewayError``.
-    Being cancelled (the caller went away) must close the upstream stream.
+    The engine protocol, which every provider implements and the replica relies on:
+
+    ``chat(call) -> ChatResult``
+        One whole answer. Failures raise ``GatewayError`` (map SDK exceptions with the
+        provider's exception-class table and ``reraise_as_gateway_error``); nothing else
+        may escape (the replica reports any other exception as ``upstream_error`` with its
+        class name only). The replica retries what ``errors.TYPES`` marks ``retried``.
+
+    ``stream(call) -> AsyncIterator[StreamEvent]``
+        ``Delta`` / ``ToolCallDelta`` events as the upstream sends them, then exactly one
+        ``Finish`` (``end_event``), and nothing after; see ``gateway.events``. Failures raise
+        ``GatewayError``, never a ``Failure`` event: before the first event the replica may
+        retry the whole stream (a new ``stream(call)``), after it the failure is reported
+        in the stream. Being cancelled (``aclose`` of the generator: the caller went away)
+        must close the upstream stream.
+
+    ``aclose()``
+        Release connections, threads, models; called when the replica stops.
     """
 
     @abc.abstractmethod
     async def chat(self, call: ChatCall) -> ChatResult:
         """Answer one call or raise ``GatewayError``."""
 
-    async def stream(self, call: ChatCall) -> AsyncIterator[dict]:
+    async def stream(self, call: ChatCall) -> AsyncIterator[StreamEvent]:
         raise GatewayError("upstream_bad_request", "this provider cannot stream")
-        yield {}  # pragma: no cover - makes this an async generator
+        yield Delta("")  # pragma: no cover - makes this an async generator
 
     async def aclose(self) -> None:
         """Release connections (called when the replica stops)."""
@@ -372,24 +409,50 @@ def completion_result(data: Any, request_id: Optional[str]) -> ChatResult:
         raise GatewayError("upstream_error", "the provider's answer was malformed") from None
 
 
-def chunk_events(chunk: Any) -> tuple[list[dict], Optional[str]]:
+def chunk_events(chunk: Any) -> tuple[list[StreamEvent], Optional[str]]:
     """Events and finish reason of an OpenAI-shaped stream chunk (openai and zhipuai SDKs)."""
-    events, finish = [], None
+    events: list[StreamEvent] = []
+    finish = None
     for choice in chunk.choices:
         if choice.delta and choice.delta.content:
-            events.append({"delta": choice.delta.content})
+            events.append(Delta(choice.delta.content))
         if choice.delta and choice.delta.tool_calls:
-            events.append({"tool_calls": [tc.model_dump(exclude_none=True) for tc in choice.delta.tool_calls]})
+            events.append(ToolCallDelta([tc.model_dump(exclude_none=True) for tc in choice.delta.tool_calls]))
         if choice.finish_reason:
             finish = choice.finish_reason
     return events, finish
 
 
-def end_event(finish_reason: Optional[str], usage: Any) -> dict:
+def end_event(finish_reason: Optional[str], usage: Usage) -> Finish:
     """The last event of a stream; a stream that never said why it ended was cut."""
     if not finish_reason:
         raise GatewayError("upstream_error", "the provider's stream ended before it finished")
-    return {"finish_reason": finish_reason, "usage": usage.model_dump() if hasattr(usage, "model_dump") else usage}
+    return Finish(finish_reason, usage)
+
+
+#: how one exception becomes a ``GatewayError``
+ErrorMapper = Callable[[BaseException], GatewayError]
+#: an SDK's exception classes -> their mappers (``map_by_class``)
+ErrorTable = Mapping[type, ErrorMapper]
+
+
+def fixed(type: str, message: str) -> ErrorMapper:
+    """A mapper that answers one type and message, whatever the exception says."""
+    return lambda exc: GatewayError(type, message)
+
+
+def map_by_class(exc: BaseException, table: ErrorTable) -> GatewayError:
+    """``exc`` mapped by the entry of its most specific class in ``table`` (its MRO, as httpx does).
+
+    Each provider keeps one such table of its SDK's exception classes; a fast test checks
+    that every public exception class of the pinned SDK has its own entry, so an SDK upgrade
+    that adds one fails the test instead of falling through to a guess.
+    """
+    for cls in type(exc).__mro__:
+        mapper = table.get(cls)
+        if mapper is not None:
+            return mapper(exc)
+    return GatewayError("upstream_error", f"unexpected {type(exc).__name__} while calling the provider")
 
 
 @contextlib.contextmanager

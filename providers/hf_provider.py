@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, ClassVar, Optional
 
 from gateway.errors import GatewayError
+from gateway.events import Delta, Finish, StreamEvent
 from gateway.schemas import ChatCall, Usage
 
 from .local import (Detokenizer, LocalAdapter, LocalDeploySpec, LocalProvider, load_failure, load_tokenizer, model_source,
@@ -65,7 +66,7 @@ class HFAdapter(LocalAdapter):
         # One generation at a time per replica: torch already uses the replica's CPUs/GPU fully.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="generate")
 
-    async def stream(self, call: ChatCall) -> AsyncIterator[dict]:
+    async def stream(self, call: ChatCall) -> AsyncIterator[StreamEvent]:
         ids, budget = prompt_ids(self._tokenizer, call, self._spec, self._limit)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -78,16 +79,16 @@ class HFAdapter(LocalAdapter):
                 item = await queue.get()
                 if item is None:
                     break
-                yield {"delta": item}
+                yield Delta(item)
             await future  # raises what the generation raised
             tail = detok.flush()
             if tail:
-                yield {"delta": tail}
+                yield Delta(tail)
             generated = len(detok.ids)
             last = detok.ids[-1] if detok.ids else None
             finish = "stop" if detok.stopped or last in self._eos or generated < budget else "length"
             usage = Usage(prompt_tokens=len(ids), completion_tokens=generated, total_tokens=len(ids) + generated)
-            yield {"finish_reason": finish, "usage": usage.model_dump()}
+            yield Finish(finish, usage)
         finally:
             cancel.set()  # the caller went away (or we are done): the generation stops at its next token
 

@@ -14,7 +14,8 @@ from typing import Any, ClassVar, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from gateway.errors import GatewayError
-from gateway.schemas import ChatCall, ChatResult, Usage
+from gateway.events import Delta, Finish
+from gateway.schemas import ChatCall, ChatResult
 
 from .base import ChatAdapter, DeployFailure, DeploySpec, Provider
 
@@ -120,13 +121,13 @@ class LocalAdapter(ChatAdapter):
 
     async def chat(self, call: ChatCall) -> ChatResult:
         text: list[str] = []
-        end: dict = {}
+        end = Finish("stop")
         async for event in self.stream(call):
-            if "delta" in event:
-                text.append(event["delta"])
-            else:
+            if isinstance(event, Delta):
+                text.append(event.text)
+            elif isinstance(event, Finish):
                 end = event
-        return ChatResult(output="".join(text), finish_reason=end["finish_reason"], usage=Usage(**end["usage"]),
+        return ChatResult(output="".join(text), finish_reason=end.reason, usage=end.usage,
                           upstream_model=self._spec.model_name)
 
 

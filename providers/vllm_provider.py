@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, ClassVar, Optional
 from pydantic import Field, field_validator
 
 from gateway.errors import GatewayError
+from gateway.events import Delta, Finish, StreamEvent
 from gateway.schemas import ChatCall, Usage
 
 from .base import DeployFailure
@@ -105,7 +106,7 @@ class VLLMAdapter(LocalAdapter):
             fields["stop"] = stops
         return SamplingParams(**fields)
 
-    async def stream(self, call: ChatCall) -> AsyncIterator[dict]:
+    async def stream(self, call: ChatCall) -> AsyncIterator[StreamEvent]:
         ids, budget = prompt_ids(self._tokenizer, call, self._spec, self._limit)
         request_id = f"{call.request_id or 'req'}-{uuid.uuid4().hex[:8]}"
         sent, finished, last = 0, False, None
@@ -114,7 +115,7 @@ class VLLMAdapter(LocalAdapter):
                 last = output
                 completion = output.outputs[0]
                 if len(completion.text) > sent:
-                    yield {"delta": completion.text[sent:]}
+                    yield Delta(completion.text[sent:])
                     sent = len(completion.text)
                 finished = output.finished
         except GatewayError:
@@ -130,7 +131,7 @@ class VLLMAdapter(LocalAdapter):
         prompt_tokens = len(last.prompt_token_ids or ids)
         generated = len(completion.token_ids)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated)
-        yield {"finish_reason": completion.finish_reason or "stop", "usage": usage.model_dump()}
+        yield Finish(completion.finish_reason or "stop", usage)
 
     async def aclose(self) -> None:
         engine, self._engine = self._engine, None
