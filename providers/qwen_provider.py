@@ -15,12 +15,15 @@ from typing import Any, AsyncIterator, Optional
 import aiohttp
 import dashscope
 import requests  # the dashscope SDK's sync HTTP library
+from dashscope.common import error as dashscope_errors
 from pydantic import field_validator
 
 from gateway.errors import GatewayError
+from gateway.events import Delta, StreamEvent, ToolCallDelta
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import ChatAdapter, Provider, auth_message, SaaSDeploySpec, end_event, judge_key_check, reraise_as_gateway_error
+from .base import (ChatAdapter, ErrorTable, Provider, auth_message, SaaSDeploySpec, end_event, fixed, judge_key_check,
+                   map_by_class, reraise_as_gateway_error)
 
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 
@@ -67,28 +70,119 @@ def classify(code: str, status: int) -> str:
     return "upstream_error"  # InternalError*, SystemError, ModelUnavailable, 5xx and unknown codes
 
 
-def error_from_response(resp: Any) -> GatewayError:
-    code = str(resp.code or "") or None
-    kind = classify(code or "", int(resp.status_code))
-    message = str(resp.message or "")
-    text = MESSAGES[kind] + (f": {message}" if message else f" (HTTP {resp.status_code})")
+def _coded_error(code: Optional[str], status: Optional[int], message: str, request_id: Optional[str]) -> GatewayError:
+    """An error DashScope described with its code (and HTTP status), as a value or in an exception."""
+    kind = classify(code or "", status or 0)
+    text = MESSAGES[kind] + (f": {message}" if message else (f" (HTTP {status})" if status is not None else ""))
     return GatewayError(
         kind,
         text if kind != "upstream_auth" else auth_message(text),
         provider_code=code,
-        provider_request_id=resp.request_id or None,
-        upstream_status=int(resp.status_code),
+        provider_request_id=request_id or None,
+        upstream_status=status,
     )
 
 
-def map_dashscope_error(exc: Exception) -> GatewayError:
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return GatewayError("upstream_timeout", "the provider did not answer in time")
-    if isinstance(exc, aiohttp.ClientError):
-        return GatewayError("upstream_error", f"could not reach the provider ({type(exc).__name__})")
-    if isinstance(exc, (ValueError, KeyError, TypeError, AttributeError)):
-        return GatewayError("upstream_error", "the provider's answer was malformed")
+def error_from_response(resp: Any) -> GatewayError:
+    """A non-200 ``DashScopeAPIResponse`` (DashScope answers errors as values)."""
+    return _coded_error(str(resp.code or "") or None, int(resp.status_code), str(resp.message or ""), resp.request_id)
+
+
+def _request_failure(exc: BaseException) -> GatewayError:
+    """``RequestFailure`` (the SDK's websocket calls): the server's error name, HTTP code and message."""
+    status = getattr(exc, "http_code", None)
+    try:
+        status = int(status) if status is not None else None
+    except (TypeError, ValueError):
+        status = None
+    return _coded_error(str(getattr(exc, "name", None) or "") or None, status,
+                        str(getattr(exc, "message", None) or ""), getattr(exc, "request_id", None))
+
+
+def _assistant_error(exc: BaseException) -> GatewayError:
+    """``AssistantError`` (the assistants API): the server's code, message and request id, no status."""
+    return _coded_error(str(getattr(exc, "code", None) or "") or None, None,
+                        str(getattr(exc, "message", None) or ""), getattr(exc, "request_id", None))
+
+
+def _unexpected(exc: BaseException) -> GatewayError:
     return GatewayError("upstream_error", f"unexpected {type(exc).__name__} while calling the provider")
+
+
+def _sdk_refused(exc: BaseException) -> GatewayError:
+    """The SDK refused the request before sending it (what it says is in its class's name)."""
+    return GatewayError("upstream_bad_request", f"the provider's SDK refused the request ({type(exc).__name__})")
+
+
+def _sdk_cannot(exc: BaseException) -> GatewayError:
+    """The SDK cannot make this kind of call at all (protocol, HTTP method): another endpoint may."""
+    return GatewayError("upstream_error", f"the provider's SDK cannot make this call ({type(exc).__name__})")
+
+
+_TIMEOUT = fixed("upstream_timeout", "the provider did not answer in time")
+_MALFORMED = fixed("upstream_error", "the provider's answer was malformed")
+
+
+def _unreachable(exc: BaseException) -> GatewayError:
+    return GatewayError("upstream_error", f"could not reach the provider ({type(exc).__name__})")
+
+
+_E = dashscope_errors
+#: every exception class of the pinned ``dashscope`` (``dashscope.common.error``; it exports none at
+#: top level) and what its transports (aiohttp for chat, requests for ``verify_key``) let through;
+#: the most specific class of an exception wins (``map_by_class``). Most of DashScope's errors come
+#: as values instead (``error_from_response``).
+DASHSCOPE_ERRORS: ErrorTable = {
+    # the SDK's root: never raised bare
+    _E.DashScopeException: _unexpected,
+    # no key reached the SDK (it looked in its globals, the environment and ~/.dashscope)
+    _E.AuthenticationError: fixed("upstream_auth", auth_message("the provider's SDK found no key for the endpoint")),
+    # the server's error, raised rather than answered (websocket calls, assistants): its code decides
+    _E.RequestFailure: _request_failure,
+    _E.AssistantError: _assistant_error,
+    # the SDK checked the request before sending it and refused it
+    _E.InvalidParameter: _sdk_refused,
+    _E.InvalidInput: _sdk_refused,
+    _E.InvalidModel: _sdk_refused,
+    _E.InvalidTask: _sdk_refused,
+    _E.InvalidFileFormat: _sdk_refused,
+    _E.ModelRequired: _sdk_refused,
+    _E.InputRequired: _sdk_refused,
+    _E.InputDataRequired: _sdk_refused,
+    _E.UnsupportedModel: _sdk_refused,
+    _E.UnsupportedTask: _sdk_refused,
+    _E.UnsupportedData: _sdk_refused,
+    _E.UnsupportedDataType: _sdk_refused,
+    _E.MultiInputsWithBinaryNotSupported: _sdk_refused,
+    # the SDK cannot make such a call (the gateway's use of it, not the caller's request)
+    _E.UnsupportedApiProtocol: _sdk_cannot,
+    _E.UnsupportedHTTPMethod: _sdk_cannot,
+    _E.NotImplemented: _sdk_cannot,
+    # the provider's side
+    _E.ServiceUnavailableError: fixed("upstream_error", "the provider failed (service unavailable)"),
+    _E.AsyncTaskCreateFailed: fixed("upstream_error", "the provider failed (it could not create the task)"),
+    _E.UploadFileException: fixed("upstream_error", "the provider failed (a file upload failed)"),
+    _E.TimeoutException: _TIMEOUT,
+    _E.UnexpectedMessageReceived: _MALFORMED,
+    _E.UnknownMessageReceived: _MALFORMED,
+    # the chat transport (aiohttp) and the call's own deadline (asyncio.wait_for)
+    asyncio.TimeoutError: _TIMEOUT,
+    aiohttp.ServerTimeoutError: _TIMEOUT,  # also a ClientError: its own entry wins
+    aiohttp.ClientError: _unreachable,
+    # the key check's transport (requests)
+    requests.Timeout: _TIMEOUT,
+    requests.ConnectTimeout: _TIMEOUT,  # also a requests.ConnectionError: its own entry wins
+    requests.ConnectionError: fixed("upstream_error", "could not reach the provider (connection failed)"),
+    # an answer not in the shape expected
+    ValueError: _MALFORMED,
+    KeyError: _MALFORMED,
+    TypeError: _MALFORMED,
+    AttributeError: _MALFORMED,
+}
+
+
+def map_dashscope_error(exc: BaseException) -> GatewayError:
+    return map_by_class(exc, DASHSCOPE_ERRORS)
 
 
 def _tool_call(tc: Any) -> dict:
@@ -150,7 +244,7 @@ class QwenAdapter(ChatAdapter):
             )
 
 
-    async def stream(self, call: ChatCall) -> AsyncIterator[dict]:
+    async def stream(self, call: ChatCall) -> AsyncIterator[StreamEvent]:
         with reraise_as_gateway_error("qwen", self._spec.api_key.get_secret_value(), map_dashscope_error):
             responses = await dashscope.AioGeneration.call(**self._request(call), stream=True, incremental_output=True)
             finish, usage = None, Usage()
@@ -161,9 +255,9 @@ class QwenAdapter(ChatAdapter):
                     for choice in (resp.output or {}).get("choices") or []:
                         text = (choice.get("message") or {}).get("content")
                         if text:
-                            yield {"delta": text}
+                            yield Delta(text)
                         if (choice.get("message") or {}).get("tool_calls"):
-                            yield {"tool_calls": [dict(tc) for tc in choice["message"]["tool_calls"]]}
+                            yield ToolCallDelta([dict(tc) for tc in choice["message"]["tool_calls"]])
                         if choice.get("finish_reason") not in (None, "null"):
                             finish = choice["finish_reason"]
                     if resp.usage:
@@ -192,12 +286,7 @@ class QwenProvider(Provider):
         try:
             resp = dashscope.Models.list(page=1, page_size=1, api_key=spec.api_key.get_secret_value(),
                                          base_address=base_url, request_timeout=self.key_check_timeout)
-        except requests.Timeout:
-            return judge_key_check(GatewayError("upstream_timeout", "the provider did not answer in time"), base_url, self.name)
-        except requests.ConnectionError:
-            return judge_key_check(GatewayError("upstream_error", "could not reach the provider (connection failed)"),
-                                   base_url, self.name)
-        except Exception as exc:  # noqa: BLE001 - anything else the SDK raises
+        except Exception as exc:  # noqa: BLE001 - every SDK failure is judged below
             return judge_key_check(map_dashscope_error(exc), base_url, self.name)
         if int(resp.status_code) != 200:
             return judge_key_check(error_from_response(resp), base_url, self.name)

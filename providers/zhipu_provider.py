@@ -21,10 +21,11 @@ import zhipuai
 from pydantic import field_validator
 
 from gateway.errors import GatewayError
+from gateway.events import StreamEvent
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import (ChatAdapter, Provider, auth_message, SaaSDeploySpec, chunk_events, completion_result, end_event, judge_key_check,
-                   reraise_as_gateway_error, retry_after_seconds, usage_of)
+from .base import (ChatAdapter, ErrorTable, Provider, auth_message, SaaSDeploySpec, chunk_events, completion_result,
+                   end_event, fixed, judge_key_check, map_by_class, reraise_as_gateway_error, retry_after_seconds, usage_of)
 
 DEFAULT_BASE_URL = "https://open.bigmodel.cn/api/paas/v4"
 
@@ -76,42 +77,68 @@ def _business_error(exc: zhipuai.APIStatusError) -> tuple[Optional[str], str, Op
     return (str(error["code"]) if error.get("code") is not None else None), str(error.get("message") or ""), body.get("contentFilter")
 
 
-def map_zhipu_error(exc: Exception) -> GatewayError:
-    if isinstance(exc, zhipuai.APITimeoutError):
-        return GatewayError("upstream_timeout", "the provider did not answer in time")
-    if isinstance(exc, zhipuai.APIConnectionError):
-        return GatewayError("upstream_error", "could not reach the provider (connection failed)")
-    if isinstance(exc, zhipuai.APIStatusError):
-        status = exc.status_code
-        code, message, content_filter = _business_error(exc)
-        if code in CODE_TYPES:
-            kind = CODE_TYPES[code]
-        elif code is None and status in (401, 403):
-            kind = "upstream_auth"
-        elif code is None and status == 429:
-            kind = "upstream_rate_limited"
-        elif code is None and 400 <= status < 500:
-            kind = "upstream_bad_request"
-        else:
-            kind = "upstream_error"  # unknown codes, 5xx: the code is kept
-        details: dict[str, Any] = dict(
-            provider_code=code,
-            upstream_status=status,
-            provider_request_id=exc.response.headers.get("x-request-id") or exc.response.headers.get("request-id"),
-        )
-        if kind == "upstream_rate_limited":
-            details["retry_after"] = retry_after_seconds(exc.response.headers)
-        text = MESSAGES[kind] + (f": {message}" if message else f" (HTTP {status})")
-        if content_filter:
-            text += f" (content filter: {content_filter})"
-        if kind == "upstream_auth":
-            text = auth_message(text)
-        return GatewayError(kind, text, **details)
-    if isinstance(exc, httpx.TransportError):  # e.g. a stream cut half-way
-        return GatewayError("upstream_error", "the connection to the provider broke")
-    if isinstance(exc, (zhipuai.APIResponseValidationError, ValueError)):
-        return GatewayError("upstream_error", "the provider's answer was malformed")
+def _status_error(exc: zhipuai.APIStatusError) -> GatewayError:
+    """An HTTP error answer: Zhipu's business code first (``CODE_TYPES``), then the HTTP status."""
+    status = exc.status_code
+    code, message, content_filter = _business_error(exc)
+    if code in CODE_TYPES:
+        kind = CODE_TYPES[code]
+    elif code is None and status in (401, 403):
+        kind = "upstream_auth"
+    elif code is None and status == 429:
+        kind = "upstream_rate_limited"
+    elif code is None and 400 <= status < 500:
+        kind = "upstream_bad_request"
+    else:
+        kind = "upstream_error"  # unknown codes, 5xx: the code is kept
+    details: dict[str, Any] = dict(
+        provider_code=code,
+        upstream_status=status,
+        provider_request_id=exc.response.headers.get("x-request-id") or exc.response.headers.get("request-id"),
+    )
+    if kind == "upstream_rate_limited":
+        details["retry_after"] = retry_after_seconds(exc.response.headers)
+    text = MESSAGES[kind] + (f": {message}" if message else f" (HTTP {status})")
+    if content_filter:
+        text += f" (content filter: {content_filter})"
+    if kind == "upstream_auth":
+        text = auth_message(text)
+    return GatewayError(kind, text, **details)
+
+
+def _unexpected(exc: BaseException) -> GatewayError:
     return GatewayError("upstream_error", f"unexpected {type(exc).__name__} while calling the provider")
+
+
+_TIMEOUT = fixed("upstream_timeout", "the provider did not answer in time")
+_MALFORMED = fixed("upstream_error", "the provider's answer was malformed")
+
+#: every exception class the pinned ``zhipuai`` exports, and what the SDK's transport lets through;
+#: the most specific class of an exception wins (``map_by_class``)
+ZHIPU_ERRORS: ErrorTable = {
+    # the SDK's root: raised bare only by the client's constructor (no key given)
+    zhipuai.ZhipuAIError: _unexpected,
+    # an HTTP error answer; the SDK picks the subclass by status (400, 401, 429, 500, 503, other),
+    # the mapper reads the business code in the body, which says more than the status
+    zhipuai.APIStatusError: _status_error,
+    zhipuai.APIRequestFailedError: _status_error,
+    zhipuai.APIAuthenticationError: _status_error,
+    zhipuai.APIReachLimitError: _status_error,
+    zhipuai.APIInternalError: _status_error,
+    zhipuai.APIServerFlowExceedError: _status_error,
+    # no answer, or not the answer expected
+    zhipuai.APIResponseError: _unexpected,  # the root of the three below; never raised bare
+    zhipuai.APIResponseValidationError: _MALFORMED,
+    zhipuai.APIConnectionError: fixed("upstream_error", "could not reach the provider (connection failed)"),
+    zhipuai.APITimeoutError: _TIMEOUT,  # a subclass of APIConnectionError: its own entry wins
+    # outside the SDK's classes
+    httpx.TransportError: fixed("upstream_error", "the connection to the provider broke"),  # e.g. a stream cut half-way
+    ValueError: _MALFORMED,
+}
+
+
+def map_zhipu_error(exc: BaseException) -> GatewayError:
+    return map_by_class(exc, ZHIPU_ERRORS)
 
 
 class ZhipuAdapter(ChatAdapter):
@@ -168,7 +195,7 @@ class ZhipuAdapter(ChatAdapter):
             result.upstream_ms = (time.perf_counter() - started) * 1000
             return result
 
-    async def stream(self, call: ChatCall) -> AsyncIterator[dict]:
+    async def stream(self, call: ChatCall) -> AsyncIterator[StreamEvent]:
         """The SDK's stream is a blocking iterator: a pool thread pumps it into a queue."""
         client = self._get_client()
         kwargs = {**self._request(call), "stream": True}
