@@ -32,7 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import ray
 from ray import serve
@@ -44,18 +44,18 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from .cluster import Cluster
 from .config import Settings
-from .errors import ErrorInfo, GatewayError
+from .errors import TYPES, ErrorInfo, GatewayError
+from .events import Failure, Finish, StreamEvent
 from .schemas import ChatCall, ChatResult
 
 if TYPE_CHECKING:
     from .limits import Caller
 
-#: failures that move on to the next fallback; caller errors never do
-FALLBACK_ON = frozenset({"upstream_auth", "upstream_quota", "upstream_rate_limited", "upstream_error",
-                         "upstream_timeout", "endpoint_not_ready", "endpoint_busy"})
-#: failures that count towards a cooldown; auth and quota start one at once
-UPSTREAM_FAILURES = frozenset({"upstream_auth", "upstream_quota", "upstream_rate_limited", "upstream_error", "upstream_timeout"})
-IMMEDIATE_COOLDOWN = frozenset({"upstream_auth", "upstream_quota"})
+#: failures that move on to the next fallback (``errors.TYPES``); caller errors never do
+FALLBACK_ON = frozenset(name for name, kind in TYPES.items() if kind.falls_back)
+#: failures that count towards a cooldown; some (auth, quota) start one at once
+UPSTREAM_FAILURES = frozenset(name for name, kind in TYPES.items() if kind.cooldown)
+IMMEDIATE_COOLDOWN = frozenset(name for name, kind in TYPES.items() if kind.cooldown == "at_once")
 log = logging.getLogger("gateway.dispatch")
 
 #: Ray-side failures retried on another replica
@@ -116,41 +116,50 @@ class Bulkhead:
 
 
 class Stream:
-    """The rest of a stream after its first event: iterate it, then ``close`` it (idempotent).
+    """A streamed answer: its events (``gateway.events``), the first included; then ``close`` it.
 
-    ``close`` is what ends the call, whenever the caller leaves: before the first event was
-    written, mid-way or after the end. It cancels the replica's stream (which closes the
-    upstream one), reports success or failure to the cooldown state, and gives the
-    endpoint's seat back. The routes register it with ``Response.call_on_close``.
+    Iterating yields ``Delta``/``ToolCallDelta`` events and ends with exactly one ``Finish``
+    or ``Failure``: a replica lost mid-way, or a stream that stops without saying why, ends
+    with a ``Failure`` (``upstream_error``) here, so renderers never see a cut stream.
+
+    ``close`` (idempotent) is what ends the call, whenever the caller leaves: before the
+    first event was written, mid-way or after the end. It cancels the replica's stream
+    (which closes the upstream one), reports success or failure to the cooldown state, and
+    gives the endpoint's seat back. The chat flow registers it with ``Response.call_on_close``.
     """
 
-    def __init__(self, dispatcher: "Dispatcher", endpoint: "Endpoint", gen: Any, ended: bool = False,
-                 caller: Optional["Caller"] = None) -> None:
-        self._dispatcher, self._endpoint, self._gen, self._caller = dispatcher, endpoint, gen, caller
+    def __init__(self, dispatcher: "Dispatcher", endpoint: "Endpoint", first: StreamEvent, gen: Any,
+                 tried: list[dict], caller: Optional["Caller"] = None) -> None:
+        self.endpoint, self.tried = endpoint, tried
+        #: the upstream's time to the first event (ms): the part of the time to first byte that is not the gateway's
+        self.first_upstream_ms = first.upstream_ms or 0.0
+        self._dispatcher, self._gen, self._caller = dispatcher, gen, caller
+        self._first: Optional[StreamEvent] = first
         self._failed: Optional[GatewayError] = None
-        self._ended = ended  # the replica's stream reached its end (finish or error event)
+        self._ended = False  # the stream reached its end (Finish or Failure)
         self._closed = False
         self._lock = threading.Lock()
 
     def __iter__(self) -> "Stream":
         return self
 
-    def __next__(self) -> dict:
-        if self._closed or self._ended:
+    def __next__(self) -> StreamEvent:
+        if self._first is not None:
+            event, self._first = self._first, None
+        elif self._closed or self._ended:
             raise StopIteration
-        try:
-            event = next(self._gen)
-        except StopIteration:
+        else:
+            try:
+                event = next(self._gen)
+            except StopIteration:
+                event = Failure(ErrorInfo(type="upstream_error", message="the stream ended before it finished; try again"))
+            except RayError:
+                event = Failure(ErrorInfo(type="upstream_error",
+                                          message=f"'{self.endpoint.name}' lost its stream mid-way; try again"))
+        if isinstance(event, Failure):
+            self._failed = GatewayError.from_info(event.error)
             self._ended = True
-            raise
-        except RayError:
-            self._ended = True
-            self._failed = GatewayError("upstream_error", f"'{self._endpoint.name}' lost its stream mid-way; try again")
-            return {"error": self._failed.info}
-        if "error" in event:
-            self._failed = GatewayError.from_info(event["error"])
-            self._ended = True
-        elif "finish_reason" in event:
+        elif isinstance(event, Finish):
             self._ended = True
             _settle(self._caller, event)
         return event
@@ -163,23 +172,23 @@ class Stream:
         try:
             self._gen.cancel()  # no-op when finished; cancels the replica's (and upstream) stream otherwise
         except Exception as exc:  # noqa: BLE001 - the cluster may be gone; nothing is left to cancel then
-            log.warning("cancelling the stream of %s: %s", self._endpoint.name, type(exc).__name__)
-        self._dispatcher._bulkhead.give_back(self._endpoint.name)
+            log.warning("cancelling the stream of %s: %s", self.endpoint.name, type(exc).__name__)
+        self._dispatcher._bulkhead.give_back(self.endpoint.name)
         try:
             if self._ended:  # a caller who leaves early says nothing about the endpoint's health
-                self._dispatcher._report(self._endpoint, self._failed)
+                self._dispatcher._report(self.endpoint, self._failed)
             else:
-                self._dispatcher._release_probe(self._endpoint)
+                self._dispatcher._release_probe(self.endpoint)
         except Exception as exc:  # noqa: BLE001 - health is best effort; the stream itself is over
-            log.warning("reporting the stream of %s: %s", self._endpoint.name, type(exc).__name__)
+            log.warning("reporting the stream of %s: %s", self.endpoint.name, type(exc).__name__)
 
 
 @dataclass
 class Outcome:
-    """What answered (``served_by``) and what was tried before it, and why."""
+    """A whole answer: what answered (``endpoint``), its result, and what was tried before it, and why."""
 
     endpoint: Endpoint
-    result: Any
+    result: ChatResult
     tried: list[dict] = field(default_factory=list)
 
 
@@ -190,12 +199,27 @@ def _tried(name: str, err: GatewayError) -> dict:
     return entry
 
 
-def _settle(caller: Optional["Caller"], end: dict) -> None:
+def _settle(caller: Optional["Caller"], end: Finish) -> None:
     """A stream's last event carries its attempts and usage: charge them to the caller's key."""
     if caller is not None:
-        usage = end.get("usage") or {}
-        total = usage.get("total_tokens") or (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
-        caller.settle(end.get("attempts") or 1, total)
+        usage = end.usage
+        caller.settle(end.attempts or 1, usage.total_tokens or usage.prompt_tokens + usage.completion_tokens)
+
+
+def ray_failure(exc: BaseException, endpoint: Optional[str] = None) -> GatewayError:
+    """A Ray exception as the gateway's error: the one place Ray's failures are mapped.
+
+    A deployment Serve gave up on is ``endpoint_not_ready`` (deploy it again); a replica that
+    died, a full queue or a replica being replaced, once the retries on other replicas are
+    spent, is ``endpoint_not_ready`` too (try again shortly); any other Ray failure means the
+    cluster itself failed: ``cluster_unavailable``.
+    """
+    what = f"'{endpoint}'" if endpoint else "the endpoint"
+    if isinstance(exc, DeploymentUnavailableError):
+        return GatewayError("endpoint_not_ready", f"{what} failed to deploy", retry_after=5)
+    if isinstance(exc, _REPLICA_GONE):
+        return GatewayError("endpoint_not_ready", f"no replica of {what} could take the call; try again shortly", retry_after=1)
+    return GatewayError("cluster_unavailable", "the Ray cluster failed while serving the call; try again shortly", retry_after=2)
 
 
 def _with_tried(err: GatewayError, tried: list[dict]) -> GatewayError:
@@ -217,8 +241,11 @@ class Dispatcher:
         self.applying: Callable[[], bool] = lambda: False
 
     # -- endpoints ---------------------------------------------------------------
-    def resolve(self, chat_name: str, fresh: bool = False) -> Endpoint:
-        """The endpoint, from this process's cache unless it is older than ``endpoint_cache_s`` or ``fresh``."""
+    def resolve(self, chat_name: str, fresh: bool = False, visible: Optional[Callable[[str], bool]] = None) -> Endpoint:
+        """The endpoint, from this process's cache unless it is older than ``endpoint_cache_s`` or ``fresh``.
+
+        ``visible``: the names the caller may see (its client key's), for the not-found hint.
+        """
         now = time.monotonic()
         hit = self._cache.get(chat_name)
         if hit is not None and now - hit.fetched < self.settings.endpoint_cache_s and not fresh:
@@ -238,7 +265,7 @@ class Dispatcher:
             if self.applying():  # (a restarted cluster: the endpoints file brings it back shortly)
                 raise GatewayError("endpoint_not_ready", f"no endpoint named '{chat_name}' yet: this gateway process "
                                    f"is still applying its endpoints file", retry_after=2)
-            raise GatewayError("not_found", f"no endpoint named '{chat_name}'{self._did_you_mean(chat_name)}; "
+            raise GatewayError("not_found", f"no endpoint named '{chat_name}'{self._did_you_mean(chat_name, visible)}; "
                                f"GET /deployments (or GET /v1/models) lists them, POST /<provider>/deploy makes one")
         status = record.get("status", "RUNNING")
         if status == "DEPLOYING":
@@ -264,17 +291,14 @@ class Dispatcher:
             self._cache[chat_name] = endpoint
         return endpoint
 
-    def _did_you_mean(self, chat_name: str) -> str:
+    def _did_you_mean(self, chat_name: str, visible: Optional[Callable[[str], bool]]) -> str:
         """The hint "(did you mean 'x'?)" over the deployed names the caller may use; only on the not-found path."""
         try:
             names = [r["chat_name"] for r in ray.get(self.cluster.registry().list.remote(), timeout=_REGISTRY_WAIT_S)]
         except Exception:  # noqa: BLE001 - a hint only: what this process knows will do
             names = list(self._cache)
-        from flask import g, has_request_context
-
-        key = g.get("client_key") if has_request_context() else None
-        if key is not None:  # never name an endpoint the caller's key may not use
-            names = [n for n in names if key.allows(n)]
+        if visible is not None:  # never name an endpoint the caller's key may not use
+            names = [n for n in names if visible(n)]
         close = difflib.get_close_matches(chat_name, names, n=3, cutoff=0.6)
         return f" (did you mean {' or '.join(repr(n) for n in close)}?)" if close else ""
 
@@ -284,8 +308,12 @@ class Dispatcher:
             for key in [k for k in self._handles if k[0] == chat_name]:
                 del self._handles[key]
 
-    def _chain(self, chat_name: str, provider: Optional[str], fallbacks: Optional[list[str]]) -> tuple[Endpoint, list[str]]:
-        primary = self.resolve(chat_name)
+    def _chain(self, primary: Union[Endpoint, str], provider: Optional[str], fallbacks: Optional[list[str]],
+               caller: Optional["Caller"]) -> tuple[Endpoint, list[str]]:
+        """The endpoint asked for (resolved here unless the caller already did) and the names to try in order."""
+        if not isinstance(primary, Endpoint):
+            primary = self.resolve(primary, visible=caller and caller.allows)
+        chat_name = primary.name
         if provider is not None and primary.provider != provider:
             raise GatewayError(
                 "not_found",
@@ -369,23 +397,23 @@ class Dispatcher:
                 reply = self._wait(endpoint.handle.chat.remote(call), timeout)
             except TimeoutError:
                 raise GatewayError("upstream_timeout", f"'{endpoint.name}' did not answer within {timeout:.0f}s") from None
-            except DeploymentUnavailableError:
+            except DeploymentUnavailableError as exc:
                 self.forget(endpoint.name)
-                raise GatewayError("endpoint_not_ready", f"'{endpoint.name}' failed to deploy", retry_after=5) from None
-            except _REPLICA_GONE:
+                raise ray_failure(exc, endpoint.name) from None
+            except _REPLICA_GONE as exc:
                 if attempt + 1 < _RAY_ATTEMPTS:
                     time.sleep(0.05 * 2 ** attempt)  # Serve routes the retry to a live replica
                     continue
-                raise GatewayError("endpoint_not_ready", f"no replica of '{endpoint.name}' could take the call; try again shortly", retry_after=1) from None
-            except RayError:
-                raise GatewayError("cluster_unavailable", "the Ray cluster failed while serving the call; try again shortly", retry_after=2) from None
+                raise ray_failure(exc, endpoint.name) from None
+            except RayError as exc:
+                raise ray_failure(exc, endpoint.name) from None
             if isinstance(reply, ErrorInfo):
                 raise GatewayError.from_info(reply)
             return reply
         raise AssertionError("unreachable")
 
     # -- the dispatch path ----------------------------------------------------------
-    def _walk(self, chat_name: str, provider: Optional[str], fallbacks: Optional[list[str]],
+    def _walk(self, asked: Union[Endpoint, str], provider: Optional[str], fallbacks: Optional[list[str]],
               attempt: Callable[[Endpoint], Any], keep_seat: bool = False,
               caller: Optional["Caller"] = None) -> tuple[Endpoint, Any, list[dict]]:
         """Try ``chat_name``, then its fallbacks, with ``attempt``; the first answer wins.
@@ -401,7 +429,7 @@ class Dispatcher:
         ``forbidden`` (what the caller asked for first stays the error it gets), and each
         endpoint called costs one call of its limits, taken just before the call.
         """
-        primary, chain = self._chain(chat_name, provider, fallbacks)
+        primary, chain = self._chain(asked, provider, fallbacks, caller)
         tried: list[dict] = []
         last: Optional[GatewayError] = None
         for name in chain:
@@ -411,7 +439,7 @@ class Dispatcher:
                 last = last or err
                 continue
             try:
-                endpoint = primary if name == chat_name else self.resolve(name)
+                endpoint = primary if name == primary.name else self.resolve(name, visible=caller and caller.allows)
                 endpoint, skip, probing = self._skip_reason(endpoint)
             except GatewayError as err:
                 tried.append(_tried(name, err))
@@ -454,34 +482,31 @@ class Dispatcher:
                     self._bulkhead.give_back(name)
         raise _with_tried(last, tried)
 
-    def chat(self, chat_name: str, call: ChatCall, provider: Optional[str] = None,
+    def chat(self, asked: Union[Endpoint, str], call: ChatCall, provider: Optional[str] = None,
              fallbacks: Optional[list[str]] = None, caller: Optional["Caller"] = None) -> Outcome:
-        """Answer ``call`` on ``chat_name`` or its fallbacks; ``provider`` restricts the primary.
+        """Answer ``call`` on ``asked`` or its fallbacks; ``provider`` restricts the primary.
 
+        ``asked``: the endpoint (as the chat flow resolved it once) or its name.
         ``caller``: the request's client key (scope and limits; see ``_walk``), None without keys.
         """
-        endpoint, result, tried = self._walk(chat_name, provider, fallbacks, lambda ep: self._call(ep, call), caller=caller)
+        endpoint, result, tried = self._walk(asked, provider, fallbacks, lambda ep: self._call(ep, call), caller=caller)
         if caller is not None:
             caller.settle(result.attempts, result.usage.total_tokens)
         self._report(endpoint, None)
         return Outcome(endpoint, result, tried)
 
-    def stream(self, chat_name: str, call: ChatCall, provider: Optional[str] = None,
-               fallbacks: Optional[list[str]] = None, caller: Optional["Caller"] = None) -> tuple[Outcome, Stream]:
+    def stream(self, asked: Union[Endpoint, str], call: ChatCall, provider: Optional[str] = None,
+               fallbacks: Optional[list[str]] = None, caller: Optional["Caller"] = None) -> Stream:
         """Like ``chat``, but retries and fallbacks only until the first event is in hand.
 
-        Answers the outcome (``result`` is the first event) and a ``Stream`` over the rest,
-        which the caller must ``close`` (see ``Stream``). The caller's key is charged the
-        stream's retries and tokens when its last event arrives.
+        Answers a ``Stream`` (its first event included), which the caller must ``close``. The
+        caller's key is charged the stream's retries and tokens when its ``Finish`` arrives.
         """
-        endpoint, (first, rest), tried = self._walk(chat_name, provider, fallbacks,
+        endpoint, (first, rest), tried = self._walk(asked, provider, fallbacks,
                                                     lambda ep: self._open_stream(ep, call), keep_seat=True, caller=caller)
-        ended = "finish_reason" in first
-        if ended:
-            _settle(caller, first)
-        return Outcome(endpoint, first, tried), Stream(self, endpoint, rest, ended=ended, caller=caller)
+        return Stream(self, endpoint, first, rest, tried, caller=caller)
 
-    def _open_stream(self, endpoint: Endpoint, call: ChatCall) -> tuple[dict, Any]:
+    def _open_stream(self, endpoint: Endpoint, call: ChatCall) -> tuple[StreamEvent, Any]:
         providers.get(endpoint.provider).check_call(call)
         timeout = float(endpoint.record.get("timeout", 60)) + 5.0
         for attempt in range(_RAY_ATTEMPTS):
@@ -489,21 +514,21 @@ class Dispatcher:
             gen = endpoint.handle.options(stream=True).stream.remote(call)
             try:
                 first = self._next_event(gen, timeout)
-            except _REPLICA_GONE:
+            except _REPLICA_GONE as exc:
                 if attempt + 1 < _RAY_ATTEMPTS:
                     time.sleep(0.05 * 2 ** attempt)
                     continue
-                raise GatewayError("endpoint_not_ready", f"no replica of '{endpoint.name}' could take the call; try again shortly", retry_after=1) from None
+                raise ray_failure(exc, endpoint.name) from None
             except StopIteration:
                 raise GatewayError("upstream_error", f"'{endpoint.name}' ended its stream at once; try again") from None
-            except RayError:
-                raise GatewayError("cluster_unavailable", "the Ray cluster failed while serving the call; try again shortly", retry_after=2) from None
-            if "error" in first:
-                raise GatewayError.from_info(first["error"])
+            except RayError as exc:
+                raise ray_failure(exc, endpoint.name) from None
+            if isinstance(first, Failure):
+                raise GatewayError.from_info(first.error)
             return first, gen
         raise AssertionError("unreachable")
 
-    def _next_event(self, gen: Any, timeout: float) -> dict:
+    def _next_event(self, gen: Any, timeout: float) -> StreamEvent:
         result: dict = {}
 
         def pull() -> None:

@@ -2,10 +2,11 @@
 
 Any OpenAI client (the ``openai`` SDKs, LangChain, Dify's "OpenAI-API-compatible"
 provider, curl) uses every endpoint with ``model = chat_name``. The request becomes the
-same ``ChatCall`` and goes through the same ``Dispatcher`` as ``/chat`` (retries,
-fallbacks, cooldowns, request ids); only the rendering differs. Errors take OpenAI's
-shape (``web.render_error`` picks it for ``/v1/`` paths) so clients raise their usual
-exception classes.
+same ``Ask`` and goes through the same chat flow as ``/chat`` (``gateway.chat_flow``:
+retries, fallbacks, cooldowns, request ids); only the rendering differs (``OpenAIRenderer``).
+Errors raised on these routes take OpenAI's shape (``openai_error_body``, registered for
+this blueprint with ``context.error_shape``; the type mapping is ``errors.TYPES``) so
+clients raise their usual exception classes.
 """
 from __future__ import annotations
 
@@ -13,11 +14,18 @@ import time
 from datetime import datetime
 from typing import Any, Literal, Optional, Union
 
-from flask import Blueprint, Response, current_app, g, jsonify, stream_with_context
+from typing import Iterable
+
+from flask import Blueprint, Response, current_app, g, jsonify
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from . import chat_flow
+from .auth import check_chat_names
+from .context import error_shape, gw, json_body
+from .dispatch import Outcome, Stream
 from .errors import GatewayError
-from .schemas import ChatCall, ChatName, Message, SamplingParams, validate
+from .events import Finish, ToolCallDelta
+from .schemas import CallBody, ChatName, Message, validate
 
 v1 = Blueprint("openai_v1", __name__, url_prefix="/v1")
 
@@ -53,7 +61,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(SamplingParams):
+class CompletionRequest(CallBody):
     """OpenAI's Chat Completions request; what the gateway cannot honour is refused, not dropped."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -75,9 +83,8 @@ class CompletionRequest(SamplingParams):
         # Clients send explicit nulls for unset options; null means "not given".
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
-    def to_call(self, request_id: str) -> ChatCall:
-        params = SamplingParams(**self.model_dump(include=set(SamplingParams.model_fields)))
-        return ChatCall(request_id=request_id, messages=[m.plain() for m in self.messages], params=params)
+    def call_messages(self) -> list[Message]:
+        return [m.plain() for m in self.messages]
 
 
 def _created(record: dict) -> int:
@@ -93,8 +100,6 @@ def _model_card(record: dict) -> dict:
 
 @v1.get("/models")
 def list_models():
-    from .web import gw
-
     key = g.client_key
     cards = [_model_card(r) for r in gw().endpoints.list() if r.get("provider") and r.get("status") in ("RUNNING", "UPDATING") and (key is None or key.allows(r["chat_name"]))]
     return jsonify(object="list", data=cards)
@@ -102,50 +107,82 @@ def list_models():
 
 @v1.get("/models/<model_id>")
 def get_model(model_id: str):
-    from .web import gw
-
-    from .auth import check_chat_names
-
     check_chat_names(g.client_key, [model_id])
     return jsonify(_model_card(gw().endpoints.get(model_id)))
 
 
+class OpenAIRenderer(chat_flow.Renderer):
+    """OpenAI's ``chat.completion`` and ``chat.completion.chunk`` shapes; ``X-Served-By`` names who answered."""
+
+    def headers(self, endpoint) -> dict[str, str]:
+        return {"X-Served-By": endpoint.name}
+
+    def answer(self, ask: chat_flow.Ask, outcome: Outcome) -> Response:
+        result = outcome.result
+        message: dict[str, Any] = {"role": "assistant", "content": result.output if (result.output or not result.tool_calls) else None}
+        if result.tool_calls:
+            message["tool_calls"] = result.tool_calls
+        return jsonify({
+            "id": _completion_id(),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": ask.chat_name,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": _finish_reason(result.finish_reason, result.tool_calls)}],
+            "usage": result.usage.model_dump(),
+            "system_fingerprint": None,
+        })
+
+    def stream_start(self, ask: chat_flow.Ask, stream: Stream) -> Iterable[str]:
+        g.created = int(time.time())
+        g.saw_tools = False
+        yield _chunk(ask, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+
+    def delta(self, ask: chat_flow.Ask, stream: Stream, event) -> str:
+        if isinstance(event, ToolCallDelta):
+            g.saw_tools = True
+            delta = {"tool_calls": [{"index": i, **tc} for i, tc in enumerate(event.tool_calls)]}
+        else:
+            delta = {"content": event.text}
+        return _chunk(ask, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+
+    def finish(self, ask: chat_flow.Ask, stream: Stream, event: Finish) -> Iterable[str]:
+        reason = _finish_reason(event.reason, g.saw_tools)
+        yield _chunk(ask, [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
+        if _include_usage(ask):
+            yield _chunk(ask, [], event.usage.model_dump())
+        yield "data: [DONE]\n\n"
+
+    def failure(self, ask: chat_flow.Ask, err: GatewayError) -> str:
+        return "data: " + current_app.json.dumps(openai_error_body(err, g.request_id)) + "\n\n"
+
+
+_RENDERER = OpenAIRenderer()
+
+
+def _completion_id() -> str:
+    return "chatcmpl-" + g.request_id
+
+
+def _include_usage(ask: chat_flow.Ask) -> bool:
+    options = ask.request.stream_options
+    return bool(options and options.include_usage)
+
+
+def _chunk(ask: chat_flow.Ask, choices: list, usage: Any = None) -> str:
+    """One ``chat.completion.chunk``; with ``include_usage`` every chunk has ``usage`` (null but the last)."""
+    body = {"id": _completion_id(), "object": "chat.completion.chunk", "created": g.created, "model": ask.chat_name,
+            "system_fingerprint": None, "choices": choices}
+    if _include_usage(ask):
+        body["usage"] = usage
+    return "data: " + current_app.json.dumps(body) + "\n\n"
+
+
 @v1.post("/chat/completions")
 def chat_completions():
-    from .web import gw, json_body
-
-    from .web import closing_stream, note_endpoint, note_served, start_stream_record, stream_ended
-
     req = validate(CompletionRequest, json_body())
-    call = req.to_call(g.request_id)
-    dispatcher = gw().dispatcher
-    note_endpoint(req.model, req.fallbacks)
-    completion_id = "chatcmpl-" + g.request_id
-    created = int(time.time())
-    caller = gw().limits.caller(g.client_key)  # scope on the endpoint's own fallbacks, limits per upstream call
-    if req.stream:
-        outcome, rest = dispatcher.stream(req.model, call, fallbacks=req.fallbacks, caller=caller)
-        g.upstream_ms = outcome.result.get("first_event_ms") or 0.0
-        return closing_stream(rest, lambda: _stream(req, completion_id, created, outcome, rest,
-                                                     start_stream_record(outcome), stream_ended))
-    outcome = dispatcher.chat(req.model, call, fallbacks=req.fallbacks, caller=caller)
-    result = outcome.result
-    g.upstream_ms = result.upstream_ms
-    note_served(outcome, result.attempts, result.usage.model_dump(), result.upstream_ms)
-    message: dict[str, Any] = {"role": "assistant", "content": result.output if (result.output or not result.tool_calls) else None}
-    if result.tool_calls:
-        message["tool_calls"] = result.tool_calls
-    response = jsonify({
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": req.model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(result.finish_reason, result.tool_calls)}],
-        "usage": result.usage.model_dump(),
-        "system_fingerprint": None,
-    })
-    response.headers["X-Served-By"] = outcome.endpoint.name
-    return response
+    ask = chat_flow.Ask(req.model, req.to_call(g.request_id), stream=req.stream, fallbacks=req.fallbacks, request=req)
+    return chat_flow.run(ask, _RENDERER)
 
 
 def _finish_reason(reason: Optional[str], tool_calls: Any) -> str:
@@ -158,84 +195,14 @@ def _finish_reason(reason: Optional[str], tool_calls: Any) -> str:
     return "stop"
 
 
-def _stream(req: CompletionRequest, completion_id: str, created: int, outcome, rest, record, stream_ended):
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    request_id = g.request_id
-
-    def chunk(choices: list, usage: Any = None, with_usage: bool = include_usage) -> str:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                "system_fingerprint": None, "choices": choices}
-        if with_usage:
-            body["usage"] = usage
-        return "data: " + current_app.json.dumps(body) + "\n\n"
-
-    def events():
-        from .web import finish_record
-
-        event = outcome.result
-        saw_tools = False
-        error_type = None
-        try:
-            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-            while True:
-                if "error" in event:
-                    err = GatewayError.from_info(event["error"])
-                    error_type = err.type
-                    yield "data: " + current_app.json.dumps(openai_error_body(err, request_id)) + "\n\n"
-                    return
-                if "finish_reason" in event:
-                    stream_ended(record, event)
-                    reason = _finish_reason(event["finish_reason"], saw_tools)
-                    yield chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
-                    if include_usage:
-                        yield chunk([], event["usage"], True)
-                    yield "data: [DONE]\n\n"
-                    return
-                if "tool_calls" in event:
-                    saw_tools = True
-                    deltas = [{"index": i, **tc} for i, tc in enumerate(event["tool_calls"])]
-                    yield chunk([{"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}])
-                else:
-                    yield chunk([{"index": 0, "delta": {"content": event["delta"]}, "logprobs": None, "finish_reason": None}])
-                event = next(rest, None)
-                if event is None:
-                    err = GatewayError("upstream_error", "the stream ended before it finished; try again")
-                    error_type = err.type
-                    yield "data: " + current_app.json.dumps(openai_error_body(err, request_id)) + "\n\n"
-                    return
-        finally:
-            rest.close()
-            finish_record(record, 200, error_type)
-
-    response = Response(stream_with_context(events()), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    response.headers["X-Served-By"] = outcome.endpoint.name
-    return response
-
-
-#: gateway error type -> OpenAI's error ``type``
-_OPENAI_TYPES = {
-    "invalid_request": "invalid_request_error",
-    "not_found": "invalid_request_error",
-    "unauthorized": "authentication_error",
-    "forbidden": "permission_error",
-    "host_not_allowed": "permission_error",
-    "origin_not_allowed": "permission_error",
-    "unsupported_media_type": "invalid_request_error",
-    "rate_limited": "rate_limit_error",
-    "upstream_rate_limited": "rate_limit_error",
-}
-
-
 def openai_error_body(err: GatewayError, request_id: Optional[str]) -> dict:
     """The gateway's error in OpenAI's shape; the gateway's own fields ride along."""
-    info = err.info
-    code = "model_not_found" if info.type == "not_found" else (info.provider_code or info.type)
+    info, kind = err.info, err.kind
     body = {
         "message": info.message,
-        "type": _OPENAI_TYPES.get(info.type, info.type),
+        "type": kind.openai_type or info.type,
         "param": (info.fields or [None])[0],
-        "code": code,
+        "code": kind.openai_code or info.provider_code or info.type,
         "gateway_type": info.type,
     }
     if request_id:
@@ -243,3 +210,6 @@ def openai_error_body(err: GatewayError, request_id: Optional[str]) -> dict:
     if info.tried:
         body["tried"] = info.tried
     return {"error": body}
+
+
+error_shape(v1, openai_error_body)

@@ -80,7 +80,22 @@ class SamplingParams(BaseModel):
         return self
 
 
-class ChatInput(SamplingParams):
+class CallBody(SamplingParams):
+    """A chat route's body: sampling parameters and messages, which ``to_call`` turns into a ``ChatCall``.
+
+    Each route's body (``ChatInput`` here, ``openai_compat.CompletionRequest``) says only how
+    its messages read (``call_messages``); the call is made in one place.
+    """
+
+    def call_messages(self) -> list["Message"]:
+        raise NotImplementedError
+
+    def to_call(self, request_id: str) -> "ChatCall":
+        params = SamplingParams(**self.model_dump(include=set(SamplingParams.model_fields)))
+        return ChatCall(request_id=request_id, messages=self.call_messages(), params=params)
+
+
+class ChatInput(CallBody):
     """What to ask: ``content`` (one user message) or ``messages``, plus sampling parameters."""
 
     content: Optional[str] = Field(None, min_length=1)
@@ -96,10 +111,8 @@ class ChatInput(SamplingParams):
             raise ValueError("'messages' is empty: give at least one {\"role\": \"user\", \"content\": ...}")
         return self
 
-    def to_call(self, request_id: str) -> "ChatCall":
-        messages = self.messages or [Message(role="user", content=self.content)]
-        params = SamplingParams(**self.model_dump(include=set(SamplingParams.model_fields)))
-        return ChatCall(request_id=request_id, messages=messages, params=params)
+    def call_messages(self) -> list[Message]:
+        return self.messages or [Message(role="user", content=self.content)]
 
 
 class ChatRequest(ChatInput):

@@ -1,22 +1,35 @@
-"""HTTP routes: one blueprint per provider plus the core routes, and the one error renderer."""
+"""HTTP routes: the core routes and one blueprint per provider, in the gateway's own shape.
+
+The chat routes hand their body to ``gateway.chat_flow`` with a renderer of this module
+(``/chat``: the full JSON answer; ``/<provider>/chat``: the legacy bare answer); the
+OpenAI-compatible routes live in ``gateway.openai_compat``. What every route reads of its
+request (services, body, route kind, error shape) is ``gateway.context``.
+"""
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import time
 import traceback
 import uuid
-from typing import Optional
+from typing import Iterable
 
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, stream_with_context
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from ray.exceptions import RayError
 from werkzeug.exceptions import HTTPException
 
 import providers
 
-from . import metrics
+from . import chat_flow, metrics
 from .auth import check_chat_names
+from .bodies import legacy_text
+from .context import OPEN, READERS, finish_record, gw, is_admin_route, json_body, render_error
+from .dispatch import Outcome, Stream, ray_failure
 from .doors import Doors
 from .errors import GatewayError
+from .events import Finish, ToolCallDelta
+from .openai_compat import v1
 from .schemas import BroadcastRequest, ChatRequest, UndeployRequest, validate
 
 log = logging.getLogger("gateway.web")
@@ -24,28 +37,6 @@ log = logging.getLogger("gateway.web")
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 core = Blueprint("core", __name__)
-
-
-def gw():
-    """The gateway's services for this app (see ``gateway.create_app``)."""
-    return current_app.extensions["gateway"]
-
-
-def json_body() -> dict:
-    """The body's fields however an old application sent them: charsets, forms, limits (``gateway.bodies``).
-
-    Form bodies only on chat routes: the admin routes take JSON alone (``gateway.doors``).
-    A caller whose body was not UTF-8 gets its answers, errors included, in ASCII-only JSON.
-    """
-    from flask import after_this_request
-
-    from . import bodies
-
-    body = bodies.read(bodies.request_bytes(), request.headers.get("Content-Type"),
-                       forms=not _is_admin_route(request.endpoint))
-    if not body.utf8:
-        after_this_request(bodies.escape_non_ascii)
-    return body.data
 
 
 # -- request bookkeeping and errors ------------------------------------------
@@ -59,16 +50,6 @@ def _before() -> None:
     metrics.IN_FLIGHT.labels(route).inc()
 
 
-#: routes anyone may call; admin routes; everything else is a chat (client) route
-_OPEN = {"core.healthz", "core.readyz"}
-_ADMIN = {"core.deployments", "core.deployment"}
-_READERS = {"core.prometheus_metrics"}
-
-
-def _is_admin_route(endpoint: Optional[str]) -> bool:
-    return endpoint is not None and (endpoint in _ADMIN or endpoint.rpartition(".")[2] in ("deploy", "undeploy"))
-
-
 def _doors_for(app: Flask):
     """Host, Origin and (admin routes) Content-Type, before anything else reads the request."""
     settings = app.extensions["gateway"].settings
@@ -76,7 +57,7 @@ def _doors_for(app: Flask):
 
     def check() -> None:
         doors.check(request.headers.get("Host"), request.headers.get("Origin"), request.scheme)
-        if request.method == "POST" and _is_admin_route(request.endpoint):
+        if request.method == "POST" and is_admin_route(request.endpoint):
             doors.check_json(request.content_type)
 
     return check
@@ -86,12 +67,12 @@ def _authorize() -> None:
     g.client_key = None
     auth = gw().auth
     endpoint = request.endpoint
-    if not (auth.enabled or endpoint in _READERS) or endpoint is None or endpoint in _OPEN:
+    if not (auth.enabled or endpoint in READERS) or endpoint is None or endpoint in OPEN:
         return
     header = request.headers.get("Authorization")
-    if endpoint in _READERS:
+    if endpoint in READERS:
         auth.reader(header)
-    elif _is_admin_route(endpoint):
+    elif is_admin_route(endpoint):
         auth.admin(header)
     else:
         g.client_key = auth.client(header)
@@ -109,29 +90,6 @@ def _after(response):
     return response
 
 
-def finish_record(record, status: int, error_type) -> None:
-    if not record.done:
-        metrics.IN_FLIGHT.labels(record.route).dec()
-        record.finish(status, error_type)
-
-
-def render_error(err: GatewayError):
-    g.error_type = err.type
-    record = g.get("record")
-    if record is not None:
-        record.tried = err.info.tried or record.tried
-        record.attempts = err.info.attempts or record.attempts
-    if request.path.startswith("/v1/"):
-        from .openai_compat import openai_error_body
-
-        response = jsonify(openai_error_body(err, g.get("request_id")))
-    else:
-        response = jsonify(err.body(g.get("request_id")))
-    response.status_code = err.status
-    response.headers.update(err.headers())
-    return response
-
-
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 400: "invalid_request"}
 
 
@@ -142,8 +100,6 @@ _MAIN_ROUTES = ("POST /chat", "POST /chat/broadcast", "POST /<provider>/deploy|c
 
 def _no_route() -> str:
     """What to call instead of a path no route matches: the providers there are, or the close routes."""
-    import difflib
-
     said = f"no route {request.method} {request.path}"
     parts = request.path.strip("/").split("/")
     names = providers.names()
@@ -177,10 +133,8 @@ def _http_error(exc: HTTPException):
 
 
 def _unexpected(exc: Exception):
-    from ray.exceptions import RayError
-
     if isinstance(exc, RayError):
-        return render_error(GatewayError("cluster_unavailable", "the Ray cluster did not answer; try again shortly", retry_after=2))
+        return render_error(ray_failure(exc))
     # The traceback's places, not its messages: a message could carry user input.
     where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)[-4:])
     log.error("unhandled %s request_id=%s at %s", type(exc).__name__, g.get("request_id"), where)
@@ -188,43 +142,52 @@ def _unexpected(exc: Exception):
 
 
 # -- core routes ---------------------------------------------------------------
+class GatewayRenderer(chat_flow.Renderer):
+    """``POST /chat``: the gateway's full JSON answer; streams as ``data: {"delta"}``... events."""
+
+    def answer(self, ask: chat_flow.Ask, outcome: Outcome) -> Response:
+        return jsonify(_result_body(ask.chat_name, outcome))
+
+    def delta(self, ask: chat_flow.Ask, stream: Stream, event) -> str:
+        return _sse_data({"tool_calls": event.tool_calls} if isinstance(event, ToolCallDelta) else {"delta": event.text})
+
+    def finish(self, ask: chat_flow.Ask, stream: Stream, event: Finish) -> Iterable[str]:
+        endpoint = stream.endpoint
+        yield _sse_data({
+            "finish_reason": event.reason, "usage": event.usage.model_dump(),
+            "chat_name": ask.chat_name, "served_by": endpoint.name, "provider": endpoint.provider,
+            "model": endpoint.record.get("model"), "attempts": event.attempts,
+            "tried": stream.tried, "request_id": g.request_id,
+        })
+        yield "data: [DONE]\n\n"
+
+    def failure(self, ask: chat_flow.Ask, err: GatewayError) -> str:
+        """An ``event: error`` with the error object (nothing follows it)."""
+        return "event: error\n" + _sse_data(err.body(g.request_id))
+
+
+class LegacyRenderer(GatewayRenderer):
+    """``POST /<provider>/chat``: the answer as a JSON string, or bare text to ``Accept: text/plain``."""
+
+    def answer(self, ask: chat_flow.Ask, outcome: Outcome) -> Response:
+        return legacy_text(outcome.result.output) or jsonify(outcome.result.output)
+
+
+_GATEWAY, _LEGACY = GatewayRenderer(), LegacyRenderer()
+
+
+def _ask(data: dict, provider=None) -> chat_flow.Ask:
+    req = validate(ChatRequest, data)
+    return chat_flow.Ask(req.chat_name, req.to_call(g.request_id), stream=req.stream, fallbacks=req.fallbacks,
+                         provider=provider, request=req)
+
+
 @core.post("/chat")
 def chat():
-    data = json_body()
-    return _chat(data, provider=None, legacy=False)
+    return chat_flow.run(_ask(json_body()), _GATEWAY)
 
 
-def note_endpoint(chat_name: str, fallbacks=None) -> None:
-    """Check the caller may use it, then resolve it (cached) so that metrics may name it."""
-    check_chat_names(g.client_key, [chat_name, *(fallbacks or [])])
-    endpoint = gw().dispatcher.resolve(chat_name)
-    g.record.endpoint(endpoint.name, endpoint.provider)
-
-
-def note_served(outcome, attempts, usage, upstream_ms) -> None:
-    g.record.served(outcome.endpoint.name, outcome.endpoint.provider, attempts, usage, upstream_ms, outcome.tried)
-
-
-def _chat(data: dict, provider: Optional[str], legacy: bool):
-    req = validate(ChatRequest, data)
-    call = req.to_call(g.request_id)
-    dispatcher = gw().dispatcher
-    note_endpoint(req.chat_name, req.fallbacks)
-    caller = gw().limits.caller(g.client_key)  # scope on the endpoints' own fallbacks, limits per upstream call
-    if req.stream:
-        outcome, rest = dispatcher.stream(req.chat_name, call, provider=provider, fallbacks=req.fallbacks, caller=caller)
-        return closing_stream(rest, lambda: _sse(req, outcome, rest))
-    outcome = dispatcher.chat(req.chat_name, call, provider=provider, fallbacks=req.fallbacks, caller=caller)
-    g.upstream_ms = outcome.result.upstream_ms
-    note_served(outcome, outcome.result.attempts, outcome.result.usage.model_dump(), outcome.result.upstream_ms)
-    if legacy:  # a JSON string, or bare text to a caller that asks for text/plain
-        from .bodies import legacy_text
-
-        return legacy_text(outcome.result.output) or jsonify(outcome.result.output)
-    return jsonify(_result_body(req.chat_name, outcome))
-
-
-def _result_body(chat_name: str, outcome) -> dict:
+def _result_body(chat_name: str, outcome: Outcome) -> dict:
     result, endpoint = outcome.result, outcome.endpoint
     return {
         "chat_name": chat_name,
@@ -242,81 +205,8 @@ def _result_body(chat_name: str, outcome) -> dict:
     }
 
 
-def closing_stream(rest, render) -> Response:
-    """The streamed response of ``render()``; ``rest`` is closed however the response ends.
-
-    The WSGI server closes the response when the client leaves or the body is done, even
-    if the body never started (a generator that never ran has no ``finally`` to run).
-    """
-    try:
-        response = render()
-    except BaseException:
-        rest.close()
-        raise
-    response.call_on_close(rest.close)
-    return response
-
-
 def _sse_data(payload) -> str:
     return "data: " + current_app.json.dumps(payload) + "\n\n"
-
-
-def _sse(req: ChatRequest, outcome, rest):
-    """``data: {"delta"}``..., a last event with ``finish_reason`` and ``usage``, then ``[DONE]``.
-
-    A failure after the first byte is an ``event: error`` with the error object, and the end.
-    Closing this generator (the client hung up) closes ``rest``, which cancels the upstream.
-    """
-    endpoint, request_id = outcome.endpoint, g.request_id
-    g.upstream_ms = outcome.result.get("first_event_ms") or 0.0
-    record = start_stream_record(outcome)
-
-    def events():
-        event = outcome.result
-        error_type = None
-        try:
-            while True:
-                if "error" in event:
-                    err = GatewayError.from_info(event["error"])
-                    error_type = err.type
-                    yield "event: error\n" + _sse_data(err.body(request_id))
-                    return
-                if "finish_reason" in event:
-                    stream_ended(record, event)
-                    yield _sse_data({
-                        "finish_reason": event["finish_reason"], "usage": event["usage"],
-                        "chat_name": req.chat_name, "served_by": endpoint.name, "provider": endpoint.provider,
-                        "model": endpoint.record.get("model"), "attempts": event.get("attempts", 1),
-                        "tried": outcome.tried, "request_id": request_id,
-                    })
-                    yield "data: [DONE]\n\n"
-                    return
-                yield _sse_data({"tool_calls": event["tool_calls"]} if "tool_calls" in event else {"delta": event["delta"]})
-                event = next(rest, None)
-                if event is None:
-                    err = GatewayError("upstream_error", "the stream ended before it finished; try again")
-                    error_type = err.type
-                    yield "event: error\n" + _sse_data(err.body(request_id))
-                    return
-        finally:
-            rest.close()
-            finish_record(record, 200, error_type)
-
-    return Response(stream_with_context(events()), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def start_stream_record(outcome):
-    """A stream's metrics and access log line are written when it ends, not when it starts."""
-    g.streaming = True
-    record = g.record
-    record.first_event_ms = (time.perf_counter() - g.started) * 1000
-    record.served(outcome.endpoint.name, outcome.endpoint.provider, None, None, None, outcome.tried)
-    return record
-
-
-def stream_ended(record, event: dict) -> None:
-    record.attempts, record.usage, record.upstream_ms = event.get("attempts"), event.get("usage"), event.get("upstream_ms")
 
 
 @core.get("/metrics")
@@ -413,7 +303,7 @@ def provider_blueprint(provider: "providers.Provider") -> Blueprint:
 
     @bp.post("/chat")
     def chat():
-        return _chat(json_body(), provider=provider.name, legacy=True)
+        return chat_flow.run(_ask(json_body(), provider=provider.name), _LEGACY)
 
     @bp.post("/undeploy")
     def undeploy():
@@ -432,8 +322,6 @@ def register_routes(app: Flask) -> None:
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)
     app.register_blueprint(core)
-    from .openai_compat import v1
-
     app.register_blueprint(v1)
     for name in providers.names():
         app.register_blueprint(provider_blueprint(providers.get(name)))

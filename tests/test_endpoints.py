@@ -174,3 +174,27 @@ def test_a_name_can_move_to_another_provider_after_undeploy(client, deploy, name
     assert deploy(chat_name, "sk-move-0009", provider="relay").status_code == 200
     r = client.post("/chat", json={"chat_name": chat_name, "content": "b"})
     assert r.status_code == 200 and r.get_json()["provider"] == "relay" and r.get_json()["output"] == "echo: b"
+
+
+def test_the_overhead_header_of_a_stream_leaves_out_the_upstreams_time_to_first_token(client, shared_endpoint):
+    """``X-Gateway-Overhead-Ms`` is the gateway's own time: on a stream, its time to the first
+    byte less the upstream's time to the first event (here at least 1.5 s: the fake waits)."""
+    from tests.fakes.upstreams import Reply
+
+    chat_name, key, fake = shared_endpoint("openai")
+    wait_ms = 1500
+    for path, body in (("/chat", {"chat_name": chat_name, "content": "slow start", "stream": True}),
+                       ("/v1/chat/completions", {"model": chat_name, "stream": True,
+                                                 "messages": [{"role": "user", "content": "slow start"}]})):
+        fake.script(key, Reply(delay=wait_ms / 1000))
+        started = time.perf_counter()
+        r = client.post(path, json=body, buffered=False)
+        to_headers_ms = (time.perf_counter() - started) * 1000
+        try:
+            assert r.status_code == 200 and to_headers_ms >= wait_ms
+            overhead = float(r.headers["X-Gateway-Overhead-Ms"])
+            # (before: the header was the whole time to first byte, the upstream's 1.5 s included)
+            assert 0 <= overhead <= to_headers_ms - wait_ms, (path, overhead, to_headers_ms)
+            assert "[DONE]" in r.get_data(as_text=True)
+        finally:
+            r.close()

@@ -1,0 +1,77 @@
+"""What every route reads of its request, in one place: the gateway's services, the body,
+the kind of route, the request's record, and how its errors are written.
+
+The blueprints (``gateway.web``'s core and provider routes, ``gateway.openai_compat``'s
+``/v1``) import this module and ``gateway.chat_flow``, never each other.
+
+Error shapes: a blueprint says how its errors are written with ``error_shape(bp, body)``;
+``render_error`` writes any ``GatewayError`` raised while a route of that blueprint serves
+(in its view, or in the checks before it: doors, auth) in that shape, and in the gateway's
+own ``{"error": {"type", "message", ...}}`` otherwise (no route matched).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from flask import Blueprint, after_this_request, current_app, g, jsonify, request
+
+from . import bodies, metrics
+from .errors import GatewayError
+
+#: how a blueprint writes an error: ``(error, request_id) -> body``
+ErrorBody = Callable[[GatewayError, Optional[str]], dict]
+
+_SHAPES: dict[str, ErrorBody] = {}
+
+#: routes anyone may call; admin routes; readers of /metrics; everything else is a chat (client) route
+OPEN = frozenset({"core.healthz", "core.readyz"})
+ADMIN = frozenset({"core.deployments", "core.deployment"})
+READERS = frozenset({"core.prometheus_metrics"})
+
+
+def gw():
+    """The gateway's services for this app (see ``gateway.create_app``)."""
+    return current_app.extensions["gateway"]
+
+
+def is_admin_route(endpoint: Optional[str]) -> bool:
+    return endpoint is not None and (endpoint in ADMIN or endpoint.rpartition(".")[2] in ("deploy", "undeploy"))
+
+
+def json_body() -> dict:
+    """The body's fields however an old application sent them: charsets, forms, limits (``gateway.bodies``).
+
+    Form bodies only on chat routes: the admin routes take JSON alone (``gateway.doors``).
+    A caller whose body was not UTF-8 gets its answers, errors included, in ASCII-only JSON.
+    """
+    body = bodies.read(bodies.request_bytes(), request.headers.get("Content-Type"),
+                       forms=not is_admin_route(request.endpoint))
+    if not body.utf8:
+        after_this_request(bodies.escape_non_ascii)
+    return body.data
+
+
+def finish_record(record: "metrics.RequestRecord", status: int, error_type: Optional[str]) -> None:
+    """The request's metrics and access-log line, written once (a stream's when it ends)."""
+    if not record.done:
+        metrics.IN_FLIGHT.labels(record.route).dec()
+        record.finish(status, error_type)
+
+
+def error_shape(blueprint: Blueprint, body: ErrorBody) -> None:
+    """Errors raised while a route of ``blueprint`` serves are written with ``body``."""
+    _SHAPES[blueprint.name] = body
+
+
+def render_error(err: GatewayError):
+    """The response for ``err``, in the shape of the blueprint serving the request."""
+    g.error_type = err.type
+    record = g.get("record")
+    if record is not None:
+        record.tried = err.info.tried or record.tried
+        record.attempts = err.info.attempts or record.attempts
+    body = _SHAPES.get(request.blueprint or "", GatewayError.body)
+    response = jsonify(body(err, g.get("request_id")))
+    response.status_code = err.status
+    response.headers.update(err.headers())
+    return response
