@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: start test install install-dev install-local install-gpu bench clean
+.PHONY: start test test-fast install install-dev install-local install-gpu bench clean
 
 # (gunicorn then says each step: the metrics directory, "starting the embedded Ray head", and once every
 # worker is connected, "ready: the gateway serves http://..." and the dashboard's URL and how to log in)
@@ -15,6 +15,10 @@ start: install
 
 test: install-dev
 	$(BIN)/python -m pytest
+
+# the pure tests only (tests/fast: no Ray, seconds); make test runs them too
+test-fast: install-dev
+	$(BIN)/python -m pytest -m fast
 
 bench: install-dev
 	$(BIN)/python -m bench run

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 import uuid
@@ -12,7 +11,7 @@ from typing import Callable, Optional
 import ray
 from ray import serve
 
-from providers.base import DeploySpec, Provider, construction_failure, indefinite
+from providers.base import DeployFailure, DeploySpec, Provider, construction_failure, indefinite
 
 from .cluster import Cluster
 from .config import Settings
@@ -53,6 +52,31 @@ def _deployment_view(app_status) -> tuple[Optional[str], int]:
     for name, dep in app_status.deployments.items():
         return name, int(dep.replica_states.get("RUNNING", 0))
     return None, 0
+
+
+def fallback_cycle(name: str, fallbacks: list[str], graph: dict[str, list[str]]) -> Optional[list[str]]:
+    """The first path by which ``name``'s new ``fallbacks`` lead back to ``name`` (``['a', 'b', 'a']``), or None.
+
+    ``graph`` maps the deployed endpoints to their fallbacks (it is not changed); ``name``'s own
+    entry is replaced by ``fallbacks``. Names the graph lacks lead nowhere. Pure: no cluster.
+    """
+    graph = {**graph, name: list(fallbacks)}
+    path: list[str] = []
+    seen = {name}  # a node looked at once need not be again: the search stops at the first way back
+
+    def leads_back(node: str) -> bool:
+        for nxt in graph.get(node, []):
+            path.append(nxt)
+            if nxt == name:
+                return True
+            if nxt not in seen:
+                seen.add(nxt)
+                if leads_back(nxt):
+                    return True
+            path.pop()
+        return False
+
+    return [name] + path if leads_back(name) else None
 
 
 class Endpoints:
@@ -288,20 +312,9 @@ class Endpoints:
         if unknown:
             raise GatewayError("invalid_request", f"fallbacks name endpoints that are not deployed: {', '.join(unknown)}",
                                fields=["fallbacks"])
-        graph[name] = list(fallbacks)
-        path: list[str] = []
-
-        def leads_back(node: str, seen: set) -> bool:
-            for nxt in graph.get(node, []):
-                path.append(nxt)
-                if nxt == name or (nxt not in seen and leads_back(nxt, seen | {nxt})):
-                    return True
-                path.pop()
-            return False
-
-        if leads_back(name, {name}):
-            cycle = " -> ".join([name] + path)
-            raise GatewayError("invalid_request", f"fallbacks form a cycle: {cycle}", fields=["fallbacks"])
+        cycle = fallback_cycle(name, fallbacks, graph)
+        if cycle:
+            raise GatewayError("invalid_request", f"fallbacks form a cycle: {' -> '.join(cycle)}", fields=["fallbacks"])
 
     @staticmethod
     def _conflict(name: str, other: str) -> GatewayError:
@@ -407,10 +420,6 @@ def _message_of(app) -> str:
     return str(app.message or _status(app.status))
 
 
-#: a replica that fails to load raises ``providers.base.DeployFailure("<reason>: <message>")``
-_REASON = re.compile(r"DeployFailure: ([a-z_]+): (.+)")
-
-
 def failure_of(app) -> dict:
     """``{"reason", "message"}`` of a failed application, from Serve's message.
 
@@ -420,10 +429,9 @@ def failure_of(app) -> dict:
     health check) shows the traceback's last line, which Serve wrote, not an SDK.
     """
     text = _message_of(app)
-    found = _REASON.findall(text)
-    if found:
-        reason, message = found[-1]
-        return {"reason": reason, "message": message.strip()[:500]}
+    failure = DeployFailure.parse(text)
+    if failure is not None:
+        return {"reason": failure.reason, "message": failure.message[:500]}
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     last = lines[-1] if lines else "the replicas failed to start"
     return {"reason": "replica_failed", "message": f"a replica failed to start: {last[:400]}"}

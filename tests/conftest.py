@@ -125,3 +125,13 @@ def deploy(client, fake_openai):
     yield _deploy
     for provider, chat_name in made:  # (force: fallbacks among them go too)
         client.post(f"/{provider}/undeploy", json={"chat_name": chat_name, "force": True})
+
+
+def pytest_ignore_collect(collection_path, config):
+    """``pytest -m fast`` imports only tests/fast: the other modules hold no fast test, and importing them takes seconds."""
+    from pathlib import Path
+
+    if config.getoption("markexpr", "") == "fast" and collection_path.suffix == ".py" \
+            and Path(__file__).parent / "fast" not in collection_path.parents:
+        return True
+    return None
