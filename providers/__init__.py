@@ -1,7 +1,8 @@
 """The provider registry: ``name -> Provider``.
 
-Adding a provider is one module in this package plus its line in ``BUILTIN`` below;
-the gateway derives its routes (``/<name>/deploy``, ``/<name>/chat``,
+Adding a provider is one module in this package plus its line in ``BUILTIN`` below; a provider
+that speaks OpenAI's wire is only a configuration (``providers/openai_compatible.py``) plus its line.
+The gateway derives its routes (``/<name>/deploy``, ``/<name>/chat``,
 ``/<name>/undeploy``) and its replicas from what is registered here.
 """
 from __future__ import annotations
@@ -11,7 +12,8 @@ import threading
 
 from .base import ChatAdapter, DeploySpec, Provider, SaaSDeploySpec
 
-#: the built-in providers, by name: ``"module:Class"``. A module is imported where it is
+#: the built-in providers, by name: ``"module:Class"`` (a ``Provider`` subclass) or ``"module:CONFIG"``
+#: (a configuration with ``provider()``, e.g. an ``OpenAIWire``). A module is imported where it is
 #: first used, so a replica loads only its own provider's SDK (memory per endpoint, start time).
 BUILTIN: dict[str, str] = {
     "openai": "providers.openai_provider:OpenAIProvider",
@@ -19,6 +21,14 @@ BUILTIN: dict[str, str] = {
     "qwen": "providers.qwen_provider:QwenProvider",
     "hf": "providers.hf_provider:HFProvider",  # local models: transformers (CPU, or a GPU without vLLM)
     "vllm": "providers.vllm_provider:VLLMProvider",  # local models: vLLM on GPUs
+    # OpenAI's wire, as configurations: hosted ones, then servers our users run (base_url required)
+    "deepseek": "providers.openai_compatible:DEEPSEEK",
+    "moonshot": "providers.openai_compatible:MOONSHOT",
+    "ark": "providers.openai_compatible:ARK",  # Volcengine Ark (Doubao)
+    "ollama": "providers.openai_compatible:OLLAMA",
+    "xinference": "providers.openai_compatible:XINFERENCE",
+    "fastchat": "providers.openai_compatible:FASTCHAT",
+    "vllm_openai": "providers.openai_compatible:VLLM_OPENAI",  # a vLLM server outside the cluster
 }
 
 _PROVIDERS: dict[str, Provider] = {}
@@ -41,8 +51,11 @@ def get(name: str) -> Provider:
     provider = _PROVIDERS.get(name)
     if provider is not None:
         return provider
-    module, _, cls = BUILTIN[name].partition(":")
-    provider = getattr(importlib.import_module(module), cls)()
+    module, _, attr = BUILTIN[name].partition(":")
+    target = getattr(importlib.import_module(module), attr)
+    provider = target() if isinstance(target, type) else target.provider()
+    if provider.name != name:
+        raise ValueError(f"BUILTIN[{name!r}] names {BUILTIN[name]}, whose provider is called {provider.name!r}")
     with _lock:
         return _PROVIDERS.setdefault(name, provider)
 

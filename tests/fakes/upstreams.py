@@ -15,6 +15,8 @@ Each also answers the free model list the gateway checks a key with at deploy
 the model list and chat answer the provider's own invalid-key error), or ``script_models(key, ...)``
 scripted that key's model-list answers (e.g. ``Reply(404)`` for a relay without the route).
 Model-list requests are kept apart (``model_requests``): ``requests`` holds chat calls only.
+A request without a key gets the provider's missing-key error, unless the fake was made with
+``allow_no_key=True`` (a local server started without a key: Ollama, vLLM ...; its script key is ``""``).
 """
 from __future__ import annotations
 
@@ -67,8 +69,10 @@ class FakeUpstream:
     path = ""
     prefix = ""
 
-    def __init__(self, latency: float = 0.0) -> None:
+    def __init__(self, latency: float = 0.0, allow_no_key: bool = False) -> None:
         self.latency = latency
+        #: answer requests without a key (a server started without one) instead of the missing-key error
+        self.allow_no_key = allow_no_key
         #: default pause between the pieces of a stream (a script's Reply can set its own)
         self.piece_delay = 0.0
         #: keep a record of each request (off for load benchmarks: memory)
@@ -185,7 +189,7 @@ class FakeUpstream:
     def _authenticate(self, request: web.Request) -> tuple[str, Optional[web.Response]]:
         """The request's key, and the provider's answer when there is none or it is rejected."""
         key = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if not key:
+        if not key and not self.allow_no_key:
             return key, self._send(self.missing_key())
         if key in self.rejected:
             return key, self._send(self.invalid_key(key))
