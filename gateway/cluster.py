@@ -293,8 +293,9 @@ class Cluster:
         Lost: ``_LOSS_LOOKS`` failed connects in a row over at least ``_LOSS_AFTER_S``, and a call
         through this process's connection that fails too (one refused connect is no outage; while
         calls work, requests are served). Back: the address accepts connections again after any
-        failed look; if calls through the connection work, this process carries on, else the
-        cluster was restarted (however briefly) and ``on_recovered`` runs: a fresh process connects.
+        failed look; if calls through the connection work and the cluster still knows this
+        process's node, this process carries on, else the cluster was restarted (however briefly)
+        and ``on_recovered`` runs: a fresh process connects.
         """
         import ray
 
@@ -306,7 +307,7 @@ class Cluster:
                 return
             if reachable(address, _WATCH_PERIOD_S):
                 if self.lost or (misses and self._registry is not None):
-                    if self._answers():
+                    if self._answers() and not self._restarted(address):
                         if self.lost:
                             log.warning("the Ray cluster at %s answers again, and so does this process's connection; "
                                         "serving again", address)
@@ -335,6 +336,16 @@ class Cluster:
             self.lost = True
             log.error("the Ray cluster at %s refused %d connects in %.1fs and a call through this process's connection "
                       "failed: lost; requests get 503 cluster_unavailable", address, misses, down_s)
+
+    def _restarted(self, address: str) -> bool:
+        """Is the cluster that answers at ``address`` another one than this process joined?
+
+        After a head restart the old head's actors can outlive its GCS for a moment, so a call
+        through this process's connection may still work while the address already answers
+        for a new cluster; then nothing would ever look again. The new cluster does not know
+        this process's node: that tells them apart (a network blip keeps the node alive).
+        """
+        return _bounded(lambda: _no_live_node(address), _CALL_TIMEOUT_S + 1) is True
 
     def _answers(self) -> bool:
         """Does a call through this process's connection work? (the registry's ``versions``; a hung call is a no)"""

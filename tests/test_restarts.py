@@ -52,6 +52,9 @@ def assert_alive(base: str) -> None:
 
 
 def test_the_gateway_comes_up_before_its_head_and_after_a_head_restart(tmp_path, fake_openai, fake_zhipu):
+    """Started before its head, the gateway applies its endpoints file once the head is up; while the
+    head is down it answers 503 at once; after a head restart its workers reconnect and apply the file
+    again (the endpoints are back without an operator), under the same gunicorn master, keys never logged."""
     path, names = endpoints_file(tmp_path, fake_openai, fake_zhipu, uuid.uuid4().hex[:6])
     settings = head_settings()
     head = EmbeddedHead(settings)
@@ -89,6 +92,23 @@ def test_the_gateway_comes_up_before_its_head_and_after_a_head_restart(tmp_path,
         for _ in range(6):
             assert_alive(base)
             time.sleep(0.5)
+        # While it is down: 503 cluster_unavailable with Retry-After, at once (no call waits on a dead
+        # cluster), and /readyz says not ready; /healthz stays alive (restarting would not help).
+        deadline = time.monotonic() + 10
+        while True:  # (each worker's watchdog decides on its own; a call may still find the old replica)
+            r = httpx.post(base + "/chat", json={"chat_name": names[1], "content": "down"}, timeout=30)
+            if r.status_code == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        waits = []
+        for _ in range(4):  # (both workers)
+            started = time.monotonic()
+            r = httpx.post(base + "/chat", json={"chat_name": names[1], "content": "down"}, timeout=30)
+            waits.append(time.monotonic() - started)
+            assert r.status_code == 503 and r.json()["error"]["type"] == "cluster_unavailable", r.text
+            assert r.headers["Retry-After"]
+        print(f"503 while the head is down, answered in {max(waits):.2f}s at most")
+        assert get(base + "/readyz").status_code == 503
         head = EmbeddedHead(settings)
         head.start()
         deadline = time.monotonic() + 150

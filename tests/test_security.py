@@ -14,8 +14,7 @@ import pytest
 import yaml
 
 from gateway import Settings, create_app
-from gateway.cluster import EmbeddedHead, free_port
-from tests.procs import ROOT, start, stop, wait_ready
+from tests.procs import ROOT
 
 ADMIN = "admin-token-" + "x" * 24
 CLIENT = "client-key-full-access-0001"
@@ -174,57 +173,6 @@ def test_endpoints_file_applied_twice_and_with_a_missing_variable(ray_head, tmp_
             http.post("/openai/undeploy", json={"chat_name": names[1]})
             http.post("/zhipu/undeploy", json={"chat_name": names[0]})
         runner.close()
-
-
-def test_a_cluster_restart_brings_the_endpoints_back_from_the_file(tmp_path, fake_openai, fake_zhipu):
-    path, names = endpoints_file(tmp_path, fake_openai, fake_zhipu, uuid.uuid4().hex[:6])
-    settings = Settings.from_env(ray_port=free_port(), dashboard_port=free_port(), object_store_mb=100, ray_num_cpus=1)
-    head = EmbeddedHead(settings)
-    head.start()
-    port = free_port()
-    log_path = tmp_path / "gunicorn.log"
-    gw = start([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
-               {"RAY_ADDRESS": head.address, "GATEWAY_BIND": f"127.0.0.1:{port}", "GATEWAY_WORKERS": "1",
-                "GATEWAY_SHIP_CODE": "0", "GATEWAY_ENDPOINTS_FILE": str(path),
-                "TEST_OPENAI_KEY": "sk-restart-0001", "TEST_ZHIPU_KEY": "abc.restart01"}, log_path)
-    base = f"http://127.0.0.1:{port}"
-
-    def running() -> set:
-        try:
-            rows = httpx.get(base + "/deployments", timeout=10).json()["deployments"]
-        except (httpx.HTTPError, ValueError, KeyError):
-            return set()
-        return {r["chat_name"] for r in rows if r.get("status") == "RUNNING"}
-
-    def wait_for(expected: set, limit: float = 150) -> None:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline and not expected <= running():
-            time.sleep(0.5)
-        assert expected <= running(), log_path.read_text()[-3000:]
-
-    try:
-        wait_ready(base, gw, log_path)
-        wait_for({names[0], names[1]})  # applied on start
-        for _ in range(100):  # the report is logged once the whole file has been applied
-            if "TEST_NOT_SET_ANYWHERE is not set" in log_path.read_text():
-                break
-            time.sleep(0.2)
-        assert "TEST_NOT_SET_ANYWHERE is not set" in log_path.read_text()  # reported per endpoint
-        head.stop()
-        head = EmbeddedHead(settings)
-        head.start()
-        wait_ready(base, gw, log_path, limit=150)
-        wait_for({names[0], names[1]})  # back from the file, no operator action
-        for _ in range(30):  # a caller that honours Retry-After gets through once the endpoint answers
-            r = httpx.post(base + "/chat", json={"chat_name": names[1], "content": "again"}, timeout=60)
-            if r.status_code != 503:
-                break
-            time.sleep(float(r.headers.get("Retry-After", "1")))
-        assert r.status_code == 200 and r.json()["output"] == "echo: again", (r.text, log_path.read_text()[-3000:])
-        assert "sk-restart-0001" not in log_path.read_text()
-    finally:
-        stop(gw)
-        head.stop()
 
 
 def test_redeploy_takes_the_old_key_away_with_the_old_replicas(client, deploy, name, ray_head):
