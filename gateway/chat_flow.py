@@ -52,7 +52,8 @@ class Ask:
 
 
 class Renderer(abc.ABC):
-    """How a route writes answers. One instance per route; no state per request."""
+    """How a route writes answers. One instance per route: what one request needs to remember
+    while its stream is written (e.g. whether tool calls were seen) lives in ``flask.g``."""
 
     @abc.abstractmethod
     def answer(self, ask: Ask, outcome: Outcome) -> Response:

@@ -6,8 +6,10 @@ The blueprints (``gateway.web``'s core and provider routes, ``gateway.openai_com
 
 Error shapes: a blueprint says how its errors are written with ``error_shape(bp, body)``;
 ``render_error`` writes any ``GatewayError`` raised while a route of that blueprint serves
-(in its view, or in the checks before it: doors, auth) in that shape, and in the gateway's
-own ``{"error": {"type", "message", ...}}`` otherwise (no route matched).
+(in its view, or in the checks before it: doors, auth) in that shape. When no route matched
+(a misspelt path, a wrong method) no blueprint serves: the shape is that of the blueprint
+whose URL prefix the path is under (``/v1/...``: OpenAI's), else the gateway's own
+``{"error": {"type", "message", ...}}``.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from .errors import GatewayError
 ErrorBody = Callable[[GatewayError, Optional[str]], dict]
 
 _SHAPES: dict[str, ErrorBody] = {}
+#: (url prefix + "/", shape) of the blueprints that have a prefix: for paths no route matched
+_PREFIXES: list[tuple[str, ErrorBody]] = []
 
 #: routes anyone may call; admin routes; readers of /metrics; everything else is a chat (client) route
 OPEN = frozenset({"core.healthz", "core.readyz"})
@@ -61,6 +65,14 @@ def finish_record(record: "metrics.RequestRecord", status: int, error_type: Opti
 def error_shape(blueprint: Blueprint, body: ErrorBody) -> None:
     """Errors raised while a route of ``blueprint`` serves are written with ``body``."""
     _SHAPES[blueprint.name] = body
+    if blueprint.url_prefix:
+        _PREFIXES.append((blueprint.url_prefix.rstrip("/") + "/", body))
+
+
+def _shape() -> ErrorBody:
+    if request.blueprint is not None:
+        return _SHAPES.get(request.blueprint, GatewayError.body)
+    return next((body for prefix, body in _PREFIXES if request.path.startswith(prefix)), GatewayError.body)
 
 
 def render_error(err: GatewayError):
@@ -70,8 +82,7 @@ def render_error(err: GatewayError):
     if record is not None:
         record.tried = err.info.tried or record.tried
         record.attempts = err.info.attempts or record.attempts
-    body = _SHAPES.get(request.blueprint or "", GatewayError.body)
-    response = jsonify(body(err, g.get("request_id")))
+    response = jsonify(_shape()(err, g.get("request_id")))
     response.status_code = err.status
     response.headers.update(err.headers())
     return response

@@ -139,6 +139,8 @@ class Stream:
         self._ended = False  # the stream reached its end (Finish or Failure)
         self._closed = False
         self._lock = threading.Lock()
+        if isinstance(first, Finish):  # the whole answer came at once: it is over, whatever the caller does next
+            self._end(first)
 
     def __iter__(self) -> "Stream":
         return self
@@ -146,23 +148,26 @@ class Stream:
     def __next__(self) -> StreamEvent:
         if self._first is not None:
             event, self._first = self._first, None
-        elif self._closed or self._ended:
+            return event
+        if self._closed or self._ended:
             raise StopIteration
-        else:
-            try:
-                event = next(self._gen)
-            except StopIteration:
-                event = Failure(ErrorInfo(type="upstream_error", message="the stream ended before it finished; try again"))
-            except RayError:
-                event = Failure(ErrorInfo(type="upstream_error",
-                                          message=f"'{self.endpoint.name}' lost its stream mid-way; try again"))
+        try:
+            event = next(self._gen)
+        except StopIteration:
+            event = Failure(ErrorInfo(type="upstream_error", message="the stream ended before it finished; try again"))
+        except RayError:
+            event = Failure(ErrorInfo(type="upstream_error",
+                                      message=f"'{self.endpoint.name}' lost its stream mid-way; try again"))
+        if isinstance(event, (Finish, Failure)):
+            self._end(event)
+        return event
+
+    def _end(self, event: "Finish | Failure") -> None:
+        self._ended = True
         if isinstance(event, Failure):
             self._failed = GatewayError.from_info(event.error)
-            self._ended = True
-        elif isinstance(event, Finish):
-            self._ended = True
+        else:
             _settle(self._caller, event)
-        return event
 
     def close(self) -> None:
         with self._lock:
@@ -207,19 +212,24 @@ def _settle(caller: Optional["Caller"], end: Finish) -> None:
 
 
 def ray_failure(exc: BaseException, endpoint: Optional[str] = None) -> GatewayError:
-    """A Ray exception as the gateway's error: the one place Ray's failures are mapped.
+    """A Ray exception raised by a call as the gateway's error (streams that break mid-way end
+    with a ``Failure`` in ``Stream`` instead: their answer has begun).
 
-    A deployment Serve gave up on is ``endpoint_not_ready`` (deploy it again); a replica that
-    died, a full queue or a replica being replaced, once the retries on other replicas are
-    spent, is ``endpoint_not_ready`` too (try again shortly); any other Ray failure means the
+    On an endpoint's call: a deployment Serve gave up on is ``endpoint_not_ready`` (deploy it
+    again); a replica that died, a full queue or a replica being replaced, once the retries on
+    other replicas are spent, is ``endpoint_not_ready`` too (try again shortly). Any other Ray
+    failure, and any outside an endpoint's call (the registry actor, a listing), means the
     cluster itself failed: ``cluster_unavailable``.
     """
-    what = f"'{endpoint}'" if endpoint else "the endpoint"
-    if isinstance(exc, DeploymentUnavailableError):
-        return GatewayError("endpoint_not_ready", f"{what} failed to deploy", retry_after=5)
-    if isinstance(exc, _REPLICA_GONE):
-        return GatewayError("endpoint_not_ready", f"no replica of {what} could take the call; try again shortly", retry_after=1)
-    return GatewayError("cluster_unavailable", "the Ray cluster failed while serving the call; try again shortly", retry_after=2)
+    if endpoint is not None and isinstance(exc, DeploymentUnavailableError):
+        return GatewayError("endpoint_not_ready", f"'{endpoint}' failed to deploy", retry_after=5)
+    if endpoint is not None and isinstance(exc, _REPLICA_GONE):
+        return GatewayError("endpoint_not_ready", f"no replica of '{endpoint}' could take the call; try again shortly",
+                            retry_after=1)
+    if endpoint is not None:
+        return GatewayError("cluster_unavailable", "the Ray cluster failed while serving the call; try again shortly",
+                            retry_after=2)
+    return GatewayError("cluster_unavailable", "the Ray cluster did not answer; try again shortly", retry_after=2)
 
 
 def _with_tried(err: GatewayError, tried: list[dict]) -> GatewayError:

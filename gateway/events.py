@@ -54,9 +54,8 @@ class Finish:
     usage: Usage = field(default_factory=Usage)
     #: set by the replica: upstream calls made (retries before the first event included)
     attempts: int = 1
-    #: set by the replica: the whole stream's upstream time, and the time to its first event (ms)
+    #: set by the replica: the whole stream's upstream time (ms)
     upstream_ms: Optional[float] = None
-    first_event_ms: Optional[float] = None
 
 
 @dataclass(slots=True)
@@ -64,7 +63,6 @@ class Failure:
     """The stream failed; nothing follows. Made by the replica (or the gateway), never by an adapter."""
 
     error: ErrorInfo
-    upstream_ms: Optional[float] = None
 
 
 StreamEvent = Union[Delta, ToolCallDelta, Finish, Failure]

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Any, Literal, Optional, Union
-
-from typing import Iterable
+from typing import Any, Iterable, Literal, Optional, Union
 
 from flask import Blueprint, Response, current_app, g, jsonify
 from pydantic import BaseModel, ConfigDict, Field, model_validator

@@ -108,9 +108,6 @@ class ChatEndpoint:
         started = time.perf_counter()
         stream = None
 
-        def failure(info: ErrorInfo) -> Failure:
-            return Failure(info, upstream_ms=(time.perf_counter() - started) * 1000)
-
         async def first_event():
             nonlocal stream
             if stream is not None:
@@ -124,20 +121,20 @@ class ChatEndpoint:
             except GatewayError as err:
                 info = self._info(err)
                 self._observe(started, info.attempts or 1, info)
-                yield failure(info)
+                yield Failure(info)
                 return
             except StopAsyncIteration:
-                yield failure(ErrorInfo(type="upstream_error", message="the provider's stream was empty", provider=self._provider.name))
+                yield Failure(ErrorInfo(type="upstream_error", message="the provider's stream was empty", provider=self._provider.name))
                 return
             except Exception as exc:  # noqa: BLE001 - nothing raw crosses Ray
-                yield failure(self._crashed(call, exc))
+                yield Failure(self._crashed(call, exc))
                 return
             first_ms = (time.perf_counter() - started) * 1000
             event.upstream_ms = first_ms
             while True:
                 if isinstance(event, Finish):
                     self._observe(started, attempts)
-                    event.attempts, event.first_event_ms = attempts, first_ms
+                    event.attempts = attempts
                     event.upstream_ms = (time.perf_counter() - started) * 1000
                     yield event
                     break
@@ -145,15 +142,15 @@ class ChatEndpoint:
                 try:
                     event = await asyncio.wait_for(stream.__anext__(), self._policy.deadline_s)
                 except asyncio.TimeoutError:
-                    yield failure(ErrorInfo(type="upstream_timeout", message="the provider's stream stalled", provider=self._provider.name))
+                    yield Failure(ErrorInfo(type="upstream_timeout", message="the provider's stream stalled", provider=self._provider.name))
                     break
                 except GatewayError as err:  # after the first byte: reported in the stream, no retry
-                    yield failure(self._info(err))
+                    yield Failure(self._info(err))
                     break
                 except StopAsyncIteration:
                     break
                 except Exception as exc:  # noqa: BLE001 - nothing raw crosses Ray
-                    yield failure(self._crashed(call, exc))
+                    yield Failure(self._crashed(call, exc))
                     break
         finally:
             if stream is not None:

@@ -441,6 +441,29 @@ def fixed(type: str, message: str) -> ErrorMapper:
     return lambda exc: GatewayError(type, message)
 
 
+#: what each upstream type says before the provider's own words, for every provider
+MESSAGES: dict[str, str] = {
+    "upstream_auth": "the provider rejected the endpoint's key",
+    "upstream_quota": "the provider's balance or quota is exhausted",
+    "upstream_rate_limited": "the provider is rate limiting this key",
+    "content_filter": "the provider refused the content",
+    "upstream_bad_request": "the provider refused the request",
+    "upstream_timeout": "the provider timed out",
+    "upstream_error": "the provider failed",
+}
+
+
+def unexpected(exc: BaseException) -> GatewayError:
+    """An exception no table entry says more about: its class is named, never its text (it may hold input)."""
+    return GatewayError("upstream_error", f"unexpected {type(exc).__name__} while calling the provider")
+
+
+#: the entries every SDK's table shares
+TIMED_OUT = fixed("upstream_timeout", "the provider did not answer in time")
+MALFORMED = fixed("upstream_error", "the provider's answer was malformed")
+CONNECTION_FAILED = fixed("upstream_error", "could not reach the provider (connection failed)")
+
+
 def map_by_class(exc: BaseException, table: ErrorTable) -> GatewayError:
     """``exc`` mapped by the entry of its most specific class in ``table`` (its MRO, as httpx does).
 
@@ -452,7 +475,7 @@ def map_by_class(exc: BaseException, table: ErrorTable) -> GatewayError:
         mapper = table.get(cls)
         if mapper is not None:
             return mapper(exc)
-    return GatewayError("upstream_error", f"unexpected {type(exc).__name__} while calling the provider")
+    return unexpected(exc)
 
 
 @contextlib.contextmanager

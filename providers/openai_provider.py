@@ -1,14 +1,14 @@
 """OpenAI (and any OpenAI-wire relay): the ``openai`` configuration of ``providers.openai_wire``.
 
-``OpenAIProvider``, ``OpenAIDeploySpec`` and ``OpenAIAdapter`` stay classes of their own names: the
-test suite's providers (relays, a stuck and a buggy one) subclass them.
+``OpenAIProvider`` is a class (the test suite's providers, relays, a stuck and a buggy one, subclass
+it); ``OpenAIDeploySpec`` and ``OpenAIAdapter`` name what the configuration makes.
 """
 from __future__ import annotations
 
 from gateway.errors import GatewayError
 
 from .base import ErrorTable, Provider, map_by_class
-from .openai_wire import OpenAIWire, OpenAIWireAdapter, OpenAIWireProvider, verify_openai_wire_key
+from .openai_wire import OpenAIWire, OpenAIWireAdapter, OpenAIWireProvider
 
 OPENAI = OpenAIWire(
     name="openai",
@@ -19,6 +19,7 @@ OPENAI = OpenAIWire(
     error_codes={"insufficient_quota": "upstream_quota", "content_filter": "content_filter",
                  "content_policy_violation": "content_filter"},
     about="OpenAI, or any relay in front of it (base_url)",
+    account_headers=True,
 )
 
 #: every public exception class of the pinned ``openai`` SDK -> its mapper, with OpenAI's own codes
@@ -39,5 +40,4 @@ class OpenAIProvider(OpenAIWireProvider):
     params = Provider.params | OPENAI.params
 
 
-__all__ = ["OPENAI", "OPENAI_ERRORS", "OpenAIAdapter", "OpenAIDeploySpec", "OpenAIProvider", "map_openai_error",
-           "verify_openai_wire_key"]
+__all__ = ["OPENAI", "OPENAI_ERRORS", "OpenAIAdapter", "OpenAIDeploySpec", "OpenAIProvider", "map_openai_error"]

@@ -26,15 +26,17 @@ from gateway.errors import TYPES, GatewayError
 from gateway.events import StreamEvent
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import (ChatAdapter, ErrorTable, Provider, SaaSDeploySpec, auth_message, chunk_events, completion_result,
-                   end_event, fixed, judge_key_check, map_by_class, reraise_as_gateway_error, retry_after_seconds,
-                   shown_url, usage_of)
+from .base import (CONNECTION_FAILED, MALFORMED, MESSAGES, TIMED_OUT, ChatAdapter, ErrorTable, Provider, SaaSDeploySpec,
+                   auth_message, chunk_events, completion_result, end_event, fixed, judge_key_check, map_by_class,
+                   reraise_as_gateway_error, retry_after_seconds, shown_url, unexpected, usage_of)
 
 #: the SDK's client refuses to be built without a key (and reads OPENAI_API_KEY from the environment
 #: when given none, which must never reach another server): a keyless endpoint's client gets this
 #: placeholder, and every request it makes omits the Authorization header, so the placeholder is never sent
 _NO_KEY = "no-key-never-sent"
 _OMIT_AUTH = {"Authorization": openai.omit}
+#: the SDK adds these from OPENAI_ORG_ID / OPENAI_PROJECT_ID in the environment: OpenAI's account, for OpenAI only
+_OMIT_ACCOUNT = {"OpenAI-Organization": openai.omit, "OpenAI-Project": openai.omit}
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,6 +62,8 @@ class OpenAIWire:
     error_codes: Mapping[str, str] = field(default_factory=dict)
     #: one line for humans: what it is, where its codes come from
     about: str = ""
+    #: send the OpenAI account headers the SDK reads from the environment (OpenAI itself only)
+    account_headers: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.error_codes.values()) - set(TYPES))
@@ -77,7 +81,13 @@ class OpenAIWire:
                                      "__doc__": self.about or None, "WIRE": self, "MODEL_TYPES": self.model_types}
         if not self.key_check:
             namespace.update(__annotations__={"verify_key": bool}, verify_key=False)
+        # (not a module attribute: Ray's cloudpickle ships it by value to the replica, which imports only
+        # this module and could not find a class made from another module's configuration by name)
         return type(f"{title}DeploySpec", (base,), namespace)
+
+    def headers(self, key: str) -> dict[str, Any]:
+        """Headers every request of an endpoint with ``key`` sets or omits (``openai.omit``)."""
+        return {**({} if key else _OMIT_AUTH), **({} if self.account_headers else _OMIT_ACCOUNT)}
 
     @cached_property
     def errors(self) -> ErrorTable:
@@ -88,16 +98,6 @@ class OpenAIWire:
 
 
 # -- errors -------------------------------------------------------------------------
-#: what each gateway type says before the provider's own message
-MESSAGES = {
-    "upstream_auth": "the provider rejected the endpoint's key",
-    "upstream_quota": "the provider's quota or balance is exhausted",
-    "upstream_rate_limited": "the provider is rate limiting this key",
-    "content_filter": "the provider refused the content",
-    "upstream_timeout": "the provider timed out",
-    "upstream_bad_request": "the provider refused the request",
-    "upstream_error": "the provider failed",
-}
 
 
 def _kind(codes: Mapping[str, str], status: Optional[int], *names: Optional[str]) -> str:
@@ -154,16 +154,8 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
-_CONNECTION = fixed("upstream_error", "could not reach the provider (connection failed)")
-_MALFORMED = fixed("upstream_error", "the provider's answer was malformed")
-
-
 def _timeout(exc: BaseException) -> GatewayError:
-    return _CONNECTION(exc) if _refused(exc) else GatewayError("upstream_timeout", "the provider did not answer in time")
-
-
-def _unexpected(exc: BaseException) -> GatewayError:
-    return GatewayError("upstream_error", f"unexpected {type(exc).__name__} while calling the provider")
+    return CONNECTION_FAILED(exc) if _refused(exc) else TIMED_OUT(exc)
 
 
 def error_table(codes: Mapping[str, str]) -> ErrorTable:
@@ -171,7 +163,7 @@ def error_table(codes: Mapping[str, str]) -> ErrorTable:
     answered = _answered(codes)
     return {
         # the SDK's root: raised bare by the client's constructor (no key) and by helpers we do not call
-        openai.OpenAIError: _unexpected,
+        openai.OpenAIError: unexpected,
         # raised bare for an error event inside a stream (``data: {"error": {...}}``): its code still counts
         openai.APIError: answered,
         # an HTTP error answer; the SDK picks the subclass by status, the mapper reads the code first
@@ -185,19 +177,19 @@ def error_table(codes: Mapping[str, str]) -> ErrorTable:
         openai.UnprocessableEntityError: answered,
         openai.RateLimitError: answered,
         openai.InternalServerError: answered,
-        openai.APIConnectionError: _CONNECTION,
+        openai.APIConnectionError: CONNECTION_FAILED,
         openai.APITimeoutError: _timeout,
-        openai.APIResponseValidationError: _MALFORMED,
+        openai.APIResponseValidationError: MALFORMED,
         # ``.parse()`` helpers only (not called here); what they would mean
         openai.LengthFinishReasonError: fixed("upstream_bad_request",
                                               "the answer hit its length limit before it was complete: raise max_tokens"),
         openai.ContentFilterFinishReasonError: fixed("content_filter", "the provider's content filter stopped the answer"),
         # webhooks and the Realtime API's websockets: not used by a chat endpoint
-        openai.InvalidWebhookSignatureError: _unexpected,
-        openai.WebSocketConnectionClosedError: _unexpected,
-        openai.WebSocketQueueFullError: _unexpected,
+        openai.InvalidWebhookSignatureError: unexpected,
+        openai.WebSocketConnectionClosedError: unexpected,
+        openai.WebSocketQueueFullError: unexpected,
         # ``response.json()`` of a body that is not JSON
-        ValueError: _MALFORMED,
+        ValueError: MALFORMED,
     }
 
 
@@ -245,7 +237,7 @@ class OpenAIWireAdapter(ChatAdapter):
         self._wire = wire or type(spec).WIRE
         self._name = name or self._wire.name
         self._key = spec.api_key.get_secret_value()
-        self._auth = {} if self._key else _OMIT_AUTH
+        self._auth = self._wire.headers(self._key)
         self._client: Optional[openai.AsyncOpenAI] = None
 
     def _get_client(self) -> openai.AsyncOpenAI:
@@ -331,15 +323,15 @@ class OpenAIWireProvider(Provider):
         return verify_openai_wire_key(spec, spec.base(), self.key_check_timeout, self.name, self.wire.errors)
 
 
-def verify_openai_wire_key(spec: SaaSDeploySpec, base_url: str, limit: float, provider: str = "openai",
-                           errors: Optional[ErrorTable] = None) -> Optional[str]:
+def verify_openai_wire_key(spec: SaaSDeploySpec, base_url: str, limit: float, provider: str,
+                           errors: ErrorTable) -> Optional[str]:
     """The key check of any OpenAI-wire upstream, through the SDK's sync client: ``models.list``.
 
     The raw response is not parsed: any 2xx means the key was accepted, whatever a relay lists.
     Without a key (a local server), it checks that the server answers the route without one.
     """
     key = spec.api_key.get_secret_value()
-    auth = {} if key else _OMIT_AUTH
+    auth = spec.WIRE.headers(key)
     timeout = openai.Timeout(limit, connect=min(limit, 3.0))
     http_client = openai.DefaultHttpxClient(proxy=spec.proxy, timeout=timeout) if spec.proxy else None
     try:
@@ -347,7 +339,7 @@ def verify_openai_wire_key(spec: SaaSDeploySpec, base_url: str, limit: float, pr
                            http_client=http_client, default_headers=auth or None) as client:
             client.models.with_raw_response.list(extra_headers=auth or None)
     except Exception as exc:  # noqa: BLE001 - every SDK failure is judged below
-        err = map_by_class(exc, errors if errors is not None else error_table({}))
+        err = map_by_class(exc, errors)
         if not key and err.info.upstream_status == 401:
             raise GatewayError("invalid_key", f"{shown_url(base_url)} asks for a key (HTTP 401): deploy with the "
                                               f"server's api_key", provider=provider, upstream_status=401,

@@ -22,23 +22,12 @@ from gateway.errors import GatewayError
 from gateway.events import Delta, StreamEvent, ToolCallDelta
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import (ChatAdapter, ErrorTable, Provider, auth_message, SaaSDeploySpec, end_event, fixed, judge_key_check,
-                   map_by_class, reraise_as_gateway_error)
+from .base import (MALFORMED, MESSAGES, TIMED_OUT, ChatAdapter, ErrorTable, Provider, SaaSDeploySpec, auth_message,
+                   end_event, fixed, judge_key_check, map_by_class, reraise_as_gateway_error, unexpected)
 
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 
 QUOTA_CODES = {"Arrearage", "PrepaidBillOverdue", "PostpaidBillOverdue", "CommodityNotPurchased"}
-
-MESSAGES = {
-    "upstream_auth": "the provider rejected the endpoint's key",
-    "upstream_quota": "the provider's balance or quota is exhausted",
-    "upstream_rate_limited": "the provider is rate limiting this key",
-    "content_filter": "the provider refused the content",
-    "upstream_bad_request": "the provider refused the request",
-    "upstream_timeout": "the provider timed out",
-    "upstream_error": "the provider failed",
-}
-
 
 class QwenDeploySpec(SaaSDeploySpec):
     MODEL_TYPES = ("saas/qwen", "saas/qianwen", "saas/dashscope")
@@ -105,10 +94,6 @@ def _assistant_error(exc: BaseException) -> GatewayError:
                         str(getattr(exc, "message", None) or ""), getattr(exc, "request_id", None))
 
 
-def _unexpected(exc: BaseException) -> GatewayError:
-    return GatewayError("upstream_error", f"unexpected {type(exc).__name__} while calling the provider")
-
-
 def _sdk_refused(exc: BaseException) -> GatewayError:
     """The SDK refused the request before sending it (what it says is in its class's name)."""
     return GatewayError("upstream_bad_request", f"the provider's SDK refused the request ({type(exc).__name__})")
@@ -117,10 +102,6 @@ def _sdk_refused(exc: BaseException) -> GatewayError:
 def _sdk_cannot(exc: BaseException) -> GatewayError:
     """The SDK cannot make this kind of call at all (protocol, HTTP method): another endpoint may."""
     return GatewayError("upstream_error", f"the provider's SDK cannot make this call ({type(exc).__name__})")
-
-
-_TIMEOUT = fixed("upstream_timeout", "the provider did not answer in time")
-_MALFORMED = fixed("upstream_error", "the provider's answer was malformed")
 
 
 def _unreachable(exc: BaseException) -> GatewayError:
@@ -134,7 +115,7 @@ _E = dashscope_errors
 #: as values instead (``error_from_response``).
 DASHSCOPE_ERRORS: ErrorTable = {
     # the SDK's root: never raised bare
-    _E.DashScopeException: _unexpected,
+    _E.DashScopeException: unexpected,
     # no key reached the SDK (it looked in its globals, the environment and ~/.dashscope)
     _E.AuthenticationError: fixed("upstream_auth", auth_message("the provider's SDK found no key for the endpoint")),
     # the server's error, raised rather than answered (websocket calls, assistants): its code decides
@@ -162,22 +143,22 @@ DASHSCOPE_ERRORS: ErrorTable = {
     _E.ServiceUnavailableError: fixed("upstream_error", "the provider failed (service unavailable)"),
     _E.AsyncTaskCreateFailed: fixed("upstream_error", "the provider failed (it could not create the task)"),
     _E.UploadFileException: fixed("upstream_error", "the provider failed (a file upload failed)"),
-    _E.TimeoutException: _TIMEOUT,
-    _E.UnexpectedMessageReceived: _MALFORMED,
-    _E.UnknownMessageReceived: _MALFORMED,
+    _E.TimeoutException: TIMED_OUT,
+    _E.UnexpectedMessageReceived: MALFORMED,
+    _E.UnknownMessageReceived: MALFORMED,
     # the chat transport (aiohttp) and the call's own deadline (asyncio.wait_for)
-    asyncio.TimeoutError: _TIMEOUT,
-    aiohttp.ServerTimeoutError: _TIMEOUT,  # also a ClientError: its own entry wins
+    asyncio.TimeoutError: TIMED_OUT,
+    aiohttp.ServerTimeoutError: TIMED_OUT,  # also a ClientError: its own entry wins
     aiohttp.ClientError: _unreachable,
     # the key check's transport (requests)
-    requests.Timeout: _TIMEOUT,
-    requests.ConnectTimeout: _TIMEOUT,  # also a requests.ConnectionError: its own entry wins
+    requests.Timeout: TIMED_OUT,
+    requests.ConnectTimeout: TIMED_OUT,  # also a requests.ConnectionError: its own entry wins
     requests.ConnectionError: fixed("upstream_error", "could not reach the provider (connection failed)"),
     # an answer not in the shape expected
-    ValueError: _MALFORMED,
-    KeyError: _MALFORMED,
-    TypeError: _MALFORMED,
-    AttributeError: _MALFORMED,
+    ValueError: MALFORMED,
+    KeyError: MALFORMED,
+    TypeError: MALFORMED,
+    AttributeError: MALFORMED,
 }
 
 

@@ -24,8 +24,9 @@ from gateway.errors import GatewayError
 from gateway.events import StreamEvent
 from gateway.schemas import ChatCall, ChatResult, Usage
 
-from .base import (ChatAdapter, ErrorTable, Provider, auth_message, SaaSDeploySpec, chunk_events, completion_result,
-                   end_event, fixed, judge_key_check, map_by_class, reraise_as_gateway_error, retry_after_seconds, usage_of)
+from .base import (CONNECTION_FAILED, MALFORMED, MESSAGES, TIMED_OUT, ChatAdapter, ErrorTable, Provider, SaaSDeploySpec,
+                   auth_message, chunk_events, completion_result, end_event, fixed, judge_key_check, map_by_class,
+                   reraise_as_gateway_error, retry_after_seconds, unexpected, usage_of)
 
 DEFAULT_BASE_URL = "https://open.bigmodel.cn/api/paas/v4"
 
@@ -42,16 +43,6 @@ CODE_TYPES: dict[str, str] = {
     **{str(c): "upstream_bad_request" for c in range(1210, 1235)},
     "1261": "upstream_bad_request",
 }
-
-MESSAGES = {
-    "upstream_auth": "the provider rejected the endpoint's key",
-    "upstream_quota": "the provider's balance or quota is exhausted",
-    "upstream_rate_limited": "the provider is rate limiting this key",
-    "content_filter": "the provider refused the content",
-    "upstream_bad_request": "the provider refused the request",
-    "upstream_error": "the provider failed",
-}
-
 
 class ZhipuDeploySpec(SaaSDeploySpec):
     MODEL_TYPES = ("saas/zhipu",)
@@ -106,18 +97,11 @@ def _status_error(exc: zhipuai.APIStatusError) -> GatewayError:
     return GatewayError(kind, text, **details)
 
 
-def _unexpected(exc: BaseException) -> GatewayError:
-    return GatewayError("upstream_error", f"unexpected {type(exc).__name__} while calling the provider")
-
-
-_TIMEOUT = fixed("upstream_timeout", "the provider did not answer in time")
-_MALFORMED = fixed("upstream_error", "the provider's answer was malformed")
-
 #: every exception class the pinned ``zhipuai`` exports, and what the SDK's transport lets through;
 #: the most specific class of an exception wins (``map_by_class``)
 ZHIPU_ERRORS: ErrorTable = {
     # the SDK's root: raised bare only by the client's constructor (no key given)
-    zhipuai.ZhipuAIError: _unexpected,
+    zhipuai.ZhipuAIError: unexpected,
     # an HTTP error answer; the SDK picks the subclass by status (400, 401, 429, 500, 503, other),
     # the mapper reads the business code in the body, which says more than the status
     zhipuai.APIStatusError: _status_error,
@@ -127,13 +111,13 @@ ZHIPU_ERRORS: ErrorTable = {
     zhipuai.APIInternalError: _status_error,
     zhipuai.APIServerFlowExceedError: _status_error,
     # no answer, or not the answer expected
-    zhipuai.APIResponseError: _unexpected,  # the root of the three below; never raised bare
-    zhipuai.APIResponseValidationError: _MALFORMED,
-    zhipuai.APIConnectionError: fixed("upstream_error", "could not reach the provider (connection failed)"),
-    zhipuai.APITimeoutError: _TIMEOUT,  # a subclass of APIConnectionError: its own entry wins
+    zhipuai.APIResponseError: unexpected,  # the root of the three below; never raised bare
+    zhipuai.APIResponseValidationError: MALFORMED,
+    zhipuai.APIConnectionError: CONNECTION_FAILED,
+    zhipuai.APITimeoutError: TIMED_OUT,  # a subclass of APIConnectionError: its own entry wins
     # outside the SDK's classes
     httpx.TransportError: fixed("upstream_error", "the connection to the provider broke"),  # e.g. a stream cut half-way
-    ValueError: _MALFORMED,
+    ValueError: MALFORMED,
 }
 
 

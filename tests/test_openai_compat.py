@@ -166,3 +166,16 @@ def test_a_stream_that_fails_mid_way_raises_in_the_sdk(sdk, gateway):
             if chunk.choices:
                 seen.append(chunk.choices[0].delta.content or "")
     assert "".join(seen) == "a b " and "upstream" in str(exc.value.body)
+
+
+def test_errors_on_v1_paths_no_route_matches_keep_openais_shape(client):
+    """A misspelt /v1 path or a wrong method: routing failed, no blueprint serves it, the shape is still OpenAI's."""
+    r = client.post("/v1/chat/completion", json={"model": "m", "messages": []})
+    err = r.get_json()["error"]
+    assert r.status_code == 404 and err["gateway_type"] == "not_found" and err["type"] == "invalid_request_error"
+    assert "/v1/chat/completions" in err["message"]  # (did you mean ...)
+    r = client.get("/v1/chat/completions")
+    err = r.get_json()["error"]
+    assert r.status_code == 405 and err["gateway_type"] == "method_not_allowed" and "POST" in err["message"]
+    r = client.get("/v1x/models")  # not under /v1/: the gateway's own shape
+    assert r.status_code == 404 and r.get_json()["error"]["type"] == "not_found"

@@ -12,10 +12,15 @@ import types
 from types import SimpleNamespace
 from typing import Any, Callable, NamedTuple, Optional
 
+import aiohttp
 import dashscope.common.error as dashscope_errors
 import httpx
+import httpx2
+import openai
 import pytest
 import zhipuai
+
+import providers.openai_provider as module
 
 from gateway.errors import TYPES, GatewayError
 from providers.base import map_by_class, reraise_as_gateway_error
@@ -53,15 +58,8 @@ class Sdk(NamedTuple):
 
 
 def _openai() -> Sdk:
-    openai = pytest.importorskip("openai")
-    httpx2 = pytest.importorskip("httpx2")
-    import providers.openai_provider as module
 
-    table = getattr(module, "OPENAI_ERRORS", None)
-    if table is None:
-        pytest.skip("providers.openai_provider has no OPENAI_ERRORS table yet (map_openai_error is still an if-ladder)")
-    mapper = getattr(module, "map_openai_error", None) or (lambda exc: map_by_class(exc, table))
-    return Sdk("openai", exception_classes(openai), table, mapper, httpx2)
+    return Sdk("openai", exception_classes(openai), module.OPENAI_ERRORS, module.map_openai_error, httpx2)
 
 
 SDKS: dict[str, Callable[[], Sdk]] = {
@@ -313,3 +311,65 @@ def test_dashscope_transports():
     assert (err.type, err.info.message) == ("upstream_error", "could not reach the provider (connection failed)")
     for exc in (ValueError(), KeyError("x"), TypeError(), AttributeError()):
         assert map_dashscope_error(exc).info.message == "the provider's answer was malformed"
+
+
+# --- openai: OpenAI's own codes, and what each configuration overrides ---------------------------
+def openai_status(status: int, code: Optional[str] = None, type_: Optional[str] = None, headers: Optional[dict] = None,
+                  table: Any = None) -> GatewayError:
+    body = {"message": "said", "type": type_, "param": None, "code": code}
+    request = httpx2.Request("POST", URL)
+    response = httpx2.Response(status, json={"error": body}, headers=headers or {}, request=request)
+    exc = openai.OpenAI(api_key="k", base_url="https://x/v1")._make_status_error("said", body=body, response=response)
+    return map_by_class(exc, table if table is not None else module.OPENAI_ERRORS)
+
+
+@pytest.mark.parametrize("status, code, type_, kind", [
+    (401, "invalid_api_key", "invalid_request_error", "upstream_auth"),
+    (403, None, None, "upstream_auth"),
+    (402, None, None, "upstream_quota"),
+    (429, "insufficient_quota", "insufficient_quota", "upstream_quota"),  # a spent quota comes as a 429
+    (429, "rate_limit_exceeded", "requests", "upstream_rate_limited"),
+    (400, "content_policy_violation", "invalid_request_error", "content_filter"),
+    (400, "invalid_value", "invalid_request_error", "upstream_bad_request"),
+    (404, "model_not_found", "invalid_request_error", "upstream_bad_request"),
+    (408, None, None, "upstream_timeout"),
+    (500, None, "server_error", "upstream_error"),
+    (503, None, None, "upstream_error"),
+])
+def test_openai_statuses_and_codes(status, code, type_, kind):
+    err = openai_status(status, code, type_)
+    assert err.type == kind and err.info.upstream_status == status
+    assert err.info.provider_code == (code or type_)
+    assert "said" in err.info.message
+    if kind == "upstream_auth":
+        assert err.info.message.endswith("deploy it again with a valid key")
+
+
+def test_openai_rate_limit_keeps_the_providers_wait():
+    err = openai_status(429, "rate_limit_exceeded", headers={"retry-after-ms": "1500"})
+    assert err.type == "upstream_rate_limited" and err.info.retry_after == 1.5
+
+
+def test_a_configurations_codes_decide_before_the_status():
+    from providers.openai_compatible import ARK, MOONSHOT
+
+    assert openai_status(429, None, "exceeded_current_quota_error", table=MOONSHOT.errors).type == "upstream_quota"
+    assert openai_status(429, None, "rate_limit_reached_error", table=MOONSHOT.errors).type == "upstream_rate_limited"
+    assert openai_status(403, "AccountOverdueError", table=ARK.errors).type == "upstream_quota"  # not a wrong key
+    assert openai_status(400, "InputTextSensitiveContentDetected", table=ARK.errors).type == "content_filter"  # a glob
+    assert openai_status(429, "insufficient_quota", table=ARK.errors).type == "upstream_rate_limited"  # OpenAI's code only counts for openai
+
+
+def test_openai_transport_errors():
+    request = httpx2.Request("POST", URL)
+    assert module.map_openai_error(openai.APITimeoutError(request)).type == "upstream_timeout"
+    assert module.map_openai_error(openai.APIConnectionError(request=request)).type == "upstream_error"
+    # aiohttp reports a refused connection as a connect timeout: the table looks beneath it
+    try:
+        try:
+            raise aiohttp.ClientConnectorError(SimpleNamespace(ssl=None, host="x", port=1), ConnectionRefusedError(111, "refused"))
+        except aiohttp.ClientConnectorError as cause:
+            raise openai.APITimeoutError(request) from cause
+    except openai.APITimeoutError as exc:
+        err = module.map_openai_error(exc)
+    assert err.type == "upstream_error" and "connection failed" in err.info.message
