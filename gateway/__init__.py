@@ -111,6 +111,20 @@ class Gateway:
                            "problem": f"this gateway process is starting: {what}{last}"}
         return self.cluster.readiness()
 
+    def dashboard_url(self) -> Optional[str]:
+        """The Ray dashboard's URL: ``GATEWAY_DASHBOARD_URL``, else what the cluster reports (once connected)."""
+        if self.settings.dashboard_url:
+            return self.settings.dashboard_url
+        if not self.cluster.connected:
+            return None
+        try:
+            from ray._private.worker import get_dashboard_url
+
+            url = get_dashboard_url()
+        except Exception:  # noqa: BLE001 - a link only
+            return None
+        return (url if "://" in url else f"http://{url}") if url else None
+
     def liveness(self) -> tuple[bool, dict]:
         """What ``/healthz`` reports: (alive, details); details has ``problem`` when not alive.
 

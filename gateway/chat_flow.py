@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
-from flask import Response, g, stream_with_context
+from flask import Response, current_app, g, stream_with_context
 
 from .auth import check_chat_names
 from .context import finish_record, gw
@@ -142,3 +142,51 @@ def _events(ask: Ask, stream: Stream, renderer: Renderer, record) -> Iterator[st
     finally:
         stream.close()
         finish_record(record, 200, error_type)
+
+
+def run_broadcast_stream(chat_names: list[str], make_call) -> Response:
+    """``POST /chat/broadcast`` with ``stream``: every endpoint's answer as it comes, in one SSE response.
+
+    Events name their endpoint (``chat_name``): ``{"delta"}`` / ``{"tool_calls"}`` pieces, then
+    one end per endpoint, ``{"finish_reason", "usage", "served_by", "provider", "model",
+    "attempts", "first_token_ms", "latency_ms"}`` or ``event: error`` with ``{"error",
+    "latency_ms"}``; ``data: [DONE]`` once every endpoint has ended. Nothing starts before
+    the response does; when the client leaves, every stream is closed.
+    """
+    services = gw()
+    key = g.client_key
+    check_chat_names(key, chat_names)
+    merged = services.dispatcher.broadcast_stream(chat_names, make_call, caller=services.limits.caller(key))
+    g.streaming = True
+    record, started = g.record, g.started
+
+    def data(payload: dict) -> str:
+        return "data: " + current_app.json.dumps(payload) + "\n\n"
+
+    def events() -> Iterator[str]:
+        first: dict[str, float] = {}
+        error_type = None
+        try:
+            for name, event, endpoint in merged:
+                at = round((time.perf_counter() - started) * 1000, 1)
+                if isinstance(event, Failure):
+                    error_type = error_type or event.error.type
+                    yield "event: error\n" + data({"chat_name": name, **GatewayError.from_info(event.error).body(None),
+                                                   "latency_ms": at})
+                elif isinstance(event, Finish):
+                    yield data({"chat_name": name, "finish_reason": event.reason, "usage": event.usage.model_dump(),
+                                "served_by": endpoint.name, "provider": endpoint.provider,
+                                "model": endpoint.record.get("model"), "attempts": event.attempts,
+                                "first_token_ms": first.get(name, at), "latency_ms": at})
+                else:
+                    first.setdefault(name, at)
+                    yield data({"chat_name": name, **({"tool_calls": event.tool_calls} if isinstance(event, ToolCallDelta)
+                                                      else {"delta": event.text})})
+            yield "data: [DONE]\n\n"
+        finally:
+            merged.close()
+            finish_record(record, 200, error_type)
+
+    response = Response(stream_with_context(events()), mimetype="text/event-stream", headers=SSE_HEADERS)
+    response.call_on_close(merged.close)
+    return response

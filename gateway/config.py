@@ -30,6 +30,9 @@ class Settings(BaseModel):
     ray_port: int = Field(6379, ge=1, le=65535)
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8265, ge=1, le=65535)
+    #: where operators open the Ray dashboard (the console links to it); default: the address the
+    #: cluster reports, which is right on the head's own machine (behind a proxy or an ingress, set it)
+    dashboard_url: Optional[str] = None
     ray_num_cpus: Optional[int] = Field(None, ge=1)
     object_store_mb: int = Field(256, ge=80)
     #: seconds the embedded head gets to come up

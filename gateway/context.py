@@ -29,7 +29,7 @@ _PREFIXES: list[tuple[str, ErrorBody]] = []
 
 #: routes anyone may call; admin routes; readers of /metrics; everything else is a chat (client) route
 OPEN = frozenset({"core.healthz", "core.readyz"})
-ADMIN = frozenset({"core.deployments", "core.deployment"})
+ADMIN = frozenset({"core.deployments", "core.deployment", "core.provider_list"})
 READERS = frozenset({"core.prometheus_metrics"})
 
 

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import difflib
 import logging
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 import ray
 from ray import serve
@@ -561,6 +562,55 @@ class Dispatcher:
         return result["event"]
 
     # -- fan-out ----------------------------------------------------------------------
+    def broadcast_stream(self, chat_names: list[str], make_call, caller: Optional["Caller"] = None
+                         ) -> Iterator[tuple[str, StreamEvent, Optional[Endpoint]]]:
+        """Stream from every endpoint at once, merged as the events come: ``(chat_name, event, endpoint)``.
+
+        Each name ends with exactly one ``Finish`` or ``Failure`` (a name that could not open its
+        stream: its error as a ``Failure``, with no endpoint). Each endpoint costs the caller's
+        key a call, as in ``broadcast``. Closing the iterator (the client left) closes every
+        stream, which cancels the replicas' (and upstream) streams.
+        """
+        merged: queue.Queue = queue.Queue()
+        streams: list[Stream] = []
+        lock = threading.Lock()
+        stopped = threading.Event()
+
+        def pump(name: str, call: ChatCall) -> None:
+            stream = None
+            try:
+                stream = self.stream(name, call, caller=caller)
+                with lock:
+                    streams.append(stream)
+                if stopped.is_set():
+                    return
+                for event in stream:
+                    merged.put((name, event, stream.endpoint))
+            except GatewayError as err:
+                merged.put((name, Failure(err.info), None))
+            except Exception as exc:  # noqa: BLE001 - one endpoint's failure ends its column, not the others
+                log.error("broadcast stream of %s failed: %s", name, type(exc).__name__)
+                merged.put((name, Failure(ErrorInfo(type="internal_error", message="the gateway failed; see its log")), None))
+            finally:
+                if stream is not None:
+                    stream.close()
+
+        for name in chat_names:  # (the calls are made here, in the request's thread)
+            self._pool.submit(pump, name, make_call(name))
+        left = len(chat_names)
+        try:
+            while left:
+                item = merged.get()
+                if isinstance(item[1], (Finish, Failure)):
+                    left -= 1
+                yield item
+        finally:
+            stopped.set()
+            with lock:
+                opened = list(streams)
+            for stream in opened:  # (a pump waiting on its next event gets a Failure and ends)
+                stream.close()
+
     def broadcast(self, chat_names: list[str], make_call, caller: Optional["Caller"] = None) -> dict[str, Any]:
         """Ask every endpoint at once; answers per name, in the time of the slowest (each costs the caller's key a call)."""
         futures = {name: self._pool.submit(self.chat, name, make_call(name), caller=caller) for name in chat_names}

@@ -43,15 +43,50 @@ FALLBACKS = Counter("gateway_fallbacks_total", "Moves to a fallback endpoint, by
 IN_FLIGHT = Gauge("gateway_in_flight_requests", "Requests being served now", ["route"], multiprocess_mode="livesum")
 
 
-def render(endpoints_snapshot) -> bytes:
-    """The ``/metrics`` text: every worker's samples plus the endpoints gauge, read now."""
+def _registry():
+    """Every worker's samples (gunicorn: the multiprocess directory), or this process's."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-    else:
-        from prometheus_client import REGISTRY as registry  # noqa: N811
+        return registry
+    from prometheus_client import REGISTRY
+
+    return REGISTRY
+
+
+def traffic() -> dict[str, dict[str, int]]:
+    """Per endpoint, since this gateway started (all its workers): requests, errors, prompt and completion tokens.
+
+    The same counters ``/metrics`` exports (``gateway_requests_total``, ``gateway_tokens_total``),
+    summed over routes; what ``GET /deployments`` shows as each endpoint's ``traffic``.
+    """
+    out: dict[str, dict[str, int]] = {}
+
+    def row(name: str) -> dict[str, int]:
+        return out.setdefault(name, {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0})
+
+    for family in _registry().collect():
+        if family.name not in ("gateway_requests", "gateway_tokens"):
+            continue
+        for sample in family.samples:
+            name = sample.labels.get("chat_name")
+            if not sample.name.endswith("_total") or name in (None, UNKNOWN):
+                continue
+            counts = row(name)
+            if family.name == "gateway_requests":
+                counts["requests"] += int(sample.value)
+                if sample.labels.get("outcome") != "ok":
+                    counts["errors"] += int(sample.value)
+            else:
+                counts[f"{sample.labels.get('kind')}_tokens"] += int(sample.value)
+    return out
+
+
+def render(endpoints_snapshot) -> bytes:
+    """The ``/metrics`` text: every worker's samples plus the endpoints gauge, read now."""
+    registry = _registry()
     collector = _EndpointsCollector(endpoints_snapshot)
     registry.register(collector)
     try:

@@ -129,6 +129,8 @@ class BroadcastRequest(ChatInput):
     """Body of ``POST /chat/broadcast``: the same question to several endpoints at once."""
 
     chat_names: list[ChatName] = Field(min_length=1, max_length=16)
+    #: every answer as server-sent events, as it comes (each event names its ``chat_name``)
+    stream: bool = False
 
     @model_validator(mode="after")
     def _unique(self) -> "BroadcastRequest":

@@ -95,6 +95,7 @@ _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_la
 
 #: the main routes, named when a path matches none
 _MAIN_ROUTES = ("POST /chat", "POST /chat/broadcast", "POST /<provider>/deploy|chat|undeploy", "GET /deployments",
+                "GET /providers", "GET /ui",
                 "POST /v1/chat/completions", "GET /v1/models", "GET /healthz")
 
 
@@ -219,6 +220,8 @@ def prometheus_metrics():
 @core.post("/chat/broadcast")
 def broadcast():
     req = validate(BroadcastRequest, json_body())
+    if req.stream:  # every answer as it comes (the console's Compare view)
+        return chat_flow.run_broadcast_stream(req.chat_names, lambda name: req.to_call(f"{g.request_id}.{name}"))
     check_chat_names(g.client_key, req.chat_names)
     outcomes = gw().dispatcher.broadcast(req.chat_names, lambda name: req.to_call(f"{g.request_id}.{name}"),
                                          caller=gw().limits.caller(g.client_key))  # each endpoint costs a call
@@ -230,12 +233,30 @@ def broadcast():
 
 @core.get("/deployments")
 def deployments():
-    return jsonify(deployments=gw().endpoints.list())
+    traffic = metrics.traffic()
+    return jsonify(deployments=[_with_traffic(row, traffic) for row in gw().endpoints.list()])
 
 
 @core.get("/deployments/<chat_name>")
 def deployment(chat_name: str):
-    return jsonify(gw().endpoints.get(chat_name))
+    return jsonify(_with_traffic(gw().endpoints.get(chat_name), metrics.traffic()))
+
+
+def _with_traffic(row: dict, traffic: dict) -> dict:
+    """An endpoint's row with what this gateway has served of it (``metrics.traffic``)."""
+    empty = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    return {**row, "traffic": traffic.get(row["chat_name"], empty)}
+
+
+@core.get("/providers")
+def provider_list():
+    """The providers and what their deploy takes: each spec's JSON schema (what the console's forms are made of)."""
+    out = []
+    for name in providers.names():
+        provider = providers.get(name)
+        out.append({"name": name, "kind": provider.kind, "model_types": list(provider.spec_class.MODEL_TYPES),
+                    "schema": provider.spec_class.model_json_schema()})
+    return jsonify(providers=out)
 
 
 @core.get("/healthz")

@@ -198,3 +198,31 @@ def test_the_overhead_header_of_a_stream_leaves_out_the_upstreams_time_to_first_
             assert "[DONE]" in r.get_data(as_text=True)
         finally:
             r.close()
+
+
+def test_providers_list_their_deploy_forms_and_rows_count_their_traffic(client, shared_endpoint):
+    """What the console is built from: each provider's deploy schema, and each endpoint's traffic."""
+    import providers
+    from tests.fakes.upstreams import openai_error
+
+    listed = {p["name"]: p for p in client.get("/providers").get_json()["providers"]}
+    assert set(listed) == set(providers.names())
+    schema = listed["openai"]["schema"]
+    assert schema["properties"]["api_key"]["writeOnly"] is True and {"chat_name", "api_key"} <= set(schema["required"])
+    assert "api_key" not in listed["ollama"]["schema"]["required"]  # a keyless server
+    assert listed["hf"]["kind"] == "local" and "saas/openai" in listed["openai"]["model_types"]
+
+    chat_name, key, fake = shared_endpoint("openai")
+
+    def traffic() -> dict:
+        return client.get(f"/deployments/{chat_name}").get_json()["traffic"]
+
+    before = traffic()
+    assert client.post("/chat", json={"chat_name": chat_name, "content": "one two"}).status_code == 200
+    fake.script(key, openai_error(500, "The server had an error", "server_error", None))
+    assert client.post("/chat", json={"chat_name": chat_name, "content": "three"}).status_code == 502
+    after = traffic()
+    assert after["requests"] - before["requests"] == 2 and after["errors"] - before["errors"] == 1
+    assert after["prompt_tokens"] > before["prompt_tokens"] and after["completion_tokens"] > before["completion_tokens"]
+    rows = {r["chat_name"]: r for r in client.get("/deployments").get_json()["deployments"]}
+    assert rows[chat_name]["traffic"] == after

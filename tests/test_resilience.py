@@ -273,3 +273,39 @@ def test_broadcast_asks_everyone_at_once(client, ep, fake_openai, fake_zhipu):
     # Concurrent, not in turn: each slow request was sent while the other was still being answered.
     sent_a, sent_b = fake_openai.requests_for(key_a)[-1]["at"], fake_openai.requests_for(key_b)[-1]["at"]
     assert abs(sent_a - sent_b) < 1.5
+
+    # Streamed (the console's Compare view): every answer as it comes, named, each ending exactly
+    # once, with its own latency and tokens; a failure ends only its own column.
+    fake_openai.script(key_a, Reply(pieces=["one ", "two"]))
+    fake_openai.script(key_b, openai_error(401, "Incorrect API key provided", "invalid_request_error", "invalid_api_key"))
+    r = client.post("/chat/broadcast", json={"chat_names": [slow_a, slow_b, fast, "not_there"], "stream": True,
+                                             "messages": [{"role": "system", "content": "brief"},
+                                                          {"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.mimetype == "text/event-stream"
+    events = sse_events(r.get_data(as_text=True))
+    assert events[-1] == ("message", "[DONE]")
+    columns: dict = {}
+    for kind, data in events[:-1]:
+        columns.setdefault(data["chat_name"], []).append((kind, data))
+    assert set(columns) == {slow_a, slow_b, fast, "not_there"}
+    for name, column in columns.items():  # one end per endpoint, and it is the last of its events
+        ends = [d for k, d in column if k == "error" or "finish_reason" in d]
+        assert len(ends) == 1 and ends[0] is column[-1][1], (name, column)
+    assert "".join(d.get("delta", "") for _, d in columns[slow_a]) == "one two"
+    end = columns[slow_a][-1][1]
+    assert end["finish_reason"] == "stop" and end["served_by"] == slow_a and end["usage"]["total_tokens"] > 0
+    assert 0 < end["first_token_ms"] <= end["latency_ms"]
+    assert "".join(d.get("delta", "") for _, d in columns[fast]) == "echo: hi"
+    assert columns[fast][-1][1]["provider"] == "zhipu"
+    assert columns[slow_b] == [("error", columns[slow_b][0][1])]
+    assert columns[slow_b][0][1]["error"]["type"] == "upstream_auth" and "Incorrect API key" in columns[slow_b][0][1]["error"]["message"]
+    assert columns["not_there"][0][1]["error"]["type"] == "not_found"
+
+    # A client that leaves mid-way: every stream is closed, the upstream one included.
+    fake_openai.script(key_a, Reply(pieces=[f"w{i} " for i in range(40)], piece_delay=0.3))
+    r = client.post("/chat/broadcast", json={"chat_names": [slow_a], "content": "long", "stream": True}, buffered=False)
+    first = next(iter(r.response))
+    assert b'"delta"' in first
+    r.close()
+    sent = fake_openai.abandoned_after(key_a)
+    assert sent is not None and sent < 40, fake_openai.abandoned
