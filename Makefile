@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: start test test-fast install install-dev install-local install-gpu bench clean
+.PHONY: start test test-fast install install-dev install-local install-gpu install-browser bench clean
 
 # (gunicorn then says each step: the metrics directory, "starting the embedded Ray head", and once every
 # worker is connected, "ready: the gateway serves http://..." and the dashboard's URL and how to log in)
@@ -13,8 +13,19 @@ start: install
 	@echo "starting the gateway: gunicorn, which starts the embedded Ray head (unless RAY_ADDRESS is set)..."
 	exec $(BIN)/gunicorn -c gunicorn.conf.py app:app
 
-test: install-dev
+test: install-dev install-browser
 	$(BIN)/python -m pytest
+
+# the web console's test (tests/test_ui.py) drives Debian's chromium through Playwright, which downloads
+# nothing; installed here when missing (as root, or with sudo -n); when it cannot be, that test skips and says why
+install-browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; \
+	  else echo "chromium is missing and neither root nor sudo is here: tests/test_ui.py will skip"; exit 0; fi; \
+	  if ! command -v apt-get >/dev/null 2>&1; then echo "chromium is missing and there is no apt-get: tests/test_ui.py will skip"; exit 0; fi; \
+	  echo "installing chromium (Debian's package) for the console's browser test..."; \
+	  ($$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium >/dev/null) \
+	    || echo "could not install chromium: tests/test_ui.py will skip"; }
 
 # the pure tests only (tests/fast: no Ray, seconds); make test runs them too
 test-fast: install-dev

@@ -31,6 +31,7 @@ from .errors import GatewayError
 from .events import Finish, ToolCallDelta
 from .openai_compat import v1
 from .schemas import BroadcastRequest, ChatRequest, UndeployRequest, validate
+from .ui import ui
 
 log = logging.getLogger("gateway.web")
 
@@ -344,5 +345,6 @@ def register_routes(app: Flask) -> None:
     app.register_error_handler(Exception, _unexpected)
     app.register_blueprint(core)
     app.register_blueprint(v1)
+    app.register_blueprint(ui)
     for name in providers.names():
         app.register_blueprint(provider_blueprint(providers.get(name)))
