@@ -117,12 +117,15 @@ class Gateway:
             return self.settings.dashboard_url
         if not self.cluster.connected:
             return None
-        try:
-            from ray._private.worker import get_dashboard_url
+        try:  # where the dashboard registered itself in the GCS (what `ray job submit` reads too)
+            from ray._private import ray_constants
+            from ray.experimental import internal_kv
 
-            url = get_dashboard_url()
+            raw = internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
+                                               namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
         except Exception:  # noqa: BLE001 - a link only
             return None
+        url = raw.decode() if raw else None
         return (url if "://" in url else f"http://{url}") if url else None
 
     def liveness(self) -> tuple[bool, dict]:

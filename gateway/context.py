@@ -28,7 +28,7 @@ _SHAPES: dict[str, ErrorBody] = {}
 _PREFIXES: list[tuple[str, ErrorBody]] = []
 
 #: routes anyone may call; admin routes; readers of /metrics; everything else is a chat (client) route
-OPEN = frozenset({"core.healthz", "core.readyz"})
+OPEN = frozenset({"core.healthz", "core.readyz", "ui.index", "ui.asset", "ui.config"})  # (the console's page holds no data)
 ADMIN = frozenset({"core.deployments", "core.deployment", "core.provider_list"})
 READERS = frozenset({"core.prometheus_metrics"})
 

@@ -41,7 +41,8 @@ def secured(ray_head, tmp_path_factory, fake_openai):
 
 
 ADMIN_ROUTES = [("post", "/openai/deploy", {}), ("post", "/zhipu/undeploy", {"chat_name": "x"}),
-                ("get", "/deployments", None), ("get", "/deployments/x", None), ("get", "/metrics", None)]
+                ("get", "/deployments", None), ("get", "/deployments/x", None), ("get", "/metrics", None),
+                ("get", "/providers", None)]
 CLIENT_ROUTES = [("post", "/chat", "chat"), ("post", "/openai/chat", "chat"), ("post", "/chat/broadcast", "broadcast"),
                  ("post", "/v1/chat/completions", "v1"), ("get", "/v1/models", None)]
 
@@ -198,3 +199,20 @@ def test_redeploy_takes_the_old_key_away_with_the_old_replicas(client, deploy, n
             time.sleep(0.1)
         else:
             raise AssertionError(f"replica process {pid} with the old key is still alive")
+
+
+def test_the_console_page_is_open_its_data_is_not(secured):
+    """A browser loads /ui without any header; every piece of data behind it needs the admin token."""
+    client, _ = secured
+    for path in ("/ui", "/ui/", "/ui/app.js", "/ui/style.css"):
+        r = client.get(path)
+        assert r.status_code == 200, (path, r.get_data(as_text=True)[:200])
+        assert "script-src 'self'" in r.headers["Content-Security-Policy"] and r.headers["X-Content-Type-Options"] == "nosniff"
+    assert client.get("/ui/").mimetype == "text/html"
+    assert client.get("/ui/secrets.txt").status_code == 404
+    stranger = client.get("/ui/config").get_json()
+    assert stranger == {"auth": True, "dashboard_url": None}  # (no cluster address for strangers)
+    admin = client.get("/ui/config", headers={"Authorization": f"Bearer {ADMIN}"}).get_json()
+    assert admin["auth"] is True and admin["dashboard_url"].startswith("http")
+    assert call(client, "get", "/providers", None).status_code == 401
+    assert call(client, "get", "/providers", None, CLIENT).status_code == 401  # a client key is no admin token
