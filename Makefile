@@ -17,14 +17,16 @@ test: install-dev install-browser
 	$(BIN)/python -m pytest
 
 # the web console's test (tests/test_ui.py) drives Debian's chromium through Playwright, which downloads
-# nothing; installed here when missing (as root, or with sudo -n); when it cannot be, that test skips and says why
+# nothing; installed here when missing (as root, or with sudo -n); when it cannot be, that test skips and
+# says why (under CI, with CI set, it fails instead)
 install-browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; \
 	  else echo "chromium is missing and neither root nor sudo is here: tests/test_ui.py will skip"; exit 0; fi; \
 	  if ! command -v apt-get >/dev/null 2>&1; then echo "chromium is missing and there is no apt-get: tests/test_ui.py will skip"; exit 0; fi; \
 	  echo "installing chromium (Debian's package) for the console's browser test..."; \
-	  ($$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium >/dev/null) \
+	  ($$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 \
+	    install -y -qq chromium >/dev/null) \
 	    || echo "could not install chromium: tests/test_ui.py will skip"; }
 
 # the pure tests only (tests/fast: no Ray, seconds); make test runs them too

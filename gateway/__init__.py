@@ -38,6 +38,7 @@ class Gateway:
     starting: bool = field(default=False, init=False)
     started: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     startup_problem: Optional[str] = field(default=None, init=False)
+    _dashboard_url: Optional[str] = field(default=None, init=False, repr=False)
     _node_gone_since: Optional[float] = field(default=None, init=False, repr=False)
 
     def start_in_background(self) -> threading.Thread:
@@ -112,21 +113,27 @@ class Gateway:
         return self.cluster.readiness()
 
     def dashboard_url(self) -> Optional[str]:
-        """The Ray dashboard's URL: ``GATEWAY_DASHBOARD_URL``, else what the cluster reports (once connected)."""
+        """The Ray dashboard's URL: ``GATEWAY_DASHBOARD_URL``, else where the dashboard registered itself
+        in the GCS (what ``ray job submit`` reads too), read once per process, within 2 s."""
         if self.settings.dashboard_url:
             return self.settings.dashboard_url
-        if not self.cluster.connected:
-            return None
-        try:  # where the dashboard registered itself in the GCS (what `ray job submit` reads too)
-            from ray._private import ray_constants
-            from ray.experimental import internal_kv
+        if self._dashboard_url is None and self.cluster.connected and not self.cluster.lost:
+            from .cluster import _CALL_TIMEOUT_S, _bounded
 
-            raw = internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
-                                               namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
-        except Exception:  # noqa: BLE001 - a link only
-            return None
-        url = raw.decode() if raw else None
-        return (url if "://" in url else f"http://{url}") if url else None
+            def read() -> Optional[str]:
+                from ray._private import ray_constants
+                from ray.experimental import internal_kv
+
+                raw = internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
+                                                   namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+                return raw.decode() if raw else None
+
+            found = _bounded(read, _CALL_TIMEOUT_S)  # (a link only: None when it cannot tell)
+            if found:
+                host, _, port = found.rpartition(":")
+                host = f"[{host}]" if ":" in host and not host.startswith("[") else host  # (an IPv6 head)
+                self._dashboard_url = f"http://{host}:{port}" if "://" not in found else found
+        return self._dashboard_url
 
     def liveness(self) -> tuple[bool, dict]:
         """What ``/healthz`` reports: (alive, details); details has ``problem`` when not alive.

@@ -167,7 +167,12 @@ def run_broadcast_stream(chat_names: list[str], make_call) -> Response:
         first: dict[str, float] = {}
         error_type = None
         try:
-            for name, event, endpoint in merged:
+            yield ": open\n\n"  # (the headers go out now, whatever the upstreams take)
+            for item in merged:
+                if item is None:  # a quiet while: a comment keeps proxies from cutting, and shows a client gone
+                    yield ": keep-alive\n\n"
+                    continue
+                name, event, endpoint = item
                 at = round((time.perf_counter() - started) * 1000, 1)
                 if isinstance(event, Failure):
                     error_type = error_type or event.error.type
@@ -187,6 +192,10 @@ def run_broadcast_stream(chat_names: list[str], make_call) -> Response:
             merged.close()
             finish_record(record, 200, error_type)
 
+    def close() -> None:  # (also when the body never started: then events() has no finally to run)
+        merged.close()
+        finish_record(record, 200, None)
+
     response = Response(stream_with_context(events()), mimetype="text/event-stream", headers=SSE_HEADERS)
-    response.call_on_close(merged.close)
+    response.call_on_close(close)
     return response

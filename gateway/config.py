@@ -32,7 +32,7 @@ class Settings(BaseModel):
     dashboard_port: int = Field(8265, ge=1, le=65535)
     #: where operators open the Ray dashboard (the console links to it); default: the address the
     #: cluster reports, which is right on the head's own machine (behind a proxy or an ingress, set it)
-    dashboard_url: Optional[str] = None
+    dashboard_url: Optional[str] = Field(None, pattern=r"^https?://[^\s]+$")
     ray_num_cpus: Optional[int] = Field(None, ge=1)
     object_store_mb: int = Field(256, ge=80)
     #: seconds the embedded head gets to come up

@@ -69,6 +69,10 @@ _POLL_S = 2.0
 _REGISTRY_WAIT_S = 10.0
 #: how often a process looks again at an endpoint it knows as unhealthy
 _HEALTH_RECHECK_S = 0.25
+#: streams a process's streamed broadcasts may pull at once (one thread each)
+_STREAM_SEATS = 64
+#: a streamed broadcast with nothing to say this long yields None (an SSE comment goes out)
+_KEEPALIVE_S = 10.0
 
 
 @dataclass
@@ -247,6 +251,10 @@ class Dispatcher:
         self._handles: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(32, thread_name_prefix="broadcast")
+        #: streamed broadcasts hold a thread per endpoint for a whole answer: their own pool, and a
+        #: seat per thread taken before a stream starts (none free: that endpoint answers busy at once)
+        self._stream_pool = ThreadPoolExecutor(_STREAM_SEATS, thread_name_prefix="broadcast-stream")
+        self._stream_seats = threading.BoundedSemaphore(_STREAM_SEATS)
         self._bulkhead = Bulkhead(settings.endpoint_seats)
         #: whether this process is still applying GATEWAY_ENDPOINTS_FILE (set by ``create_app``)
         self.applying: Callable[[], bool] = lambda: False
@@ -563,8 +571,9 @@ class Dispatcher:
 
     # -- fan-out ----------------------------------------------------------------------
     def broadcast_stream(self, chat_names: list[str], make_call, caller: Optional["Caller"] = None
-                         ) -> Iterator[tuple[str, StreamEvent, Optional[Endpoint]]]:
-        """Stream from every endpoint at once, merged as the events come: ``(chat_name, event, endpoint)``.
+                         ) -> Iterator[Optional[tuple[str, StreamEvent, Optional[Endpoint]]]]:
+        """Stream from every endpoint at once, merged as the events come: ``(chat_name, event, endpoint)``,
+        and ``None`` after ``_KEEPALIVE_S`` without any (time for the caller to write a keep-alive).
 
         Each name ends with exactly one ``Finish`` or ``Failure`` (a name that could not open its
         stream: its error as a ``Failure``, with no endpoint). Each endpoint costs the caller's
@@ -577,30 +586,51 @@ class Dispatcher:
         stopped = threading.Event()
 
         def pump(name: str, call: ChatCall) -> None:
-            stream = None
+            stream, ended = None, False
             try:
+                if stopped.is_set():  # the client left before this stream's turn: nothing is opened
+                    return
                 stream = self.stream(name, call, caller=caller)
                 with lock:
                     streams.append(stream)
                 if stopped.is_set():
                     return
                 for event in stream:
+                    ended = isinstance(event, (Finish, Failure))
                     merged.put((name, event, stream.endpoint))
             except GatewayError as err:
+                ended = True
                 merged.put((name, Failure(err.info), None))
             except Exception as exc:  # noqa: BLE001 - one endpoint's failure ends its column, not the others
                 log.error("broadcast stream of %s failed: %s", name, type(exc).__name__)
-                merged.put((name, Failure(ErrorInfo(type="internal_error", message="the gateway failed; see its log")), None))
             finally:
+                self._stream_seats.release()
                 if stream is not None:
                     stream.close()
+                if not ended:  # (whatever happened, the column ends)
+                    merged.put((name, Failure(ErrorInfo(type="internal_error", message="the gateway failed; see its log")), None))
 
-        for name in chat_names:  # (the calls are made here, in the request's thread)
-            self._pool.submit(pump, name, make_call(name))
-        left = len(chat_names)
+        left = 0
         try:
+            for name in chat_names:  # (the calls are made here, in the request's thread)
+                call = make_call(name)
+                if not self._stream_seats.acquire(blocking=False):
+                    merged.put((name, Failure(ErrorInfo(
+                        type="endpoint_busy", retry_after=1,
+                        message=f"this gateway process already streams {_STREAM_SEATS} broadcast answers; try again shortly")), None))
+                else:
+                    try:
+                        self._stream_pool.submit(pump, name, call)
+                    except BaseException:
+                        self._stream_seats.release()
+                        raise
+                left += 1
             while left:
-                item = merged.get()
+                try:
+                    item = merged.get(timeout=_KEEPALIVE_S)
+                except queue.Empty:
+                    yield None  # nothing for a while: the caller may write a keep-alive (and notice a client gone)
+                    continue
                 if isinstance(item[1], (Finish, Failure)):
                     left -= 1
                 yield item

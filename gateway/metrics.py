@@ -12,6 +12,7 @@ no label carries prompt text, a key or other user input.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -67,7 +68,18 @@ def traffic() -> dict[str, dict[str, int]]:
     def row(name: str) -> dict[str, int]:
         return out.setdefault(name, {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0})
 
-    for family in _registry().collect():
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    try:
+        if directory:  # the counters' files only (histograms are most of the bytes): ~1 ms, not ~20
+            from prometheus_client import multiprocess
+
+            families = multiprocess.MultiProcessCollector.merge(glob.glob(os.path.join(directory, "counter_*.db")))
+        else:
+            families = list(_registry().collect())
+    except Exception as exc:  # noqa: BLE001 - a listing never fails because of its counters
+        logging.getLogger("gateway.metrics").warning("could not read the traffic counters: %s", type(exc).__name__)
+        return {}
+    for family in families:
         if family.name not in ("gateway_requests", "gateway_tokens"):
             continue
         for sample in family.samples:

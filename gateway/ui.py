@@ -57,8 +57,8 @@ def asset(asset: str):
 
 @ui.get("/config")
 def config():
-    """What the page needs: whether it must ask for the token, and (to the admin, as ``/readyz``'s details)
-    the Ray dashboard's URL."""
+    """What the page needs: whether it must ask for the token, and (to the admin or metrics token, as
+    ``/readyz``'s details) the Ray dashboard's URL."""
     gateway = gw()
     url = gateway.dashboard_url() if gateway.auth.may_read(request.headers.get("Authorization")) else None
     return jsonify(dashboard_url=url, auth=gateway.settings.admin_token is not None)

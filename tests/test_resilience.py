@@ -282,7 +282,9 @@ def test_broadcast_asks_everyone_at_once(client, ep, fake_openai, fake_zhipu):
                                              "messages": [{"role": "system", "content": "brief"},
                                                           {"role": "user", "content": "hi"}]})
     assert r.status_code == 200 and r.mimetype == "text/event-stream"
-    events = sse_events(r.get_data(as_text=True))
+    text = r.get_data(as_text=True)
+    assert text.startswith(": open\n\n")  # (a comment first: the headers go out at once)
+    events = [e for e in sse_events(text) if e[1] is not None]
     assert events[-1] == ("message", "[DONE]")
     columns: dict = {}
     for kind, data in events[:-1]:
@@ -301,10 +303,25 @@ def test_broadcast_asks_everyone_at_once(client, ep, fake_openai, fake_zhipu):
     assert columns[slow_b][0][1]["error"]["type"] == "upstream_auth" and "Incorrect API key" in columns[slow_b][0][1]["error"]["message"]
     assert columns["not_there"][0][1]["error"]["type"] == "not_found"
 
+    # Every streaming seat of this process taken (each holds a thread for a whole answer): the
+    # columns answer busy at once, with Retry-After, instead of queueing behind the others.
+    seats = client.application.extensions["gateway"].dispatcher._stream_seats
+    taken = 0
+    while seats.acquire(blocking=False):
+        taken += 1
+    try:
+        r = client.post("/chat/broadcast", json={"chat_names": [slow_a, fast], "content": "hi", "stream": True})
+        busy = [d for k, d in sse_events(r.get_data(as_text=True)) if k == "error"]
+        assert [(d["chat_name"], d["error"]["type"], d["error"]["retry_after"]) for d in busy] == [
+            (slow_a, "endpoint_busy", 1.0), (fast, "endpoint_busy", 1.0)]
+    finally:
+        for _ in range(taken):
+            seats.release()
+
     # A client that leaves mid-way: every stream is closed, the upstream one included.
     fake_openai.script(key_a, Reply(pieces=[f"w{i} " for i in range(40)], piece_delay=0.3))
     r = client.post("/chat/broadcast", json={"chat_names": [slow_a], "content": "long", "stream": True}, buffered=False)
-    first = next(iter(r.response))
+    first = next(chunk for chunk in r.response if b"data:" in chunk)
     assert b'"delta"' in first
     r.close()
     sent = fake_openai.abandoned_after(key_a)
