@@ -11,7 +11,8 @@
 // - Data is written into the page with textContent / createElement only, never as HTML.
 // - Provider keys (schema fields with format "password" / writeOnly) are read from their input
 //   once, sent, and the input is cleared; they are never shown or kept. The curl lines show
-//   "$PROVIDER_API_KEY" and "$GATEWAY_ADMIN_TOKEN" instead.
+//   "$PROVIDER_API_KEY" and "$GATEWAY_ADMIN_TOKEN" instead; a base_url / proxy that carries
+//   credentials (user:pass@ or a ?query) shows as "$PROVIDER_BASE_URL" / "$PROVIDER_PROXY".
 "use strict";
 
 const TOKEN_KEY = "llm-gateway.admin-token";
@@ -27,7 +28,12 @@ const state = {
   pendingUndeploy: null,
   curl: [],             // [{key, what, line}], newest first
   compareAbort: null,
+  session: 0,           // bumped by loggedOut: work begun in an older session stops acting
+  apiAbort: new AbortController(),  // aborted by loggedOut: the API calls in flight then
 };
+
+// is a session (state.session when some work began) still the current one?
+const current = (session) => session === state.session;
 
 // -- small DOM helpers ---------------------------------------------------------------
 const $ = (id) => document.getElementById(id);
@@ -65,19 +71,43 @@ function shq(s) {
   return "'" + String(s).replace(/'/g, "'\\''") + "'";
 }
 
-const KEY_SENTINEL = "__GATEWAY_CONSOLE_PROVIDER_KEY__";
+// body fields shown as a shell variable in the curl lines: secrets always, URLs when they carry credentials
+const URL_VARIABLES = { base_url: "PROVIDER_BASE_URL", http_proxy: "PROVIDER_BASE_URL", proxy: "PROVIDER_PROXY" };
+const sentinel = (variable) => `__GATEWAY_CONSOLE_${variable}__`;
+
+// a URL with userinfo (user:pass@) or a query string (?token=...) may hold credentials
+function credentialed(url) {
+  try {
+    const u = new URL(url);
+    return Boolean(u.username || u.password || u.search);
+  } catch (e) {
+    return /[@?]/.test(url);  // (not a URL the browser reads: keep it out of the line if it might hold one)
+  }
+}
 
 function curlLine(method, path, body, authorized) {
   const parts = ["curl", "-sS"];
+  if (body && body.stream === true) parts.push("-N");  // (streamed: curl shows the events as they come)
   if (method !== "GET") parts.push("-X", method);
   parts.push(shq(window.location.origin + path));
   if (body !== undefined) parts.push("-H", shq("Content-Type: application/json"));
   // the literal variable, never the token: double quotes so the shell expands it
   if (authorized) parts.push("-H", '"Authorization: Bearer $GATEWAY_ADMIN_TOKEN"');
   if (body !== undefined) {
-    // secrets (the provider key) become "$PROVIDER_API_KEY": the quoting is left around it
-    const json = JSON.stringify(body, (k, v) => (SECRET_FIELDS.has(k) && typeof v === "string" ? KEY_SENTINEL : v));
-    parts.push("-d", shq(json).split(KEY_SENTINEL).join("'\"$PROVIDER_API_KEY\"'"));
+    // secrets (the provider key) become "$PROVIDER_API_KEY", a credentialed base_url / proxy
+    // "$PROVIDER_BASE_URL" / "$PROVIDER_PROXY": the single quotes are left around the variable
+    // (which the shell expands inside double quotes), so the JSON string holds its value
+    const used = new Set();
+    const json = JSON.stringify(body, (k, v) => {
+      if (typeof v !== "string") return v;
+      const variable = SECRET_FIELDS.has(k) ? "PROVIDER_API_KEY" : URL_VARIABLES[k] && credentialed(v) ? URL_VARIABLES[k] : null;
+      if (!variable) return v;
+      used.add(variable);
+      return sentinel(variable);
+    });
+    let quoted = shq(json);
+    for (const variable of used) quoted = quoted.split(sentinel(variable)).join(`'"$${variable}"'`);
+    parts.push("-d", quoted);
   }
   return parts.join(" ");
 }
@@ -130,7 +160,7 @@ async function api(method, path, body, { what, tokenOverride, record = true, sig
   if (record) recordCurl(what || `${method} ${path}`, method, path, body, Boolean(t));
   const response = await fetch(path, {
     method, headers, body: body === undefined ? undefined : JSON.stringify(body),
-    cache: "no-store", credentials: "omit", redirect: "error", signal,
+    cache: "no-store", credentials: "omit", redirect: "error", signal: signal || state.apiAbort.signal,
   });
   return response;
 }
@@ -147,12 +177,30 @@ async function apiJson(method, path, body, opts = {}) {
 }
 
 // -- login ------------------------------------------------------------------------------
+// the end of a session (logout, a refused token): whatever is in flight stops, and what it showed goes
 function loggedOut(message) {
   sessionStorage.removeItem(TOKEN_KEY);
+  state.session += 1;
+  state.apiAbort.abort();
+  state.apiAbort = new AbortController();
+  if (state.compareAbort) state.compareAbort.abort();
   stopRefresh();
-  for (const id of ["endpoints-view", "compare-view", "tabs", "logout", "curl-panel"]) $(id).hidden = true;
+  for (const id of ["endpoints-view", "compare-view", "tabs", "logout", "curl-panel", "dashboard-link", "undeploy-box",
+    "deploy-progress"]) $(id).hidden = true;
+  $("dashboard-link").removeAttribute("href");
   state.curl = [];
   renderCurl();
+  state.deployments = [];
+  state.pendingUndeploy = null;
+  $("endpoints-body").replaceChildren();
+  $("compare-columns").replaceChildren();
+  $("compare-targets").replaceChildren();
+  delete $("compare-targets").dataset.signature;
+  state.providers = [];
+  $("deploy-provider").replaceChildren();
+  buildForm();  // (no provider: an empty form, without what was typed)
+  for (const id of ["endpoints-error", "deploy-error", "deploy-status", "compare-error", "compare-status"]) show($(id), "");
+  $("refreshed").textContent = "";
   $("login-view").hidden = false;
   show($("login-error"), message || "");
   $("login-token").focus();
@@ -179,7 +227,6 @@ async function login(event) {
 
 function logout() {
   sessionStorage.clear();
-  $("dashboard-link").hidden = true;  // (shown to the admin only)
   loggedOut("");
   show($("notice"), "Logged out: this tab no longer holds the token.");
 }
@@ -194,13 +241,15 @@ function setView(view) {
 }
 
 async function started() {
+  const session = state.session;
   $("tabs").hidden = false;
   $("logout").hidden = !state.auth;
   setView(state.view);
   await loadProviders();
+  if (!current(session)) return;
   await refresh();
   // (a gateway process knows the dashboard's address once it has talked to the cluster)
-  if ($("dashboard-link").hidden) loadConfig();
+  if (current(session) && $("dashboard-link").hidden) loadConfig();
 }
 
 // -- endpoints ----------------------------------------------------------------------
@@ -211,16 +260,20 @@ function stopRefresh() {
 
 async function refresh() {
   stopRefresh();
+  if (state.auth && !token()) return;  // (logged out)
+  const session = state.session;
   try {
     const { data } = await apiJson("GET", "/deployments", undefined, { what: "list the endpoints" });
+    if (!current(session)) return;  // (an answer for a session that has ended)
     state.deployments = data.deployments || [];
     renderDeployments();
     show($("endpoints-error"), "");
     $("refreshed").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (e) {
-    if (e.status === 401 && state.auth) return;  // (logged out)
+    if (!current(session) || (e.status === 401 && state.auth)) return;  // (logged out)
     show($("endpoints-error"), `could not list the endpoints: ${e.message}`);
   }
+  stopRefresh();  // (one timer, whichever refresh ran last)
   state.refreshTimer = setTimeout(refresh, REFRESH_MS);
 }
 
@@ -292,12 +345,15 @@ function renderDeployments() {
 
 async function undeploy(row, force) {
   if (!force && !window.confirm(`Undeploy ${row.chat_name}? Its replicas stop and its key is dropped.`)) return;
+  const session = state.session;
   const body = force ? { chat_name: row.chat_name, force: true } : { chat_name: row.chat_name };
   $("undeploy-box").hidden = true;
   try {
     await apiJson("POST", `/${encodeURIComponent(row.provider)}/undeploy`, body, { what: `undeploy ${row.chat_name}` });
+    if (!current(session)) return;
     show($("notice"), `${row.chat_name} undeployed`);
   } catch (e) {
+    if (!current(session)) return;
     if (e.status === 409 && !force) {
       state.pendingUndeploy = row;
       $("undeploy-message").textContent = `${row.chat_name}: ${e.message}`;
@@ -311,11 +367,13 @@ async function undeploy(row, force) {
 
 // -- the deploy form, made from the provider's JSON schema -------------------------------------
 async function loadProviders() {
+  const session = state.session;
   try {
     const { data } = await apiJson("GET", "/providers", undefined, { what: "list the providers" });
+    if (!current(session)) return;
     state.providers = data.providers || [];
   } catch (e) {
-    if (e.status === 401 && state.auth) return;
+    if (!current(session) || (e.status === 401 && state.auth)) return;
     show($("deploy-error"), `could not read the providers (GET /providers): ${e.message}`);
     state.providers = [];
   }
@@ -492,25 +550,32 @@ async function deploy(event) {
     clearSecrets();  // the key is read once, sent, and forgotten: never shown or kept
   }
   const name = body.chat_name || "";
+  // how long the gateway gives this deploy (the field sent, else the schema's default)
+  const schema = provider.schema || {};
+  const timeoutField = resolve(schema, (schema.properties || {}).deploy_timeout);
+  const deployTimeoutS = Number(body.deploy_timeout ?? timeoutField.default) || 1800;
+  const session = state.session;
   $("deploy-submit").disabled = true;
   show($("deploy-status"), `deploying ${name}...`);
   try {
     const { status, data } = await apiJson("POST", `/${encodeURIComponent(provider.name)}/deploy`, body, { what: `deploy ${name}` });
     body = null;
+    if (!current(session)) return;
     if (status === 202) {
       show($("deploy-status"), `${data.chat_name}: DEPLOYING`);
-      await followDeploy(data.chat_name, data.progress);
+      await followDeploy(data.chat_name, data.progress, deployTimeoutS);
     } else {
       show($("deploy-status"), `${data.chat_name}: ${data.status}${data.unchanged ? " (unchanged)" : ""}`);
     }
   } catch (e) {
     body = null;
+    if (!current(session)) return;
     show($("deploy-status"), "");
     show($("deploy-error"), e.message);
     for (const field of e.error.fields || []) fieldError(String(field).split(".")[0], messageFor(String(field).split(".")[0], e.message));
   } finally {
     $("deploy-submit").disabled = false;
-    refresh();
+    if (current(session)) refresh();
   }
 }
 
@@ -523,18 +588,29 @@ function showProgress(name, p, status) {
   $("deploy-progress-text").textContent = `${name}: ${status}, ${running}/${workers || "?"} workers running, ${p && p.elapsed_s !== undefined ? p.elapsed_s : "?"}s`;
 }
 
-// 202: poll GET /deployments/<name> every second until RUNNING or DEPLOY_FAILED
-async function followDeploy(name, progress) {
+// 202: poll GET /deployments/<name> every second until RUNNING or DEPLOY_FAILED, within the
+// endpoint's deploy_timeout and a minute more (the gateway fails the deploy by then), and only
+// as long as this session lasts
+async function followDeploy(name, progress, deployTimeoutS) {
+  const session = state.session;
+  const deadline = performance.now() + (deployTimeoutS + 60) * 1000;
   showProgress(name, progress, "DEPLOYING");
   for (;;) {
     await new Promise((r) => setTimeout(r, POLL_MS));
+    if (!current(session)) return;
+    if (performance.now() > deadline) {
+      show($("deploy-status"), "");
+      show($("deploy-error"), `${name}: still not RUNNING after ${Math.round(deployTimeoutS + 60)}s: stopped watching (the endpoints list shows its status)`);
+      return;
+    }
     let row;
     try {
       ({ data: row } = await apiJson("GET", `/deployments/${encodeURIComponent(name)}`, undefined, { what: `watch ${name}` }));
     } catch (e) {
-      $("deploy-progress-text").textContent = `${name}: ${e.message}`;
+      if (current(session)) $("deploy-progress-text").textContent = `${name}: ${e.message}`;
       return;
     }
+    if (!current(session)) return;
     if (row.status === "RUNNING") {
       showProgress(name, { workers: row.workers, workers_running: row.workers_running, elapsed_s: row.progress ? row.progress.elapsed_s : undefined }, "RUNNING");
       show($("deploy-status"), `${name}: RUNNING`);
@@ -570,12 +646,15 @@ function renderTargets() {
 function makeColumn(name) {
   const row = state.deployments.find((d) => d.chat_name === name) || {};
   const col = {
-    name, started: performance.now(), done: false, text: "",
+    name, started: performance.now(), done: false,
     meta: el("div", { class: "meta", text: [row.provider, row.model].filter(Boolean).join(" · ") }),
-    answer: el("div", { class: "answer" }),
+    text: document.createTextNode(""),  // the answer's one text node: each delta is appended to it
+    tools: el("div", { class: "tools" }),  // the tool calls, beside the text (never erased by it)
     stats: el("div", { class: "stats", text: "waiting..." }),
   };
-  col.node = el("div", { class: "column", dataset: { chatName: name } }, el("h3", { text: name }), col.meta, col.answer, col.stats);
+  col.answer = el("div", { class: "answer" }, col.text);
+  col.node = el("div", { class: "column", dataset: { chatName: name } }, el("h3", { text: name }), col.meta, col.answer,
+    col.tools, col.stats);
   return col;
 }
 
@@ -615,11 +694,8 @@ function applyEvent(columns, event, ev) {
     return;
   }
   if (event === "error" || ev.error) return failColumn(col, ev);
-  if (typeof ev.delta === "string") {
-    col.text += ev.delta;
-    col.answer.textContent = col.text;
-  }
-  if (ev.tool_calls) col.answer.append(el("pre", { class: "mono", text: JSON.stringify(ev.tool_calls, null, 1) }));
+  if (typeof ev.delta === "string") col.text.appendData(ev.delta);
+  if (ev.tool_calls) col.tools.append(el("pre", { class: "mono", text: JSON.stringify(ev.tool_calls, null, 1) }));
   if (ev.finish_reason !== undefined || ev.usage) finishColumn(col, ev);
 }
 
@@ -665,6 +741,7 @@ async function ask(event) {
   $("compare-columns").replaceChildren(...[...columns.values()].map((c) => c.node));
   $("compare-columns").dataset.mode = "";
   const abort = new AbortController();
+  const session = state.session;
   state.compareAbort = abort;
   $("compare-ask").disabled = true;
   $("compare-stop").disabled = false;
@@ -673,24 +750,19 @@ async function ask(event) {
     const body = { chat_names: names, messages, stream: true };
     const response = await api("POST", "/chat/broadcast", body, { what: "ask " + names.join(", "), signal: abort.signal });
     const type = response.headers.get("Content-Type") || "";
-    if (response.ok && type.startsWith("text/event-stream")) {
-      $("compare-columns").dataset.mode = "stream";
-      const complete = await readSSE(response, (ev, payload) => applyEvent(columns, ev, payload));
-      for (const c of columns.values()) if (!c.done) failColumn(c, { error: { type: "incomplete", message: complete ? "no answer in the stream" : "the stream ended early" } });
-    } else {
+    if (!response.ok) {
       let data = null;
       try { data = await response.json(); } catch (e) { data = null; }
-      if (!response.ok) {
-        const err = (data && data.error) || {};
-        if (response.status === 401 && state.auth) return loggedOut("the admin token was refused (401): log in again");
-        // a gateway without the streamed broadcast refuses "stream": ask again for whole answers
-        if (response.status === 400 && (err.fields || []).includes("stream")) return await askWhole(names, messages, columns, abort);
-        throw new ApiError(response.status, err);
-      }
-      showWhole(columns, data);
+      if (response.status === 401 && state.auth) return loggedOut("the admin token was refused (401): log in again");
+      throw new ApiError(response.status, data && data.error);
     }
+    if (!type.startsWith("text/event-stream")) throw new ApiError(response.status, { message: `expected a stream of events, got ${type || "no Content-Type"}` });
+    $("compare-columns").dataset.mode = "stream";
+    const complete = await readSSE(response, (ev, payload) => applyEvent(columns, ev, payload));
+    for (const c of columns.values()) if (!c.done) failColumn(c, { error: { type: "incomplete", message: complete ? "no answer in the stream" : "the stream ended early" } });
     show($("compare-status"), "done");
   } catch (e) {
+    if (!current(session)) return;  // (logged out: the columns are gone)
     if (e.name === "AbortError") {
       for (const c of columns.values()) if (!c.done) failColumn(c, { error: { type: "stopped", message: "stopped" } });
       show($("compare-status"), "stopped");
@@ -706,40 +778,17 @@ async function ask(event) {
   }
 }
 
-async function askWhole(names, messages, columns, abort) {
-  const response = await api("POST", "/chat/broadcast", { chat_names: names, messages }, { what: "ask " + names.join(", "), signal: abort.signal });
-  let data = null;
-  try { data = await response.json(); } catch (e) { data = null; }
-  if (!response.ok) throw new ApiError(response.status, data && data.error);
-  $("compare-columns").dataset.mode = "whole";
-  showWhole(columns, data);
-  show($("compare-status"), "done (whole answers: this gateway does not stream broadcasts)");
-}
-
-function showWhole(columns, data) {
-  const results = (data && data.results) || {};
-  for (const [name, col] of columns) {
-    const r = results[name];
-    if (!r) failColumn(col, { error: { type: "missing", message: "no result for this endpoint" } });
-    else if (r.error) failColumn(col, r);
-    else {
-      col.answer.textContent = r.output ?? "";
-      if (r.tool_calls) col.answer.append(el("pre", { class: "mono", text: JSON.stringify(r.tool_calls, null, 1) }));
-      finishColumn(col, r);
-    }
-  }
-}
-
 // -- start ----------------------------------------------------------------------------------
 // GET /ui/config: {dashboard_url, auth}; the dashboard's URL only with the admin token (as /readyz's details)
 async function loadConfig() {
+  const session = state.session;
   let config = { dashboard_url: null, auth: true };
   const headers = token() ? { Authorization: "Bearer " + token() } : {};
   try {
     const response = await fetch("/ui/config", { cache: "no-store", credentials: "omit", headers });
     if (response.ok) config = await response.json();
   } catch (e) { /* keep the defaults: ask for a token */ }
-  if (config.dashboard_url && /^https?:\/\//i.test(config.dashboard_url)) {
+  if (current(session) && config.dashboard_url && /^https?:\/\//i.test(config.dashboard_url)) {
     $("dashboard-link").href = config.dashboard_url;
     $("dashboard-link").hidden = false;
   }
