@@ -57,6 +57,11 @@ def _registry():
     return REGISTRY
 
 
+def no_traffic() -> dict[str, int]:
+    """The traffic of an endpoint this gateway has not served yet."""
+    return {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+
 def traffic() -> dict[str, dict[str, int]]:
     """Per endpoint, since this gateway started (all its workers): requests, errors, prompt and completion tokens.
 
@@ -66,7 +71,7 @@ def traffic() -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
 
     def row(name: str) -> dict[str, int]:
-        return out.setdefault(name, {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0})
+        return out.setdefault(name, no_traffic())
 
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     try:

@@ -245,8 +245,7 @@ def deployment(chat_name: str):
 
 def _with_traffic(row: dict, traffic: dict) -> dict:
     """An endpoint's row with what this gateway has served of it (``metrics.traffic``)."""
-    empty = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
-    return {**row, "traffic": traffic.get(row["chat_name"], empty)}
+    return {**row, "traffic": traffic.get(row["chat_name"]) or metrics.no_traffic()}
 
 
 @core.get("/providers")

@@ -409,18 +409,29 @@ def completion_result(data: Any, request_id: Optional[str]) -> ChatResult:
         raise GatewayError("upstream_error", "the provider's answer was malformed") from None
 
 
-def chunk_events(chunk: Any) -> tuple[list[StreamEvent], Optional[str]]:
-    """Events and finish reason of an OpenAI-shaped stream chunk (openai and zhipuai SDKs)."""
-    events: list[StreamEvent] = []
-    finish = None
-    for choice in chunk.choices:
-        if choice.delta and choice.delta.content:
-            events.append(Delta(choice.delta.content))
-        if choice.delta and choice.delta.tool_calls:
-            events.append(ToolCallDelta([tc.model_dump(exclude_none=True) for tc in choice.delta.tool_calls]))
-        if choice.finish_reason:
-            finish = choice.finish_reason
-    return events, finish
+class ChunkReader:
+    """Reads an OpenAI-shaped stream (the openai and zhipuai SDKs' chunks): ``events(chunk)`` for each
+    chunk as it comes, then ``end()``, the stream's ``Finish`` with the usage its chunks carried."""
+
+    def __init__(self) -> None:
+        self.finish: Optional[str] = None
+        self.usage = Usage()
+
+    def events(self, chunk: Any) -> list[StreamEvent]:
+        if chunk.usage:
+            self.usage = usage_of(chunk.usage)
+        events: list[StreamEvent] = []
+        for choice in chunk.choices:
+            if choice.delta and choice.delta.content:
+                events.append(Delta(choice.delta.content))
+            if choice.delta and choice.delta.tool_calls:
+                events.append(ToolCallDelta([tc.model_dump(exclude_none=True) for tc in choice.delta.tool_calls]))
+            if choice.finish_reason:
+                self.finish = choice.finish_reason
+        return events
+
+    def end(self) -> Finish:
+        return end_event(self.finish, self.usage)
 
 
 def end_event(finish_reason: Optional[str], usage: Usage) -> Finish:

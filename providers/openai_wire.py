@@ -24,11 +24,11 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 
 from gateway.errors import TYPES, GatewayError
 from gateway.events import StreamEvent
-from gateway.schemas import ChatCall, ChatResult, Usage
+from gateway.schemas import ChatCall, ChatResult
 
 from .base import (CONNECTION_FAILED, MALFORMED, MESSAGES, TIMED_OUT, ChatAdapter, ErrorTable, Provider, SaaSDeploySpec,
-                   auth_message, chunk_events, completion_result, end_event, fixed, judge_key_check, map_by_class,
-                   reraise_as_gateway_error, retry_after_seconds, shown_url, unexpected, usage_of)
+                   auth_message, ChunkReader, completion_result, fixed, judge_key_check, map_by_class,
+                   reraise_as_gateway_error, retry_after_seconds, shown_url, unexpected)
 
 #: the SDK's client refuses to be built without a key (and reads OPENAI_API_KEY from the environment
 #: when given none, which must never reach another server): a keyless endpoint's client gets this
@@ -285,18 +285,14 @@ class OpenAIWireAdapter(ChatAdapter):
                 extra_headers={"X-Request-Id": call.request_id, **self._auth},
                 **call.params.model_dump(exclude_none=True),
             )
-            finish, usage = None, Usage()
+            reader = ChunkReader()
             try:
                 async for chunk in chunks:
-                    if chunk.usage:
-                        usage = usage_of(chunk.usage)
-                    events, chunk_finish = chunk_events(chunk)
-                    finish = chunk_finish or finish
-                    for event in events:
+                    for event in reader.events(chunk):
                         yield event
             finally:
                 await chunks.close()  # also when cancelled: the upstream stream is closed
-            yield end_event(finish, usage)
+            yield reader.end()
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -22,11 +22,11 @@ from pydantic import field_validator
 
 from gateway.errors import GatewayError
 from gateway.events import StreamEvent
-from gateway.schemas import ChatCall, ChatResult, Usage
+from gateway.schemas import ChatCall, ChatResult
 
 from .base import (CONNECTION_FAILED, MALFORMED, MESSAGES, TIMED_OUT, ChatAdapter, ErrorTable, Provider, SaaSDeploySpec,
-                   auth_message, chunk_events, completion_result, end_event, fixed, judge_key_check, map_by_class,
-                   reraise_as_gateway_error, retry_after_seconds, unexpected, usage_of)
+                   auth_message, ChunkReader, completion_result, fixed, judge_key_check, map_by_class,
+                   reraise_as_gateway_error, retry_after_seconds, unexpected)
 
 DEFAULT_BASE_URL = "https://open.bigmodel.cn/api/paas/v4"
 
@@ -204,7 +204,7 @@ class ZhipuAdapter(ChatAdapter):
 
         with reraise_as_gateway_error("zhipu", self._spec.api_key.get_secret_value(), map_zhipu_error):
             loop.run_in_executor(self._pool, pump)
-            finish, usage = None, Usage()
+            reader = ChunkReader()
             try:
                 while True:
                     kind, item = await queue.get()
@@ -212,15 +212,11 @@ class ZhipuAdapter(ChatAdapter):
                         raise item
                     if kind == "end":
                         break
-                    if item.usage:
-                        usage = usage_of(item.usage)
-                    events, chunk_finish = chunk_events(item)
-                    finish = chunk_finish or finish
-                    for event in events:
+                    for event in reader.events(item):
                         yield event
             finally:
                 stop.set()
-            yield end_event(finish, usage)
+            yield reader.end()
 
     async def aclose(self) -> None:
         if self._client is not None:
