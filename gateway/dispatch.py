@@ -26,6 +26,7 @@ always free for the other endpoints.
 """
 from __future__ import annotations
 
+import asyncio
 import difflib
 import logging
 import queue
@@ -42,7 +43,9 @@ import providers
 from providers.base import indefinite
 from ray.exceptions import RayActorError, RayError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
+from ray.serve.handle import DeploymentHandle
 
+from .aio import EventLoop
 from .cluster import Cluster
 from .config import Settings
 from .errors import TYPES, ErrorInfo, GatewayError
@@ -75,10 +78,31 @@ _STREAM_SEATS = 64
 _KEEPALIVE_S = 10.0
 
 
+@dataclass(frozen=True)
+class Handles:
+    """An endpoint's Serve handles in this process, made on its event loop: whole answers and streams."""
+
+    chat: Any
+    stream: Any
+
+
+async def _new_handles(deployment: str, app: str) -> Handles:
+    """Handles whose router runs in this (the process's event) loop and that call replicas over gRPC.
+
+    Serve's defaults would run the router in a loop of its own (every call hops between
+    two loops and threads) and pass calls as Ray actor tasks; the bench (``bench.serve_paths``)
+    measured this way at about half the CPU per call. The handle is made here, not taken from
+    ``serve.get_app_handle``: those are shared within the process and already initialised.
+    """
+    handle = DeploymentHandle(deployment, app)
+    handle._init(_run_router_in_separate_loop=False)
+    return Handles(chat=handle.options(_by_reference=False), stream=handle.options(_by_reference=False, stream=True))
+
+
 @dataclass
 class Endpoint:
     record: dict
-    handle: Any
+    handle: Handles
     #: when the record was read from the registry (monotonic)
     fetched: float = field(default_factory=time.monotonic)
 
@@ -157,8 +181,8 @@ class Stream:
         if self._closed or self._ended:
             raise StopIteration
         try:
-            event = next(self._gen)
-        except StopIteration:
+            event = self._dispatcher.loop.run(self._gen.__anext__())
+        except StopAsyncIteration:
             event = Failure(ErrorInfo(type="upstream_error", message="the stream ended before it finished; try again"))
         except RayError:
             event = Failure(ErrorInfo(type="upstream_error",
@@ -180,7 +204,9 @@ class Stream:
                 return
             self._closed = True
         try:
-            self._gen.cancel()  # no-op when finished; cancels the replica's (and upstream) stream otherwise
+            # (on the loop, where the stream lives) no-op when finished; cancels the replica's
+            # (and upstream) stream otherwise
+            self._dispatcher.loop.call_soon(self._gen.cancel)
         except Exception as exc:  # noqa: BLE001 - the cluster may be gone; nothing is left to cancel then
             log.warning("cancelling the stream of %s: %s", self.endpoint.name, type(exc).__name__)
         self._dispatcher._bulkhead.give_back(self.endpoint.name)
@@ -250,6 +276,8 @@ class Dispatcher:
         self._cache: dict[str, Endpoint] = {}
         self._handles: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
+        #: every Serve call of this process is made on this loop (``gateway.aio``)
+        self.loop = EventLoop()
         self._pool = ThreadPoolExecutor(32, thread_name_prefix="broadcast")
         #: streamed broadcasts hold a thread per endpoint for a whole answer: their own pool, and a
         #: seat per thread taken before a stream starts (none free: that endpoint answers busy at once)
@@ -301,10 +329,11 @@ class Dispatcher:
             handle = self._handles.get(handle_key)
             if handle is None:
                 try:
-                    handle = serve.get_app_handle(chat_name)
+                    ingress = serve.get_app_handle(chat_name).deployment_name  # (raises when the application is gone)
                 except RayServeException:
                     raise GatewayError("endpoint_not_ready", f"'{chat_name}' is registered but not running: try again shortly, "
                                        f"or deploy it again", retry_after=2) from None
+                handle = self.loop.run(_new_handles(ingress, chat_name))
                 self._handles[handle_key] = handle
             endpoint = Endpoint(record, handle, now)
             self._cache[chat_name] = endpoint
@@ -393,27 +422,43 @@ class Dispatcher:
             return
         endpoint.record = {**endpoint.record, "health": health}
 
-    # -- one endpoint, through Ray ------------------------------------------------
-    def _wait(self, response: Any, timeout: float) -> Any:
+    # -- one endpoint, through Ray (on the event loop) ----------------------------------
+    def _up(self) -> None:
+        """Fail at once when the cluster is lost (never connects: that blocks, and the loop must not)."""
+        if self.cluster.lost:
+            self.cluster.ensure_up()  # raises cluster_unavailable
+
+    async def _await(self, pending: Any, timeout: float, cancel: Callable[[], Any]) -> Any:
+        """Await a Serve call, looking at the cluster's health every ``_POLL_S``; ``cancel`` it when
+        it runs out of time (``TimeoutError``), the cluster is lost or the caller gives up."""
         deadline = time.monotonic() + timeout
-        while True:
-            if self.cluster.lost:
-                response.cancel()
-                self.cluster.ensure_up()  # raises cluster_unavailable
-            try:
-                return response.result(timeout_s=min(_POLL_S, max(0.01, deadline - time.monotonic())))
-            except TimeoutError:
+        task = asyncio.ensure_future(pending)
+        try:
+            while True:
+                done, _ = await asyncio.wait((task,), timeout=min(_POLL_S, max(0.01, deadline - time.monotonic())))
+                if done:
+                    return task.result()
+                self._up()
                 if time.monotonic() >= deadline:
-                    response.cancel()
-                    raise
+                    raise TimeoutError
+        finally:
+            if not task.done():
+                cancel()
+                task.cancel()
 
     def _call(self, endpoint: Endpoint, call: ChatCall) -> ChatResult:
         providers.get(endpoint.provider).check_call(call)
-        timeout = float(endpoint.record.get("timeout", 60)) + 5.0
+        reply = self.loop.run(self._ask(endpoint, call, float(endpoint.record.get("timeout", 60)) + 5.0))
+        if isinstance(reply, ErrorInfo):
+            raise GatewayError.from_info(reply)
+        return reply
+
+    async def _ask(self, endpoint: Endpoint, call: ChatCall, timeout: float) -> Union[ChatResult, ErrorInfo]:
         for attempt in range(_RAY_ATTEMPTS):
-            self.cluster.ensure_up()
+            self._up()
+            response = endpoint.handle.chat.chat.remote(call)
             try:
-                reply = self._wait(endpoint.handle.chat.remote(call), timeout)
+                return await self._await(response, timeout, response.cancel)
             except TimeoutError:
                 raise GatewayError("upstream_timeout", f"'{endpoint.name}' did not answer within {timeout:.0f}s") from None
             except DeploymentUnavailableError as exc:
@@ -421,14 +466,11 @@ class Dispatcher:
                 raise ray_failure(exc, endpoint.name) from None
             except _REPLICA_GONE as exc:
                 if attempt + 1 < _RAY_ATTEMPTS:
-                    time.sleep(0.05 * 2 ** attempt)  # Serve routes the retry to a live replica
+                    await asyncio.sleep(0.05 * 2 ** attempt)  # Serve routes the retry to a live replica
                     continue
                 raise ray_failure(exc, endpoint.name) from None
             except RayError as exc:
                 raise ray_failure(exc, endpoint.name) from None
-            if isinstance(reply, ErrorInfo):
-                raise GatewayError.from_info(reply)
-            return reply
         raise AssertionError("unreachable")
 
     # -- the dispatch path ----------------------------------------------------------
@@ -527,18 +569,24 @@ class Dispatcher:
 
     def _open_stream(self, endpoint: Endpoint, call: ChatCall) -> tuple[StreamEvent, Any]:
         providers.get(endpoint.provider).check_call(call)
-        timeout = float(endpoint.record.get("timeout", 60)) + 5.0
+        return self.loop.run(self._open(endpoint, call, float(endpoint.record.get("timeout", 60)) + 5.0))
+
+    async def _open(self, endpoint: Endpoint, call: ChatCall, timeout: float) -> tuple[StreamEvent, Any]:
+        """The replica's stream and its first event (the rest is pulled on the loop by ``Stream``)."""
         for attempt in range(_RAY_ATTEMPTS):
-            self.cluster.ensure_up()
-            gen = endpoint.handle.options(stream=True).stream.remote(call)
+            self._up()
+            gen = endpoint.handle.stream.stream.remote(call)
             try:
-                first = self._next_event(gen, timeout)
+                first = await self._await(gen.__anext__(), timeout, gen.cancel)
+            except TimeoutError:
+                raise GatewayError("upstream_timeout", f"'{endpoint.name}' did not start its stream within "
+                                   f"{timeout:.0f}s; try again") from None
             except _REPLICA_GONE as exc:
                 if attempt + 1 < _RAY_ATTEMPTS:
-                    time.sleep(0.05 * 2 ** attempt)
+                    await asyncio.sleep(0.05 * 2 ** attempt)
                     continue
                 raise ray_failure(exc, endpoint.name) from None
-            except StopIteration:
+            except StopAsyncIteration:
                 raise GatewayError("upstream_error", f"'{endpoint.name}' ended its stream at once; try again") from None
             except RayError as exc:
                 raise ray_failure(exc, endpoint.name) from None
@@ -546,28 +594,6 @@ class Dispatcher:
                 raise GatewayError.from_info(first.error)
             return first, gen
         raise AssertionError("unreachable")
-
-    def _next_event(self, gen: Any, timeout: float) -> StreamEvent:
-        result: dict = {}
-
-        def pull() -> None:
-            try:
-                result["event"] = next(gen)
-            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
-                result["error"] = exc
-
-        puller = threading.Thread(target=pull, daemon=True)
-        puller.start()
-        deadline = time.monotonic() + timeout
-        while puller.is_alive():
-            puller.join(0.25)
-            if self.cluster.lost or time.monotonic() > deadline:
-                gen.cancel()
-                self.cluster.ensure_up()
-                raise GatewayError("upstream_timeout", "the endpoint did not start its stream in time; try again")
-        if "error" in result:
-            raise result["error"]
-        return result["event"]
 
     # -- fan-out ----------------------------------------------------------------------
     def broadcast_stream(self, chat_names: list[str], make_call, caller: Optional["Caller"] = None
