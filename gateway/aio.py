@@ -50,6 +50,9 @@ class EventLoop:
 
         The coroutine bounds its own time; if this thread is interrupted, the coroutine is cancelled.
         """
+        if self.in_loop():
+            coro.close()
+            raise RuntimeError("EventLoop.run on its own loop would wait for itself forever: await the coroutine instead")
         future = self.submit(coro)
         try:
             return future.result()

@@ -57,6 +57,9 @@ class Settings(BaseModel):
     #: how long a deploy request waits for its replicas; later it answers 202 DEPLOYING and the
     #: deploy goes on (each endpoint's ``deploy_timeout`` decides when it has failed)
     deploy_wait_s: float = Field(60.0, gt=0)
+    #: gateway -> replica calls over the replica's gRPC server (Serve's fast path; every node's
+    #: replicas must be reachable on it from the gateway's nodes), else as Ray actor calls
+    serve_grpc: bool = True
     #: how long a worker caches what it learnt about an endpoint (provider, model, health)
     endpoint_cache_s: float = Field(2.0, ge=0)
     #: a provider's Retry-After is waited out up to this; longer, the 429 goes to the caller

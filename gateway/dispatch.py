@@ -86,8 +86,9 @@ class Handles:
     stream: Any
 
 
-async def _new_handles(deployment: str, app: str) -> Handles:
-    """Handles whose router runs in this (the process's event) loop and that call replicas over gRPC.
+async def _new_handles(deployment: str, app: str, grpc: bool = True) -> Handles:
+    """Handles whose router runs in this (the process's event) loop and that call replicas over
+    gRPC (``grpc``; else as Ray actor calls: ``GATEWAY_SERVE_GRPC=0``).
 
     Serve's defaults would run the router in a loop of its own (every call hops between
     two loops and threads) and pass calls as Ray actor tasks; the bench (``bench.serve_paths``)
@@ -96,7 +97,7 @@ async def _new_handles(deployment: str, app: str) -> Handles:
     """
     handle = DeploymentHandle(deployment, app)
     handle._init(_run_router_in_separate_loop=False)
-    return Handles(chat=handle.options(_by_reference=False), stream=handle.options(_by_reference=False, stream=True))
+    return Handles(chat=handle.options(_by_reference=not grpc), stream=handle.options(_by_reference=not grpc, stream=True))
 
 
 @dataclass
@@ -327,14 +328,14 @@ class Dispatcher:
             # undeployed and deployed again under another provider needs a new one.
             handle_key = (chat_name, record["provider"])
             handle = self._handles.get(handle_key)
-            if handle is None:
+            if handle is None or hit is None:  # (new to this process, or forgotten: is the application there?)
                 try:
                     ingress = serve.get_app_handle(chat_name).deployment_name  # (raises when the application is gone)
                 except RayServeException:
                     raise GatewayError("endpoint_not_ready", f"'{chat_name}' is registered but not running: try again shortly, "
                                        f"or deploy it again", retry_after=2) from None
-                handle = self.loop.run(_new_handles(ingress, chat_name))
-                self._handles[handle_key] = handle
+                if handle is None:
+                    handle = self._handles[handle_key] = self.loop.run(_new_handles(ingress, chat_name, self.settings.serve_grpc))
             endpoint = Endpoint(record, handle, now)
             self._cache[chat_name] = endpoint
         return endpoint
@@ -351,10 +352,15 @@ class Dispatcher:
         return f" (did you mean {' or '.join(repr(n) for n in close)}?)" if close else ""
 
     def forget(self, chat_name: str) -> None:
+        """Read the endpoint's record again on its next call.
+
+        Its handles stay: a handle's router follows its application's replicas, through an
+        undeploy and a deploy again too, and lives as long as the loop it runs in (dropping it
+        would leave its router behind, one per redeploy). Handles are keyed by (name, provider),
+        so a name that moved to another provider gets its own.
+        """
         with self._lock:
             self._cache.pop(chat_name, None)
-            for key in [k for k in self._handles if k[0] == chat_name]:
-                del self._handles[key]
 
     def _chain(self, primary: Union[Endpoint, str], provider: Optional[str], fallbacks: Optional[list[str]],
                caller: Optional["Caller"]) -> tuple[Endpoint, list[str]]:
@@ -462,7 +468,7 @@ class Dispatcher:
             except TimeoutError:
                 raise GatewayError("upstream_timeout", f"'{endpoint.name}' did not answer within {timeout:.0f}s") from None
             except DeploymentUnavailableError as exc:
-                self.forget(endpoint.name)
+                self._cache.pop(endpoint.name, None)  # (forget it without the lock: never wait on a lock on the loop)
                 raise ray_failure(exc, endpoint.name) from None
             except _REPLICA_GONE as exc:
                 if attempt + 1 < _RAY_ATTEMPTS:

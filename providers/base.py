@@ -350,6 +350,9 @@ class Provider(abc.ABC):
             "ray_actor_options": {"num_cpus": settings.saas_replica_cpus,
                                   "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}},
             "max_ongoing_requests": settings.saas_max_ongoing_requests,
+            # the replica's own line per call ("chat ok request_id=... upstream_ms=...") says more than
+            # Serve's access line, which would be a second log write per call
+            "logging_config": {"enable_access_log": False},
             "health_check_period_s": 10,
             "graceful_shutdown_wait_loop_s": 0.1,  # how often a stopping replica looks for calls still running
             "graceful_shutdown_timeout_s": spec.timeout + 5,

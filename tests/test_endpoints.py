@@ -226,3 +226,21 @@ def test_providers_list_their_deploy_forms_and_rows_count_their_traffic(client, 
     assert after["prompt_tokens"] > before["prompt_tokens"] and after["completion_tokens"] > before["completion_tokens"]
     rows = {r["chat_name"]: r for r in client.get("/deployments").get_json()["deployments"]}
     assert rows[chat_name]["traffic"] == after
+
+
+def test_with_grpc_off_calls_go_as_ray_actor_calls_and_answer_the_same(client, deploy, ray_head, name):
+    """GATEWAY_SERVE_GRPC=0 (a cluster whose replicas' gRPC ports the gateway cannot reach): same answers."""
+    from gateway import Settings, create_app
+
+    chat_name = name()
+    assert deploy(chat_name, "sk-grpc-off-0099").status_code == 200
+    other = create_app(Settings.from_env(ray_address=ray_head.address, cooldown_s=0, serve_grpc=False))
+    plain = other.test_client()
+    assert plain.post("/chat", json={"chat_name": chat_name, "content": "hi"}).get_json()["output"] == "echo: hi"
+    streamed = plain.post("/chat", json={"chat_name": chat_name, "content": "a b", "stream": True}).get_data(as_text=True)
+    assert '"delta"' in streamed and '"finish_reason"' in streamed
+    handles = other.extensions["gateway"].dispatcher.resolve(chat_name).handle
+    assert handles.chat.handle_options._by_reference is True  # (Ray actor calls, not gRPC)
+    assert handles.stream.handle_options._by_reference is True
+    default = client.application.extensions["gateway"].dispatcher.resolve(chat_name).handle
+    assert default.chat.handle_options._by_reference is False and default.stream.handle_options._by_reference is False
