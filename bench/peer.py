@@ -1,10 +1,13 @@
 """LiteLLM's proxy as the peer gateway, in a virtual environment of its own (it cannot share ours).
 
 Installed on first use into ``bench/.peer-venv`` (ignored by git) from PyPI, configured with the
-same fake upstreams, started with 2 workers like the gateway.
+same fake upstreams, started with 2 workers like the gateway, in a session of its own (like the
+gateway's gunicorn) so that its process tree can be measured and stopped as a whole.
 """
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,7 +43,7 @@ def start_litellm(fast_url: str, slow_url: str, workdir: Path) -> tuple[subproce
     port = free_port()
     log = open(workdir / "litellm.log.tmp", "wb")
     proc = subprocess.Popen([str(exe), "--config", str(config), "--port", str(port), "--num_workers", "2"],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -50,5 +53,26 @@ def start_litellm(fast_url: str, slow_url: str, workdir: Path) -> tuple[subproce
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    proc.terminate()
+    stop_litellm(proc)
     raise SystemExit("LiteLLM did not start; see bench/results/litellm.log.tmp")
+
+
+def stop_litellm(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM to LiteLLM's process group (the proxy and its workers), SIGKILL to it after ``grace``."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # the leader is gone; its workers (same group) may still be exiting
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
