@@ -5,8 +5,10 @@ loop (``EventLoop.run``) and waits on a future. On the loop, handles are made wi
 router in the caller's loop (no second loop, no hop between them) and call replicas over
 gRPC (``_by_reference=False``); see ``Dispatcher`` for how calls, streams and cancellation use it.
 
-Nothing on the loop may block: Ray's ``ray.get`` (the registry, cooldowns) stays in the
-request's thread; the loop only awaits Serve responses and sleeps.
+Nothing of the gateway's blocks on the loop: Ray's ``ray.get`` (the registry, cooldowns) and
+every lock stay in the request's thread; the loop awaits Serve responses and sleeps. (Serve's
+router itself asks the cluster a few things synchronously when a handle is made and when it
+first sees a replica: once per endpoint and per replica, not per call.)
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ T = TypeVar("T")
 class EventLoop:
     """An asyncio loop in a daemon thread this process owns (started on first use)."""
 
-    def __init__(self, name: str = "serve-calls") -> None:
+    def __init__(self, name: str = "serve-calls", exception_handler: Optional[Callable[..., Any]] = None) -> None:
         self._name = name
+        self._exception_handler = exception_handler
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
@@ -33,6 +36,8 @@ class EventLoop:
             with self._lock:
                 if self._loop is None:
                     loop = asyncio.new_event_loop()
+                    if self._exception_handler is not None:
+                        loop.set_exception_handler(self._exception_handler)
                     self._thread = threading.Thread(target=loop.run_forever, name=self._name, daemon=True)
                     self._thread.start()
                     self._loop = loop

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
+import grpc
 import ray
 from ray import serve
 
@@ -43,6 +44,7 @@ import providers
 from providers.base import indefinite
 from ray.exceptions import RayActorError, RayError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
+from ray.serve._private.utils import asyncio_grpc_exception_handler
 from ray.serve.handle import DeploymentHandle
 
 from .aio import EventLoop
@@ -64,6 +66,10 @@ log = logging.getLogger("gateway.dispatch")
 
 #: Ray-side failures retried on another replica
 _REPLICA_GONE = (RayActorError, BackPressureError, RayServeException)
+#: what a replica's gRPC server answers that Serve does not turn into a Ray error (it turns only
+#: UNAVAILABLE into ActorUnavailableError); these codes are retried on another replica too
+_GRPC_ERROR = grpc.aio.AioRpcError
+_GRPC_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 _RAY_ATTEMPTS = 3
 #: a waiting call looks at the cluster's health this often (each look costs the worker CPU:
 #: 1 000 calls in flight at 0.5 s were 2 000 wake-ups a second)
@@ -93,7 +99,9 @@ async def _new_handles(deployment: str, app: str, grpc: bool = True) -> Handles:
     Serve's defaults would run the router in a loop of its own (every call hops between
     two loops and threads) and pass calls as Ray actor tasks; the bench (``bench.serve_paths``)
     measured this way at about half the CPU per call. The handle is made here, not taken from
-    ``serve.get_app_handle``: those are shared within the process and already initialised.
+    ``serve.get_app_handle``: Serve's client caches and shares those, and a handle's init
+    options can be set only once. (Making it asks the GCS for this node's zone, a blocking
+    call of at most 3 s on the loop: once per endpoint per process.)
     """
     handle = DeploymentHandle(deployment, app)
     handle._init(_run_router_in_separate_loop=False)
@@ -164,6 +172,7 @@ class Stream:
         #: the upstream's time to the first event (ms): the part of the time to first byte that is not the gateway's
         self.first_upstream_ms = first.upstream_ms or 0.0
         self._dispatcher, self._gen, self._caller = dispatcher, gen, caller
+        self._timeout = _deadline(endpoint)
         self._first: Optional[StreamEvent] = first
         self._failed: Optional[GatewayError] = None
         self._ended = False  # the stream reached its end (Finish or Failure)
@@ -181,11 +190,19 @@ class Stream:
             return event
         if self._closed or self._ended:
             raise StopIteration
+        dispatcher = self._dispatcher
         try:
-            event = self._dispatcher.loop.run(self._gen.__anext__())
+            # (each event within the endpoint's deadline, like the first: the replica bounds a stalled
+            # upstream, this bounds a replica whose node died without a word)
+            event = dispatcher.loop.run(dispatcher._await(self._gen.__anext__(), self._timeout, self._gen.cancel))
         except StopAsyncIteration:
             event = Failure(ErrorInfo(type="upstream_error", message="the stream ended before it finished; try again"))
-        except RayError:
+        except TimeoutError:
+            event = Failure(ErrorInfo(type="upstream_timeout",
+                                      message=f"'{self.endpoint.name}' sent nothing for {self._timeout:.0f}s mid-stream; try again"))
+        except GatewayError as err:  # (the cluster was lost)
+            event = Failure(err.info)
+        except (RayError, _GRPC_ERROR):
             event = Failure(ErrorInfo(type="upstream_error",
                                       message=f"'{self.endpoint.name}' lost its stream mid-way; try again"))
         if isinstance(event, (Finish, Failure)):
@@ -243,6 +260,15 @@ def _settle(caller: Optional["Caller"], end: Finish) -> None:
         caller.settle(end.attempts or 1, usage.total_tokens or usage.prompt_tokens + usage.completion_tokens)
 
 
+def _deadline(endpoint: Endpoint) -> float:
+    """How long the gateway waits for a replica's answer (or a stream's next event): the endpoint's timeout + 5 s."""
+    return float(endpoint.record.get("timeout", 60)) + 5.0
+
+
+def _retried(exc: BaseException) -> bool:
+    return not isinstance(exc, _GRPC_ERROR) or exc.code() in _GRPC_RETRIED
+
+
 def ray_failure(exc: BaseException, endpoint: Optional[str] = None) -> GatewayError:
     """A Ray exception raised by a call as the gateway's error (streams that break mid-way end
     with a ``Failure`` in ``Stream`` instead: their answer has begun).
@@ -255,7 +281,11 @@ def ray_failure(exc: BaseException, endpoint: Optional[str] = None) -> GatewayEr
     """
     if endpoint is not None and isinstance(exc, DeploymentUnavailableError):
         return GatewayError("endpoint_not_ready", f"'{endpoint}' failed to deploy", retry_after=5)
-    if endpoint is not None and isinstance(exc, _REPLICA_GONE):
+    if endpoint is not None and isinstance(exc, _GRPC_ERROR) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return GatewayError("payload_too_large", f"the call is larger than '{endpoint}''s replicas take over gRPC "
+                            f"(4 MiB by default): shorten it, or run the gateway with GATEWAY_SERVE_GRPC=0")
+    if endpoint is not None and isinstance(exc, _REPLICA_GONE + (_GRPC_ERROR,)):
+        # (a gRPC status Serve did not turn into a Ray error: the replica failed the call, not the upstream)
         return GatewayError("endpoint_not_ready", f"no replica of '{endpoint}' could take the call; try again shortly",
                             retry_after=1)
     if endpoint is not None:
@@ -278,7 +308,8 @@ class Dispatcher:
         self._handles: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         #: every Serve call of this process is made on this loop (``gateway.aio``)
-        self.loop = EventLoop()
+        # (gRPC's asyncio poller reports a harmless EAGAIN now and then; Serve filters it on its own loops)
+        self.loop = EventLoop(exception_handler=asyncio_grpc_exception_handler)
         self._pool = ThreadPoolExecutor(32, thread_name_prefix="broadcast")
         #: streamed broadcasts hold a thread per endpoint for a whole answer: their own pool, and a
         #: seat per thread taken before a stream starts (none free: that endpoint answers busy at once)
@@ -310,6 +341,7 @@ class Dispatcher:
             return hit
         if record is None:
             self.forget(chat_name)
+            self._drop_handles(chat_name)
             if self.applying():  # (a restarted cluster: the endpoints file brings it back shortly)
                 raise GatewayError("endpoint_not_ready", f"no endpoint named '{chat_name}' yet: this gateway process "
                                    f"is still applying its endpoints file", retry_after=2)
@@ -323,20 +355,25 @@ class Dispatcher:
             failure = record.get("failure") or {}
             raise GatewayError("endpoint_not_ready", f"'{chat_name}' failed to deploy ({failure.get('reason')}): "
                                f"{failure.get('message')}; deploy it again")
+        # A handle is bound to the deployment's name, which is the provider's: an endpoint
+        # undeployed and deployed again under another provider needs a new one.
+        handle_key = (chat_name, record["provider"])
+        handle = self._handles.get(handle_key)
+        if handle is None or hit is None:  # (new to this process, or forgotten: is the application there?)
+            try:
+                ingress = serve.get_app_handle(chat_name).deployment_name  # (raises when the application is gone)
+            except RayServeException:
+                raise GatewayError("endpoint_not_ready", f"'{chat_name}' is registered but not running: try again shortly, "
+                                   f"or deploy it again", retry_after=2) from None
+            if handle is None:  # (made without the lock: other endpoints' calls never wait for it)
+                made = self.loop.run(_new_handles(ingress, chat_name, self.settings.serve_grpc))
+                with self._lock:
+                    handle = self._handles.setdefault(handle_key, made)
+                if handle is not made:  # another thread made one first
+                    self.loop.submit(made.chat.shutdown_async())
+                self._drop_handles(chat_name, keep=record["provider"])
+        endpoint = Endpoint(record, handle, now)
         with self._lock:
-            # A handle is bound to the deployment's name, which is the provider's: an endpoint
-            # undeployed and deployed again under another provider needs a new one.
-            handle_key = (chat_name, record["provider"])
-            handle = self._handles.get(handle_key)
-            if handle is None or hit is None:  # (new to this process, or forgotten: is the application there?)
-                try:
-                    ingress = serve.get_app_handle(chat_name).deployment_name  # (raises when the application is gone)
-                except RayServeException:
-                    raise GatewayError("endpoint_not_ready", f"'{chat_name}' is registered but not running: try again shortly, "
-                                       f"or deploy it again", retry_after=2) from None
-                if handle is None:
-                    handle = self._handles[handle_key] = self.loop.run(_new_handles(ingress, chat_name, self.settings.serve_grpc))
-            endpoint = Endpoint(record, handle, now)
             self._cache[chat_name] = endpoint
         return endpoint
 
@@ -354,13 +391,20 @@ class Dispatcher:
     def forget(self, chat_name: str) -> None:
         """Read the endpoint's record again on its next call.
 
-        Its handles stay: a handle's router follows its application's replicas, through an
-        undeploy and a deploy again too, and lives as long as the loop it runs in (dropping it
-        would leave its router behind, one per redeploy). Handles are keyed by (name, provider),
-        so a name that moved to another provider gets its own.
+        Its handles stay: a handle's router follows its application's replicas through a
+        redeploy. They are shut down (``_drop_handles``) once the registry no longer knows the
+        name, or the name moved to another provider (handles are keyed by (name, provider)).
         """
         with self._lock:
             self._cache.pop(chat_name, None)
+
+    def _drop_handles(self, chat_name: str, keep: Optional[str] = None) -> None:
+        """Shut down the routers of an endpoint that is gone (or moved to another provider than ``keep``):
+        a router wakes the loop ten times a second to report its metrics for as long as it lives."""
+        with self._lock:
+            gone = [self._handles.pop(k) for k in [k for k in self._handles if k[0] == chat_name and k[1] != keep]]
+        for handles in gone:  # (the chat and stream handles share one router)
+            self.loop.submit(handles.chat.shutdown_async())
 
     def _chain(self, primary: Union[Endpoint, str], provider: Optional[str], fallbacks: Optional[list[str]],
                caller: Optional["Caller"]) -> tuple[Endpoint, list[str]]:
@@ -451,10 +495,12 @@ class Dispatcher:
             if not task.done():
                 cancel()
                 task.cancel()
+                # (Serve turns the cancellation into an exception nobody awaits: read it, or asyncio logs it)
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _call(self, endpoint: Endpoint, call: ChatCall) -> ChatResult:
         providers.get(endpoint.provider).check_call(call)
-        reply = self.loop.run(self._ask(endpoint, call, float(endpoint.record.get("timeout", 60)) + 5.0))
+        reply = self.loop.run(self._ask(endpoint, call, _deadline(endpoint)))
         if isinstance(reply, ErrorInfo):
             raise GatewayError.from_info(reply)
         return reply
@@ -470,8 +516,8 @@ class Dispatcher:
             except DeploymentUnavailableError as exc:
                 self._cache.pop(endpoint.name, None)  # (forget it without the lock: never wait on a lock on the loop)
                 raise ray_failure(exc, endpoint.name) from None
-            except _REPLICA_GONE as exc:
-                if attempt + 1 < _RAY_ATTEMPTS:
+            except _REPLICA_GONE + (_GRPC_ERROR,) as exc:
+                if attempt + 1 < _RAY_ATTEMPTS and _retried(exc):
                     await asyncio.sleep(0.05 * 2 ** attempt)  # Serve routes the retry to a live replica
                     continue
                 raise ray_failure(exc, endpoint.name) from None
@@ -575,7 +621,7 @@ class Dispatcher:
 
     def _open_stream(self, endpoint: Endpoint, call: ChatCall) -> tuple[StreamEvent, Any]:
         providers.get(endpoint.provider).check_call(call)
-        return self.loop.run(self._open(endpoint, call, float(endpoint.record.get("timeout", 60)) + 5.0))
+        return self.loop.run(self._open(endpoint, call, _deadline(endpoint)))
 
     async def _open(self, endpoint: Endpoint, call: ChatCall, timeout: float) -> tuple[StreamEvent, Any]:
         """The replica's stream and its first event (the rest is pulled on the loop by ``Stream``)."""
@@ -587,8 +633,11 @@ class Dispatcher:
             except TimeoutError:
                 raise GatewayError("upstream_timeout", f"'{endpoint.name}' did not start its stream within "
                                    f"{timeout:.0f}s; try again") from None
-            except _REPLICA_GONE as exc:
-                if attempt + 1 < _RAY_ATTEMPTS:
+            except DeploymentUnavailableError as exc:
+                self._cache.pop(endpoint.name, None)
+                raise ray_failure(exc, endpoint.name) from None
+            except _REPLICA_GONE + (_GRPC_ERROR,) as exc:
+                if attempt + 1 < _RAY_ATTEMPTS and _retried(exc):
                     await asyncio.sleep(0.05 * 2 ** attempt)
                     continue
                 raise ray_failure(exc, endpoint.name) from None

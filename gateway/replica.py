@@ -75,6 +75,10 @@ class ChatEndpoint:
         self._errors.inc(1, tags={"type": info.type})
         return info
 
+    def _log_failure(self, what: str, call: ChatCall, info: ErrorInfo) -> None:
+        log.warning("%s failed request_id=%s chat_name=%s type=%s provider_code=%s upstream_status=%s attempts=%s",
+                    what, call.request_id, self._chat_name, info.type, info.provider_code, info.upstream_status, info.attempts)
+
     def _info(self, err: GatewayError) -> ErrorInfo:
         return err.info if err.info.provider else err.info.model_copy(update={"provider": self._provider.name})
 
@@ -85,10 +89,7 @@ class ChatEndpoint:
         except GatewayError as err:
             info = self._info(err)
             self._observe(started, info.attempts or 1, info)
-            log.warning(
-                "chat failed request_id=%s chat_name=%s type=%s provider_code=%s upstream_status=%s attempts=%s",
-                call.request_id, self._chat_name, info.type, info.provider_code, info.upstream_status, info.attempts,
-            )
+            self._log_failure("chat", call, info)
             return info
         except Exception as exc:  # noqa: BLE001 - a replica never lets an error escape raw
             return self._crashed(call, exc)
@@ -121,6 +122,7 @@ class ChatEndpoint:
             except GatewayError as err:
                 info = self._info(err)
                 self._observe(started, info.attempts or 1, info)
+                self._log_failure("stream", call, info)
                 yield Failure(info)
                 return
             except StopAsyncIteration:
@@ -136,22 +138,31 @@ class ChatEndpoint:
                     self._observe(started, attempts)
                     event.attempts = attempts
                     event.upstream_ms = (time.perf_counter() - started) * 1000
+                    log.info("stream ok request_id=%s chat_name=%s attempts=%d upstream_ms=%.1f",
+                             call.request_id, self._chat_name, attempts, event.upstream_ms)
                     yield event
                     break
                 yield event
                 try:
                     event = await asyncio.wait_for(stream.__anext__(), self._policy.deadline_s)
                 except asyncio.TimeoutError:
-                    yield Failure(ErrorInfo(type="upstream_timeout", message="the provider's stream stalled", provider=self._provider.name))
+                    info = ErrorInfo(type="upstream_timeout", message="the provider's stream stalled", provider=self._provider.name)
+                    self._log_failure("stream", call, info)
+                    yield Failure(info)
                     break
                 except GatewayError as err:  # after the first byte: reported in the stream, no retry
-                    yield Failure(self._info(err))
+                    info = self._info(err)
+                    self._log_failure("stream", call, info)
+                    yield Failure(info)
                     break
                 except StopAsyncIteration:
                     break
                 except Exception as exc:  # noqa: BLE001 - nothing raw crosses Ray
                     yield Failure(self._crashed(call, exc))
                     break
+        except (asyncio.CancelledError, GeneratorExit):  # the caller left: the upstream stream is closed below
+            log.info("stream cancelled request_id=%s chat_name=%s", call.request_id, self._chat_name)
+            raise
         finally:
             if stream is not None:
                 await stream.aclose()  # also on cancellation: the upstream stream is closed

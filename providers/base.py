@@ -347,8 +347,13 @@ class Provider(abc.ABC):
             # the adapter's code runs on the replica's own event loop, not in a thread of its own:
             # SaaS adapters only await I/O (a blocking SDK runs in the adapter's executor), and the
             # hop between the two loops was about half of a replica's CPU per call (bench.serve_paths)
+            # (and its gRPC server, which the gateway's calls travel on, takes any body the gateway
+            # accepts: 4 MiB by default, a pickled call can be larger than its JSON body)
             "ray_actor_options": {"num_cpus": settings.saas_replica_cpus,
-                                  "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}},
+                                  "runtime_env": {"env_vars": {
+                                      "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                                      "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(max(4 << 20, 4 * settings.max_body_bytes)),
+                                  }}},
             "max_ongoing_requests": settings.saas_max_ongoing_requests,
             # the replica's own line per call ("chat ok request_id=... upstream_ms=...") says more than
             # Serve's access line, which would be a second log write per call

@@ -87,12 +87,17 @@ def test_undeploy_removes_the_endpoint(client, fake_openai, name):
     r = client.post("/openai/deploy", json={"api_key": "sk-undeploy-0004", "chat_name": chat_name,
                                             "model_name": "m", "base_url": fake_openai.base_url})
     assert r.status_code == 200
+    assert client.post("/chat", json={"chat_name": chat_name, "content": "hi"}).status_code == 200
+    dispatcher = client.application.extensions["gateway"].dispatcher
+    assert [k for k in dispatcher._handles if k[0] == chat_name] == [(chat_name, "openai")]
     r = client.post("/openai/undeploy", json={"chat_name": chat_name})
     assert r.status_code == 200 and r.get_json()["status"] == "DELETED"
     assert chat_name not in serve.status().applications
     assert client.get(f"/deployments/{chat_name}").status_code == 404
     r = client.post("/chat", json={"chat_name": chat_name, "content": "hi"})
     assert r.status_code == 404 and r.get_json()["error"]["type"] == "not_found"
+    # its router is shut down (a live one wakes the process's loop ten times a second)
+    assert [k for k in dispatcher._handles if k[0] == chat_name] == []
 
 
 def test_redeploy_updates_in_place_without_a_gap(client, deploy, fake_openai, name):
@@ -244,3 +249,4 @@ def test_with_grpc_off_calls_go_as_ray_actor_calls_and_answer_the_same(client, d
     assert handles.stream.handle_options._by_reference is True
     default = client.application.extensions["gateway"].dispatcher.resolve(chat_name).handle
     assert default.chat.handle_options._by_reference is False and default.stream.handle_options._by_reference is False
+    assert default.chat.init_options._run_router_in_separate_loop is False  # (the router runs in the process's loop)
