@@ -1,0 +1,125 @@
+"""Where a call's CPU goes: ``python -m bench.cpu [--concurrency 32] [--seconds 10] [--profile worker|replica]``.
+
+Starts the fake OpenAI upstream (50 ms) and the gateway as ``make start`` does (gunicorn + embedded
+Ray head, the bench's settings), deploys one endpoint with 2 workers, loads ``POST /chat`` with wrk,
+and prints the CPU (utime + stime from /proc) each kind of process spent per call served: the
+gunicorn workers, the endpoint's replicas, and everything else of the gateway's (the master, Ray's
+head processes). ``--profile worker`` (or ``replica``) also records one such process with py-spy
+(``--gil``: only time holding the GIL) and prints the functions it spent it in; py-spy slows the
+process it watches, so its run's req/s and CPU are not the plain run's. No test asserts any of it.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from .__main__ import ROOT, clean_env, free_port, process_tree, start_fake, wait_ready
+from .loadgen import load
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pids) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / _TICK
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def summarize(raw: Path, top: int = 25) -> None:
+    """py-spy's raw (collapsed) stacks: the share of samples each function is on the stack (inclusive)."""
+    inclusive: collections.Counter = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        total += int(count)
+        names = {frame.split(" (")[0] + " " + frame.rsplit("(", 1)[-1].split(":")[0].rsplit("/", 1)[-1] for frame in stack.split(";")}
+        for name in names:
+            inclusive[name] += int(count)
+    for name, n in inclusive.most_common(top):
+        print(f"  {n / max(total, 1) * 100:5.1f}%  {name}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.cpu", description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--profile", choices=["worker", "replica"], default=None)
+    args = ap.parse_args()
+    fake, fake_url = start_fake(0.05)
+    port = free_port()
+    env = {**clean_env(), "GATEWAY_BIND": f"127.0.0.1:{port}", "GATEWAY_RAY_PORT": str(free_port()),
+           "GATEWAY_DASHBOARD_PORT": str(free_port()), "GATEWAY_THREADS": "512",
+           "GATEWAY_SAAS_MAX_ONGOING_REQUESTS": "1024", "GATEWAY_ENDPOINT_MAX_IN_FLIGHT": "1024"}
+    log = tempfile.NamedTemporaryFile(prefix="bench-cpu-", suffix=".log", delete=False)
+    gw = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT, env=env,
+                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(timeout=120) as http:
+            wait_ready(http, base)
+            r = http.post(base + "/openai/deploy", json={"api_key": "sk-bench", "chat_name": "cpu", "model_name": "gpt-4o-mini",
+                                                         "base_url": fake_url, "workers": 2, "max_retries": 0})
+            assert r.status_code == 200, r.text
+            body = {"chat_name": "cpu", "content": "hi"}
+            load(base + "/chat", body, args.concurrency, 3.0)  # warm every path
+        tree = process_tree(gw.pid)
+        workers = [p for p in tree if "gunicorn" in cmdline(p) and p != gw.pid]
+        replicas = [p for p in tree if "ServeReplica:cpu" in cmdline(p)]
+        others = [p for p in tree if p not in workers and p not in replicas]
+        spy = None
+        if args.profile:
+            raw = Path(tempfile.mkstemp(prefix="bench-cpu-", suffix=".raw")[1])
+            target = (workers if args.profile == "worker" else replicas)[0]
+            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--gil", "-r", "100", "-d",
+                                    f"{args.seconds:g}", "-f", "raw", "-o", str(raw), "--pid", str(target)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before = [cpu_s(group) for group in (workers, replicas, others)]
+        res = load(base + "/chat", body, args.concurrency, args.seconds)
+        after = [cpu_s(group) for group in (workers, replicas, others)]
+        calls = max(res["requests"], 1)
+        print(f"concurrency {args.concurrency}, {args.seconds:g} s: {res['rps']:.0f} calls/s, p50 {res['p50']:.1f} ms, "
+              f"p99 {res['p99']:.1f} ms, {res['errors']} errors")
+        for label, b, a, n in zip(("gunicorn workers", "replicas", "the rest (master, Ray head)"), before, after,
+                                  (len(workers), len(replicas), len(others))):
+            print(f"  {label} ({n} processes): {(a - b) / calls * 1000:.2f} ms CPU per call")
+        if spy is not None:
+            spy.wait(args.seconds + 30)
+            print(f"py-spy --gil, one {args.profile} process, share of samples per function (inclusive):")
+            summarize(raw)
+            raw.unlink()
+    finally:
+        gw.send_signal(signal.SIGTERM)
+        try:
+            gw.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(gw.pid, signal.SIGKILL)
+        fake.terminate()
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    main()
