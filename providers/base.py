@@ -346,7 +346,7 @@ class Provider(abc.ABC):
             "num_replicas": spec.workers,
             # the adapter's code runs on the replica's own event loop, not in a thread of its own:
             # SaaS adapters only await I/O (a blocking SDK runs in the adapter's executor), and the
-            # hop between the two loops was about half of a replica's CPU per call (bench.serve_paths)
+            # hop between the two loops was about a quarter of a replica's CPU per call (bench.serve_paths)
             # (and its gRPC server, which the gateway's calls travel on, takes any body the gateway
             # accepts: 4 MiB by default, a pickled call can be larger than its JSON body)
             "ray_actor_options": {"num_cpus": settings.saas_replica_cpus,
