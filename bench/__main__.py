@@ -160,18 +160,22 @@ def process_names(pids: set[int]) -> list[str]:
     return names
 
 
-def tree_cpu_s(roots: list[int]) -> float:
-    """User + system CPU seconds of the process trees of ``roots`` (fields 14 and 15 of stat)."""
-    tick = os.sysconf("SC_CLK_TCK")
+def cpu_s(pids) -> float:
+    """User + system CPU seconds of the processes ``pids`` (fields 14 and 15 of /proc/<pid>/stat; gone ones count 0)."""
     total = 0
-    for pid in set().union(*(process_tree(r) for r in roots)):
+    for pid in pids:
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
         total += int(fields[11]) + int(fields[12])
-    return total / tick
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(roots: list[int]) -> float:
+    """User + system CPU seconds of the process trees of ``roots``."""
+    return cpu_s(set().union(*(process_tree(r) for r in roots)))
 
 
 def settle(roots: list[int], limit: float = 30.0, idle_cores: float = 0.25) -> float:

@@ -22,22 +22,8 @@ from pathlib import Path
 
 import httpx
 
-from .__main__ import ROOT, clean_env, free_port, process_tree, start_fake, wait_ready
+from .__main__ import ROOT, clean_env, cpu_s, free_port, process_tree, start_fake, wait_ready
 from .loadgen import load
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pids) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / _TICK
 
 
 def cmdline(pid: int) -> str:

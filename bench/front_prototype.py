@@ -46,9 +46,10 @@ import time
 import uuid
 from pathlib import Path
 
+from .__main__ import cpu_s
+
 ROOT = Path(__file__).resolve().parent.parent
 APP, PROVIDER, KEY = "proto", "openai", "sk-proto"
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the front end (a child process: python -m bench.front_prototype --front ADDRESS PORT) ----------
@@ -168,18 +169,6 @@ def _env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "RAY_ADDRESS"}
 
 
-def _cpu_s(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # state ppid ... utime(11) stime(12)
-        total += int(fields[11]) + int(fields[12])
-    return total / _TICK
-
-
 def _replica_pids(raylet: int | None) -> list[int]:
     """This cluster's replicas of the app: processes titled ``ServeReplica:proto`` (children of our raylet)."""
     out = []
@@ -274,9 +263,9 @@ def main() -> None:
             floor, idle = None, (0.0, 0.0)
             for label, (target, body, headers) in targets.items():
                 time.sleep(1)  # let the last run's connections close
-                f0, r0, t0 = _cpu_s(front_pids), _cpu_s(replicas), time.monotonic()
+                f0, r0, t0 = cpu_s(front_pids), cpu_s(replicas), time.monotonic()
                 res = wrk(target, body, c, args.seconds, headers)
-                f1, r1, t1 = _cpu_s(front_pids), _cpu_s(replicas), time.monotonic()
+                f1, r1, t1 = cpu_s(front_pids), cpu_s(replicas), time.monotonic()
                 n = max(1, res["requests"])
                 if label == "direct":  # no traffic through the fronts and replicas: their idle CPU (ms/s)
                     floor, idle = res, ((f1 - f0) * 1000 / (t1 - t0), (r1 - r0) * 1000 / (t1 - t0))

@@ -30,13 +30,7 @@ from ray.serve.handle import DeploymentHandle
 
 from gateway.schemas import ChatCall, ChatResult, Message, Usage
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+from .__main__ import cpu_s
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000)
@@ -76,12 +70,12 @@ def _measure(one, n1: int, seconds: float, pid: int) -> dict:
             one()
             counts[i] += 1
 
-    cpu0, rcpu0, t0 = time.process_time(), _cpu_s(pid), time.perf_counter()
+    cpu0, rcpu0, t0 = time.process_time(), cpu_s([pid]), time.perf_counter()
     with ThreadPoolExecutor(32) as pool:
         list(pool.map(worker, range(32)))
     wall, calls = time.perf_counter() - t0, sum(counts)
     return {"p50": statistics.median(lat), "p99": lat[int(len(lat) * 0.99) - 1], "rps": calls / wall,
-            "caller_ms": (time.process_time() - cpu0) / calls * 1000, "replica_ms": (_cpu_s(pid) - rcpu0) / calls * 1000}
+            "caller_ms": (time.process_time() - cpu0) / calls * 1000, "replica_ms": (cpu_s([pid]) - rcpu0) / calls * 1000}
 
 
 def main() -> None:
