@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -194,6 +195,38 @@ def test_a_stream_closed_before_its_body_was_read_cancels_the_upstream(client, e
     r.close()  # what a WSGI server does when the caller is gone before the body was sent
     sent = fake_openai.abandoned_after(k, limit=5)
     assert sent is not None and sent < 40, fake_openai.abandoned
+
+
+def test_a_replica_frozen_mid_stream_ends_the_stream_with_a_timeout_instead_of_holding_it(client, ep, fake_openai):
+    """SIGSTOP the replica while it streams (a node gone silent: over gRPC nothing fails for minutes):
+    the gateway waits the endpoint's deadline (timeout + 5 s) per event, then ends the stream with
+    an error event; the caller is answered, and the endpoint serves again once the replica runs."""
+    chat_name, k = ep(timeout=2)
+    fake_openai.script(k, Reply(pieces=[f"p{i} " for i in range(40)], piece_delay=0.3))
+    r = client.post("/chat", json={"chat_name": chat_name, "content": "x", "stream": True}, buffered=False)
+    assert r.status_code == 200
+    chunks = iter(r.response)
+    first = next(chunks)
+    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+            and f"ServeReplica:{chat_name}:".encode() in _cmdline(p)]
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        text = (first + b"".join(chunks)).decode()
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+    events = sse_events(text)
+    assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "upstream_timeout", events[-3:]
+    assert "mid-stream" in events[-1][1]["error"]["message"]
+    r = client.post("/chat", json={"chat_name": chat_name, "content": "again"})
+    assert r.status_code == 200 and r.get_json()["output"] == "echo: again"
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
