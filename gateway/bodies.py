@@ -7,7 +7,9 @@ they send, and what this module reads:
   (``application/json; charset=gbk``: GBK, GB18030, Big5, Shift-JIS, UTF-16 ...). With no
   charset the body is UTF-8, and when it is not, GB18030 (a superset of GBK and GB2312, what
   old Windows programs in China send) is tried before giving up.
-- On chat routes, ``application/x-www-form-urlencoded`` and ``multipart/form-data`` bodies
+- On chat routes, a JSON object sent as ``application/x-www-form-urlencoded`` (``curl -d``,
+  PHP's curl, Java's HttpURLConnection) is read as JSON (``_json_in_form`` says how it is told
+  from a form); real ``application/x-www-form-urlencoded`` and ``multipart/form-data`` bodies
   with the JSON body's fields: scalars are text that the pydantic models convert as usual;
   list and object fields (``messages``, ``fallbacks``, ``chat_names``, ``tools`` ...) are
   JSON text in a field. The admin routes keep to JSON (``gateway.doors``).
@@ -29,7 +31,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Optional
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from flask import Response, request
 from werkzeug.http import parse_options_header
@@ -86,7 +88,9 @@ def read(raw: bytes, content_type: Optional[str], forms: bool) -> Body:
     mimetype = mimetype.lower()
     charset = params.get("charset") or None
     if forms and mimetype == "application/x-www-form-urlencoded":
-        body = _urlencoded(raw, charset)
+        sent_json = _json_in_form(raw)
+        body = _urlencoded(raw, charset) if sent_json is None else read(sent_json, f"application/json; charset={charset}"
+                                                                         if charset else "application/json", False)
     elif forms and mimetype == "multipart/form-data":
         body = _multipart(raw, content_type or "", charset)
     else:
@@ -174,6 +178,25 @@ def _check_depth(data) -> None:
 
 
 # -- forms --------------------------------------------------------------------------
+def _json_in_form(raw: bytes) -> Optional[bytes]:
+    """The JSON object a form-typed body really is, else ``None`` (a real form).
+
+    ``curl -d '{...}'``, PHP's curl and Java's HttpURLConnection send JSON with
+    ``Content-Type: application/x-www-form-urlencoded``. Told apart by the first character: a JSON
+    object starts with ``{`` (after blanks or a UTF-8 byte order mark), and a form starts with a
+    field's name, which no form names ``{...``. ``curl --data-urlencode '{...}'`` sends the JSON
+    percent-escaped as one field without ``=`` or ``&``: read once unescaped. Either way the body
+    is then JSON, and a broken one is answered as broken JSON, not as a form missing its fields.
+    """
+    if raw.removeprefix(codecs.BOM_UTF8).lstrip(b" \t\r\n").startswith(b"{"):
+        return raw
+    if b"=" not in raw and b"&" not in raw:
+        unescaped = unquote_to_bytes(raw.replace(b"+", b" "))
+        if unescaped.removeprefix(codecs.BOM_UTF8).lstrip(b" \t\r\n").startswith(b"{"):
+            return unescaped
+    return None
+
+
 def _urlencoded(raw: bytes, charset: Optional[str]) -> Body:
     """``a=1&b=%C4%E3``: percent-escapes are bytes in the form's charset (UTF-8, else GB18030), like raw bytes."""
     pairs = [(k.encode("latin-1"), v.encode("latin-1"))

@@ -154,6 +154,23 @@ def test_form_bodies_on_chat_routes(gateway):
     assert status == 400 and "temperature" in error(status, answer)["message"]
 
 
+def test_json_sent_by_curl_d_is_read_as_json_on_chat_routes(gateway):
+    """``curl -d '{...}'`` (and PHP's curl, Java's HttpURLConnection) label JSON as a form."""
+    base, _, chat_name = gateway
+    form = "application/x-www-form-urlencoded"
+    raw = json.dumps({"chat_name": chat_name, "content": "a=b&c 1+1"}).encode()
+    status, _, answer = post(base, "/chat", raw, form)
+    assert status == 200 and json.loads(answer)["output"] == "echo: a=b&c 1+1", answer
+    status, _, answer = post(base, "/openai/chat", raw, form)
+    assert status == 200 and json.loads(answer) == "echo: a=b&c 1+1", answer
+    raw = json.dumps({"model": chat_name, "messages": [{"role": "user", "content": HELLO}]}, ensure_ascii=False)
+    status, _, answer = post(base, "/v1/chat/completions", raw.encode("gbk"), form + "; charset=gbk")
+    assert status == 200 and json.loads(answer)["choices"][0]["message"]["content"] == "echo: " + HELLO, answer
+    # deploy and undeploy stay JSON-only: a door against cross-site forms
+    status, _, answer = post(base, "/openai/undeploy", json.dumps({"chat_name": "nope_old"}).encode(), form)
+    assert status == 415 and error(status, answer)["type"] == "unsupported_media_type"
+
+
 def test_multipart_bodies_on_chat_routes(gateway):
     base, _, chat_name = gateway
     messages = json.dumps([{"role": "user", "content": HELLO}], ensure_ascii=False)

@@ -1,9 +1,10 @@
 """gateway.bodies: request bodies as old applications send them (charsets, forms, limits), without a server."""
 from __future__ import annotations
 
+import codecs
 import io
 import json
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 import flask
 import pytest
@@ -178,6 +179,45 @@ def test_urlencoded_percent_escapes_are_bytes_in_the_forms_charset(content_type,
 
 def test_a_form_on_a_route_without_forms_is_read_as_json():
     refused(read, b"chat_name=a&content=hi", FORM, False)
+
+
+# -- JSON sent as a form: curl -d '{...}', PHP's curl, Java's HttpURLConnection -----------------
+@pytest.mark.parametrize("raw", [
+    b'{"chat_name":"a","content":"a=b&c=d 1+1 %41"}',            # = & + % inside strings stay as written
+    b' \r\n\t{"chat_name":"a","content":"a=b&c=d 1+1 %41"}',     # blanks before the object
+    codecs.BOM_UTF8 + b'{"chat_name":"a","content":"a=b&c=d 1+1 %41"}',
+    quote('{"chat_name":"a","content":"a=b&c=d 1+1 %41"}').encode(),  # curl --data-urlencode: one escaped field
+    quote_plus('{"chat_name":"a","content":"a=b&c=d 1+1 %41"}').encode(),
+])
+def test_a_json_object_sent_as_a_form_is_read_as_json(raw):
+    body = read(raw, FORM, forms=True)
+    assert body.data == {"chat_name": "a", "content": "a=b&c=d 1+1 %41"}
+    assert body.charset in ("utf-8", "utf-8-sig")
+
+
+def test_a_json_object_sent_as_a_form_keeps_its_charset():
+    raw = json.dumps({"chat_name": "a", "content": CHINESE}, ensure_ascii=False).encode("gbk")
+    assert read(raw, FORM + "; charset=gbk", True).data == {"chat_name": "a", "content": CHINESE}
+    assert read(raw, FORM, True).data == {"chat_name": "a", "content": CHINESE}  # undeclared: GB18030
+
+
+def test_broken_json_sent_as_a_form_is_answered_as_broken_json():
+    err = refused(read, b'{"chat_name":"a","content":"hi"', FORM, True)
+    assert "not valid JSON" in err.info.message
+
+
+@pytest.mark.parametrize("raw, data", [
+    (b"chat_name=a&content=%7B%22x%22%3A1%7D", {"chat_name": "a", "content": '{"x":1}'}),  # a field that holds JSON
+    (f"messages={quote(json.dumps(MESSAGES))}&chat_name=a".encode(), {"messages": MESSAGES, "chat_name": "a"}),
+    (b"content=%7B", {"content": "{"}),
+    (b"chat_name", {}),                                           # a lone name without "=": a blank field
+])
+def test_a_real_form_is_still_read_as_a_form(raw, data):
+    assert read(raw, FORM, True).data == data
+
+
+def test_json_sent_as_a_form_to_a_route_without_forms_is_json_as_before():
+    assert read(b'{"chat_name":"a"}', FORM, False).data == {"chat_name": "a"}
 
 
 def test_a_utf16_form_is_refused_not_a_500():
