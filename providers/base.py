@@ -164,7 +164,9 @@ def judge_key_check(err: GatewayError, base_url: str, provider: str) -> Optional
 
     ``err`` is the provider's own mapping (``map_*_error``) of the check's failure. A key the
     provider refused (401, or an auth business code) raises ``invalid_key``; a 403 (a key without
-    the permission to list models, a blocked region) could still chat, so it only warns; a base URL
+    the permission to list models, a blocked region) could still chat, so it only warns. ``verify_key:
+    false`` is named only where the check could not tell (never after the provider refused the key:
+    that advice would deploy a bad key). A base URL
     without the route (404/405: a relay without ``GET /models``, or a wrong path) raises
     ``invalid_request``. Anything else (unreachable, a timeout, 5xx, 429, a malformed answer)
     says nothing about the key: the deploy goes on and the returned warning is logged.
@@ -178,8 +180,8 @@ def judge_key_check(err: GatewayError, base_url: str, provider: str) -> Optional
         said = ", ".join(str(x) for x in (f"HTTP {status}" if status else None, err.info.provider_code) if x)
         raise GatewayError(
             "invalid_key",
-            f"the provider rejected this key ({said or 'auth'}): check it, or deploy with verify_key: false "
-            f"if {shown} has no GET /models",
+            f"the provider rejected this key ({said or 'auth'}) at {shown}: check that it is the right key for "
+            f"this provider and account, and that it is still active",
             provider=provider, provider_code=err.info.provider_code, upstream_status=status, fields=["api_key"],
         )
     if status in (404, 405):

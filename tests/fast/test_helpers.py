@@ -91,6 +91,7 @@ def test_a_rejected_key_is_invalid_key(type_, status, code, said):
     assert err.type == "invalid_key" and err.status == 400
     assert err.info.fields == ["api_key"] and err.info.provider == "zhipu" and err.info.upstream_status == status
     assert f"the provider rejected this key {said}" in err.info.message
+    assert "verify_key" not in err.info.message  # the provider said the key is wrong: no way around the check
     assert "https://relay.example/api/v4" in err.info.message and "pw" not in err.info.message and "token" not in err.info.message
 
 
