@@ -50,7 +50,7 @@ from ray.serve.handle import DeploymentHandle
 from .aio import EventLoop
 from .cluster import Cluster
 from .config import Settings
-from .errors import TYPES, ErrorInfo, GatewayError
+from .errors import TYPES, ErrorInfo, GatewayError, whole_seconds
 from .events import Failure, Finish, StreamEvent
 from .schemas import ChatCall, ChatResult
 
@@ -437,7 +437,7 @@ class Dispatcher:
         now = time.time()
         if until > now:
             return endpoint, GatewayError("endpoint_not_ready", f"'{endpoint.name}' is cooling down after upstream "
-                                          f"failures ({health.get('last_error')}); try again in {until - now:.0f}s, or "
+                                          f"failures ({health.get('last_error')}); try again in {whole_seconds(until - now)}s, or "
                                           f"give it fallbacks", retry_after=until - now), False
         lease = float(endpoint.record.get("timeout", 60)) + 5
         if ray.get(self.cluster.registry().claim_probe.remote(endpoint.name, lease), timeout=_REGISTRY_WAIT_S):

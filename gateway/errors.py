@@ -28,10 +28,11 @@ Messages are written for humans and never contain a key (adapters redact).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_serializer
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,16 @@ class ErrorInfo(BaseModel):
     #: the endpoints tried before giving up, and why (fallbacks)
     tried: Optional[list[dict]] = None
 
+    @field_serializer("retry_after")
+    def _whole_seconds(self, value: Optional[float]) -> Optional[int]:
+        """Shown as the ``Retry-After`` header says it: whole seconds, rounded up (kept exact for retries)."""
+        return None if value is None else whole_seconds(value)
+
+
+def whole_seconds(seconds: float) -> int:
+    """A wait as people and ``Retry-After`` read it: whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(seconds))
+
 
 class GatewayError(Exception):
     """The one exception type of the gateway; see the module docstring."""
@@ -140,7 +151,7 @@ class GatewayError(Exception):
 
     def headers(self) -> dict[str, str]:
         if self.info.retry_after is not None and self.status in (429, 503):
-            return {"Retry-After": str(max(1, int(round(self.info.retry_after))))}
+            return {"Retry-After": str(whole_seconds(self.info.retry_after))}
         return {}
 
     def body(self, request_id: Optional[str] = None) -> dict:

@@ -47,7 +47,7 @@ from ray.exceptions import RayError
 from ray.experimental import internal_kv
 
 from .auth import ClientKey
-from .errors import GatewayError
+from .errors import GatewayError, whole_seconds
 from .registry import HEAD_NODE_RESOURCE
 
 log = logging.getLogger("gateway.limits")
@@ -280,7 +280,7 @@ def _refusal(key: ClientKey, why: str, wait: float) -> GatewayError:
         what = f"its {key.tokens_per_minute:g} tokens a minute"
     else:
         what = f"its rate of {key.rate_per_minute:g} requests a minute (each endpoint called counts)"
-    return GatewayError("rate_limited", f"{key.name} is over {what}: try again in {max(1.0, wait):.0f}s",
+    return GatewayError("rate_limited", f"{key.name} is over {what}: try again in {whole_seconds(wait)}s",
                         retry_after=max(1.0, wait))
 
 

@@ -182,6 +182,8 @@ def test_cooldown_is_entered_shared_and_left(ray_head, fake_openai, fake_zhipu, 
     assert one.post("/chat", json={"chat_name": lonely, "content": "x"}).status_code == 502
     r = one.post("/chat", json={"chat_name": lonely, "content": "x"})
     assert r.status_code == 503 and r.get_json()["error"]["type"] == "endpoint_not_ready" and int(r.headers["Retry-After"]) >= 1
+    # whole seconds, rounded up, the same in the body as in the header (not 29.97608...)
+    assert r.get_json()["error"]["retry_after"] == int(r.headers["Retry-After"])
     # After the period one request probes; its success ends the cooldown.
     time.sleep(settings.cooldown_s + 0.5)
     r = one.post("/chat", json={"chat_name": primary, "content": "x"}).get_json()

@@ -54,7 +54,7 @@ def test_openai_shape_of_every_type(name):
 
 
 def test_retry_after_header_only_where_a_wait_helps():
-    assert GatewayError("upstream_rate_limited", "m", retry_after=2.4).headers() == {"Retry-After": "2"}
+    assert GatewayError("upstream_rate_limited", "m", retry_after=2.4).headers() == {"Retry-After": "3"}
     assert GatewayError("endpoint_busy", "m", retry_after=0.2).headers() == {"Retry-After": "1"}
     assert GatewayError("upstream_error", "m", retry_after=3).headers() == {}
 
@@ -66,3 +66,11 @@ def test_the_readme_lists_every_type_with_its_status():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     rows = dict(re.findall(r"^\| `([a-z_]+)` \| (\d{3}) \|", readme, re.M))
     assert {name: int(status) for name, status in rows.items()} == STATUS
+
+
+@pytest.mark.parametrize("after, shown", [(29.97608, 30), (30.0, 30), (0.2, 1), (0, 1), (2.0000001, 3), (7, 7)])
+def test_retry_after_is_whole_seconds_rounded_up_in_the_body_as_in_the_header(after, shown):
+    err = GatewayError("endpoint_not_ready", "m", retry_after=after)  # (a cooled endpoint)
+    assert err.body()["error"]["retry_after"] == shown and isinstance(err.body()["error"]["retry_after"], int)
+    assert err.headers() == {"Retry-After": str(shown)}
+    assert err.info.retry_after == after  # the retry policy still waits the exact time
