@@ -42,6 +42,12 @@ def is_admin_route(endpoint: Optional[str]) -> bool:
     return endpoint is not None and (endpoint in ADMIN or endpoint.rpartition(".")[2] in ("deploy", "undeploy"))
 
 
+def is_chat_route(endpoint: Optional[str]) -> bool:
+    """``POST /chat``, ``/<provider>/chat`` and ``/v1/chat/completions``: one call to one endpoint, whose
+    answers carry ``X-Gateway-Overhead-Ms`` (the gateway's own time on the call)."""
+    return endpoint is not None and (endpoint == "v1.chat_completions" or endpoint.rpartition(".")[2] == "chat")
+
+
 def json_body() -> dict:
     """The body's fields however an old application sent them: charsets, forms, limits (``gateway.bodies``).
 

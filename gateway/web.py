@@ -24,7 +24,7 @@ import providers
 from . import chat_flow, metrics
 from .auth import check_chat_names
 from .bodies import legacy_text
-from .context import OPEN, READERS, finish_record, gw, is_admin_route, json_body, render_error
+from .context import OPEN, READERS, finish_record, gw, is_admin_route, is_chat_route, json_body, render_error
 from .dispatch import Outcome, Stream, ray_failure
 from .doors import Doors
 from .errors import GatewayError
@@ -81,7 +81,7 @@ def _authorize() -> None:
 
 def _after(response):
     response.headers["X-Request-Id"] = g.get("request_id", "")
-    if g.get("started") is not None:
+    if g.get("started") is not None and is_chat_route(request.endpoint):
         total = (time.perf_counter() - g.started) * 1000
         upstream = g.get("upstream_ms") or 0.0
         response.headers["X-Gateway-Overhead-Ms"] = f"{max(0.0, total - upstream):.2f}"

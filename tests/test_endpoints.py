@@ -16,6 +16,8 @@ def test_user_session_from_the_issue(client, deploy, fake_openai, name):
     })
     try:
         assert r.status_code == 200, r.get_json()
+        # a deploy's seconds are not the gateway's overhead on a call: only chat routes carry that header
+        assert "X-Gateway-Overhead-Ms" not in r.headers and r.headers["X-Request-Id"]
         assert r.get_json() == {"ret": "ok", "chat_name": chat_name, "provider": "openai",
                                 "model": "gpt-4o-mini", "workers": 4, "status": "RUNNING"}
         app = serve.status().applications[chat_name]
@@ -25,6 +27,7 @@ def test_user_session_from_the_issue(client, deploy, fake_openai, name):
         r = client.post("/openai/chat", json={"chat_name": chat_name, "content": "你好，你是谁"})
         assert r.status_code == 200
         assert r.get_json() == "echo: 你好，你是谁"
+        assert float(r.headers["X-Gateway-Overhead-Ms"]) >= 0
         assert "你好" in r.get_data(as_text=True)  # UTF-8 as written, not \\u escapes
 
         r = client.post("/chat", json={
