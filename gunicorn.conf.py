@@ -159,9 +159,38 @@ def post_worker_init(worker):
     # startup connects and applies the file again.
     gateway.cluster.on_recovered = lambda: os.kill(os.getpid(), signal.SIGTERM)
     gateway.start_in_background()
+    _say_what_a_stop_waits_for(worker)
     if _ready_pipe is not None:  # tell the master once connected (its ready line)
         os.close(_ready_pipe[0])
         threading.Thread(target=_connected, args=(gateway, _ready_pipe[1]), name="ready-signal", daemon=True).start()
+
+
+def _say_what_a_stop_waits_for(worker):
+    """On SIGTERM, before gunicorn's own handler: how many requests this worker still finishes, and for how long."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return
+
+    def on_term(sig, frame):
+        busy = _requests_in_flight(worker)
+        if busy is None:
+            worker.log.info("stopping: finishing the requests in flight, up to %d s", worker.cfg.graceful_timeout)
+        elif busy:
+            worker.log.info("stopping: waiting for %d request%s in flight, up to %d s", busy, "s" * (busy != 1),
+                            worker.cfg.graceful_timeout)
+        previous(sig, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def _requests_in_flight(worker):
+    """Connections of a gthread worker with a request being served (not idle kept-alive or still-silent ones)."""
+    try:
+        return max(0, worker.nr_conns - len(worker.keepalived_conns) - len(worker.pending_conns))
+    except (AttributeError, TypeError):  # another worker class
+        return None
 
 
 def _connected(gateway, write_fd):
@@ -192,6 +221,17 @@ def child_exit(server, worker):
 
 def on_exit(server):
     """Master, last: stop the embedded head (endpoints die with it); remove the metrics directory it made."""
+    import time
+
+    started = time.monotonic()
     if _head is not None:
+        server.log.info("stopping the embedded Ray head at %s (its endpoints stop with it)...", _head.address)
         _head.stop()
     _remove_metrics_dir()
+    if _head is not None:
+        server.log.info("stopped: the gateway and its embedded Ray head (%.1f s)", time.monotonic() - started)
+    else:
+        import os
+
+        server.log.info("stopped: the endpoints keep running in the Ray cluster at %s",
+                        os.environ.get("RAY_ADDRESS") or _settings.ray_address)

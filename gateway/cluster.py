@@ -161,6 +161,9 @@ class EmbeddedHead:
         env.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
         # Ray starts workers at nice 15; replicas are on every request's path, next to gunicorn.
         env.setdefault("RAY_worker_niceness", "0")
+        # On SIGTERM ``ray start --block`` drains its node for up to 30 s, so that a multi-node cluster can
+        # move replicas away; this head is the whole cluster, and the gateway's workers have stopped already.
+        env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
         return env
 
     @staticmethod
@@ -260,6 +263,46 @@ def ray_on_loopback() -> None:
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:
         constants.ENABLE_RAY_CLUSTER = False
+
+
+#: Ray's lines that tell a gateway process's operator of no fault, each dropped at its own logger by its
+#: own first words (everything else those loggers say still shows):
+#: - the driver connects from the startup thread, and gunicorn, not Ray, handles SIGTERM;
+#: - every ``serve._run`` (each deploy) "connects to the existing Serve app" and applies no new options,
+#:   which the gateway never passes;
+#: - Serve's router asks each replica for its queue length within 100 ms and, when a busy replica answers
+#:   later, backs off, asks again and routes the call (nothing fails); on two cores under a burst that
+#:   is every few calls. A replica that really does not answer still ends in the gateway's own errors.
+_RAY_NOISE = {
+    "ray._private.worker": ("SIGTERM handler is not set because current thread is not the main thread",),
+    "ray.serve": ("Connecting to existing Serve app in namespace", "Failed to get queue length from "),
+}
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(self.starts))
+
+
+def quiet_ray_noise() -> None:
+    """Drop ``_RAY_NOISE`` in this process, and Ray's native stack trace on SIGTERM (a gateway
+    process's normal stop; Python's faulthandler still reports a real crash). Idempotent."""
+    import faulthandler
+
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # (read once, at import: the gunicorn master imported Ray before the fork)
+        constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] not in ("0", "")
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
+    for name, starts in _RAY_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLines) for f in logger.filters):
+            logger.addFilter(_DropLines(starts))
 
 
 class Cluster:
@@ -413,6 +456,7 @@ class Cluster:
             if not reachable(address):
                 raise GatewayError("cluster_unavailable", f"the Ray cluster at {address} is not reachable: start it (or set RAY_ADDRESS to "
                                    f"a running head), then try again", retry_after=2)
+            quiet_ray_noise()
             try:
                 if not ray.is_initialized():
                     ship = self.settings.ship_code if self.settings.ship_code is not None else True

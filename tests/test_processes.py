@@ -57,6 +57,10 @@ def test_gunicorn_serves_the_user_session_and_stops_gracefully(gunicorn_joined, 
         caller.join(30)
         assert result["r"].status_code == 200 and result["r"].json()["output"] == "echo: slow"
         assert proc.wait(40) == 0
+    text = log_path.read_text()
+    # the stop says what it waits for: the one call in flight, then that the endpoints live on
+    assert "stopping: waiting for 1 request in flight, up to 30 s" in text, text[-3000:]
+    assert "stopped: the endpoints keep running in the Ray cluster at 127.0.0.1:" in text, text[-3000:]
     # The endpoint outlives the gateway process: it lives in the cluster.
     from ray import serve
 
@@ -65,8 +69,16 @@ def test_gunicorn_serves_the_user_session_and_stops_gracefully(gunicorn_joined, 
     assert key not in log_path.read_text()
 
 
+#: what Ray printed into a gateway's log on a start, four deploys, a burst of calls and a stop: none a fault
+RAY_NOISE = ("Failed to get queue length", "high network latency", "SIGTERM handler is not set",
+             "New http_options/controller_options will not be applied", "SIGTERM received", "logging.cc")
+
+
 def test_gunicorn_with_its_embedded_head_starts_and_stops_it(tmp_path, fake_openai):
-    """...and says each step; its /metrics holds only the gateway's series; its metrics directory goes with it."""
+    """...and says each step; its /metrics holds only the gateway's series; its metrics directory goes with it.
+
+    With four endpoints and a burst of 100 calls in between: Ray's harmless noise stays out of the log,
+    and the stop says what it waits for."""
     import re
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -94,6 +106,25 @@ def test_gunicorn_with_its_embedded_head_starts_and_stops_it(tmp_path, fake_open
                                                   "model_name": "gpt-4o-mini", "http_proxy": fake_openai.base_url})
             assert r.status_code == 200, r.text
             assert http.post("/openai/chat", json={"chat_name": "openai_chat", "content": "hi"}).json() == "echo: hi"
+            names = ["openai_chat"]
+            for i in range(3):
+                names.append(f"embedded_{i}")
+                r = http.post("/openai/deploy", json={"api_key": f"sk-embedded-{i:04d}-{uuid.uuid4().hex}",
+                                                      "chat_name": names[-1], "model_name": "m",
+                                                      "base_url": fake_openai.base_url})
+                assert r.status_code == 200, r.text
+            answers: list[int] = []
+
+            def call(i: int) -> None:
+                with httpx.Client(base_url=base, timeout=60) as one:
+                    answers.append(one.post("/chat", json={"chat_name": names[i % 4], "content": "hi"}).status_code)
+
+            callers = [threading.Thread(target=call, args=(i,)) for i in range(100)]
+            for caller in callers:
+                caller.start()
+            for caller in callers:
+                caller.join(120)
+            assert answers == [200] * 100, answers
             scrape = http.get("/metrics").text
         # each step said: the head starting, then (the master, once the worker is connected) where to go
         for _ in range(50):
@@ -115,9 +146,17 @@ def test_gunicorn_with_its_embedded_head_starts_and_stops_it(tmp_path, fake_open
         writers = {int(re.search(r"_(\d+)\.db$", f.name).group(1)) for f in metrics_dir.glob("*.db")}
         assert writers and writers <= worker_pids(proc.pid), (writers, sorted(metrics_dir.iterdir()))
     finally:
+        stopping = time.monotonic()
         code = stop(proc)
-    assert code == 0, log_path.read_text()[-3000:]
+        print(f"embedded stop, nothing in flight: {time.monotonic() - stopping:.1f}s")
+    text = log_path.read_text()
+    assert code == 0, text[-3000:]
     assert not metrics_dir.exists(), "the gateway left its metrics directory behind"
+    # the stop says what it waits for, to the end
+    assert f"stopping the embedded Ray head at 127.0.0.1:{ray_port}" in text, text[-3000:]
+    assert "stopped: the gateway and its embedded Ray head" in text, text[-3000:]
+    noise = [line for line in text.splitlines() if any(n in line for n in RAY_NOISE)]
+    assert not noise, "\n".join(noise[:20])
     for _ in range(50):
         if not reachable(f"127.0.0.1:{ray_port}", 0.2):
             break

@@ -88,8 +88,9 @@ def test_the_head_gets_an_allow_list_and_named_extras():
     for name in passed:
         assert env.get(name) == gateway_env[name], name
     ours = {"PYTHONPATH", "RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
-            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "RAY_SERVE_LOG_TO_STDERR"}
+            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "RAY_SERVE_LOG_TO_STDERR", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"}
     assert set(env) == passed | ours
+    assert env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] == "0"  # a stop does not wait 30 s draining the only node
     assert env["PYTHONPATH"].split(os.pathsep)[1:] == ["/opt/extra"]  # our code first
     assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # 127.0.0.1 stays the node's address
 
