@@ -11,6 +11,9 @@ Nothing raised by an SDK crosses the Ray boundary: ``chat`` answers a ``ChatResu
 or an ``ErrorInfo`` value; ``stream`` yields the typed events of ``gateway.events`` and
 ends with ``Finish``, or with a ``Failure`` event when it fails. Retries (``gateway.retry``) happen here, next to the
 upstream, and for streams only until the first event.
+
+On a loopback node (the embedded head) the constructor keeps the replica's Serve gRPC server on
+loopback too: ``gateway.loopback``.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from ray.util import metrics as ray_metrics
 from providers.base import DeploySpec, Provider, construction_failure
 from gateway.errors import ErrorInfo, GatewayError
 from gateway.events import Failure, Finish, StreamEvent
+from gateway.loopback import keep_replica_grpc_on_loopback
 from gateway.retry import RetryPolicy, call_with_retries
 from gateway.schemas import ChatCall, ChatResult
 
@@ -33,6 +37,9 @@ log = logging.getLogger("ray.serve")
 
 class ChatEndpoint:
     def __init__(self, provider: "Provider", spec: "DeploySpec", policy: RetryPolicy) -> None:
+        # Before Serve starts this replica's gRPC server (right after this constructor): on a
+        # loopback node (the embedded head) it listens on loopback, not on all interfaces.
+        keep_replica_grpc_on_loopback()
         self._provider = provider
         self._adapter = None
         failure = None

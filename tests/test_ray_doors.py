@@ -19,10 +19,6 @@ CANARIES = ("OPENAI_API_KEY", "MY_LEGACY_APP_SECRET", "GATEWAY_TEST_CANARY_SECRE
 #: named by conftest's GATEWAY_HEAD_ENV: must reach them
 EXTRA = "LLMGW_TEST_HEAD_EXTRA"
 
-#: What Ray binds beyond loopback even on a loopback head (README "Ray's ports"), by process title:
-#: each Serve replica's inter-deployment gRPC server, hard-coded to ``[::]:0`` (a random port) in
-#: ray/serve/_private/replica.py (``_on_initialized``); token-authenticated. One per replica.
-BEYOND_LOOPBACK = {"ray::ServeReplica:": 1}
 
 
 def _psutil():
@@ -160,22 +156,76 @@ def _listening(proc) -> list:
         return []
 
 
-def test_the_head_listens_on_loopback_but_where_documented(ray_head, shared_endpoint):
-    chat_name, _, _ = shared_endpoint("openai")  # a replica runs: workers' servers are in the tree too
-    procs = head_tree(ray_head)
-    seen, beyond = [], {}
-    for proc in procs:
+def test_nothing_of_the_head_listens_beyond_loopback_after_deploys(ray_head, client, deploy, name):
+    """Serve binds each replica's gRPC server to ``[::]:0``; on a loopback node ``gateway.loopback`` moves
+    it to 127.0.0.1, where Serve's router in the gateway process still dials it (README "Ray's ports")."""
+    import uuid
+
+    workers = {name("listen"): 1, name("listen"): 2}
+    for chat_name, n in workers.items():
+        r = deploy(chat_name, f"sk-{uuid.uuid4().hex}", workers=n)
+        assert r.status_code == 200, r.get_json()
+        for _ in range(2 * n):  # over Serve's gRPC path (GATEWAY_SERVE_GRPC, on by default)
+            assert client.post("/chat", json={"chat_name": chat_name, "content": "hi"}).status_code == 200
+    seen, beyond = [], []
+    for proc in [*head_tree(ray_head), _psutil().Process()]:  # (this process: a gateway process, a Ray driver)
         for conn in _listening(proc):
-            seen.append((title(proc), conn.laddr.ip, conn.laddr.port))
+            seen.append((proc.pid, title(proc), conn.laddr.ip, conn.laddr.port))
             if not _loopback(conn.laddr.ip):
-                beyond.setdefault(proc.pid, []).append((title(proc), f"{conn.laddr.ip}:{conn.laddr.port}"))
-    assert ray_head.settings.ray_port in {port for t, ip, port in seen if "gcs_server" in t and _loopback(ip)}
-    assert any(t.startswith(f"ray::ServeReplica:{chat_name}:") for t, _, _ in seen)  # workers are looked at
-    for pid, sockets in beyond.items():
-        proc_title = sockets[0][0]
-        allowed = [n for prefix, n in BEYOND_LOOPBACK.items() if proc_title.startswith(prefix)]
-        assert allowed and len(sockets) <= allowed[0], (
-            f"Ray listens beyond loopback where README 'Ray's ports' does not say so: {sockets}")
+                beyond.append(f"pid {proc.pid} {title(proc)[:70]!r} listens on {conn.laddr.ip}:{conn.laddr.port}")
+    assert ray_head.settings.ray_port in {port for _, t, ip, port in seen if "gcs_server" in t and _loopback(ip)}
+    replicas = {c: {pid for pid, t, _, _ in seen if t.startswith(f"ray::ServeReplica:{c}:")} for c in workers}
+    assert {c: len(pids) for c, pids in replicas.items()} == workers, seen  # every replica is looked at
+    assert not beyond, "listening beyond loopback:\n" + "\n".join(beyond)
+    # ...and this process reaches each endpoint's replicas on one of their loopback ports (the gRPC one)
+    dialed = {c.raddr.port for c in _psutil().Process().net_connections(kind="tcp") if c.raddr and _loopback(c.raddr.ip)}
+    for chat_name, pids in replicas.items():
+        assert {port for pid, _, _, port in seen if pid in pids} & dialed, f"{chat_name}: not dialed over gRPC"
+
+
+@pytest.mark.parametrize("node_ip, bind", [
+    ("127.0.0.1", "127.0.0.1:0"), ("127.0.0.2", "127.0.0.2:0"), ("::1", "[::1]:0"),
+    ("10.1.2.3", None), ("192.168.0.7", None), ("2001:db8::1", None), ("", None), (None, None), ("node-a", None),
+])
+def test_only_a_loopback_node_moves_the_replica_server(node_ip, bind):
+    from gateway.loopback import loopback_bind_address
+
+    assert loopback_bind_address(node_ip) == bind
+
+
+def test_the_rewrite_touches_one_call_and_only_the_any_address(monkeypatch):
+    import ray.serve._private.replica as serve_replica
+
+    from gateway import loopback as lb
+
+    bound = []
+    monkeypatch.setattr(serve_replica, "add_port_to_grpc_server", lambda server, address: bound.append(address) or 1)
+    fake = serve_replica.add_port_to_grpc_server
+    monkeypatch.setattr(lb, "_node_ip", lambda: "10.1.2.3")
+    assert lb.keep_replica_grpc_on_loopback() is False  # a networked node: Ray's own bind, untouched
+    assert serve_replica.add_port_to_grpc_server is fake
+    monkeypatch.setattr(lb, "_node_ip", lambda: "127.0.0.1")
+    assert lb.keep_replica_grpc_on_loopback() is True
+    assert lb.keep_replica_grpc_on_loopback() is True  # twice: still one wrapper
+    serve_replica.add_port_to_grpc_server(None, "127.0.0.1:5")  # another address passes as it is
+    serve_replica.add_port_to_grpc_server(None, "[::]:0")
+    assert serve_replica.add_port_to_grpc_server is fake  # one call, then Ray's helper is back
+    serve_replica.add_port_to_grpc_server(None, "[::]:0")
+    assert bound == ["127.0.0.1:5", "127.0.0.1:0", "[::]:0"]
+
+
+def test_the_rewrite_stands_down_when_ray_binds_elsewhere(monkeypatch, caplog):
+    import ray.serve._private.replica as serve_replica
+
+    from gateway import loopback as lb
+
+    monkeypatch.setattr(lb, "_node_ip", lambda: "127.0.0.1")
+    monkeypatch.setattr(lb, "UPSTREAM_CALL", 'add_port_to_grpc_server(self._server, "[::]:1")')
+    before = serve_replica.add_port_to_grpc_server
+    with caplog.at_level("WARNING"):
+        assert lb.keep_replica_grpc_on_loopback() is False
+    assert serve_replica.add_port_to_grpc_server is before
+    assert "all interfaces" in caplog.text
 
 
 def test_this_gateway_process_listens_for_ray_on_loopback(ray_head, shared_endpoint):
