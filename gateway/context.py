@@ -16,9 +16,11 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from flask import Blueprint, after_this_request, current_app, g, jsonify, request
+from pydantic import TypeAdapter
 
 from . import bodies, metrics
-from .errors import GatewayError
+from .errors import CALLER_ERRORS, GatewayError
+from .schemas import ChatName
 
 #: how a blueprint writes an error: ``(error, request_id) -> body``
 ErrorBody = Callable[[GatewayError, Optional[str]], dict]
@@ -58,6 +60,7 @@ def json_body() -> dict:
                        forms=not is_admin_route(request.endpoint))
     if not body.utf8:
         after_this_request(bodies.escape_non_ascii)
+    g.body_fields = body.data  # (the endpoint a refused chat body names: ``finish_record``)
     return body.data
 
 
@@ -65,7 +68,26 @@ def finish_record(record: "metrics.RequestRecord", status: int, error_type: Opti
     """The request's metrics and access-log line, written once (a stream's when it ends)."""
     if not record.done:
         metrics.IN_FLIGHT.labels(record.route).dec()
+        if record.chat_name == metrics.UNKNOWN and error_type in CALLER_ERRORS and error_type != "not_found" \
+                and is_chat_route(request.endpoint):
+            _name_the_endpoint(record)
         record.finish(status, error_type)
+
+
+_CHAT_NAME = TypeAdapter(ChatName)
+
+
+def _name_the_endpoint(record: "metrics.RequestRecord") -> None:
+    """A chat call refused for the caller's error before its endpoint was resolved (a bad body, a key that may
+    not use it) counts on the endpoint its body names, as a caller's error, when that endpoint is deployed;
+    any other name stays ``_unknown`` (user input is never a label)."""
+    fields = g.get("body_fields") or {}
+    asked = fields.get("chat_name", fields.get("model"))  # (/v1 names it model)
+    try:
+        endpoint = gw().dispatcher.resolve(_CHAT_NAME.validate_python(asked))
+    except Exception:  # noqa: BLE001 - no name, not deployed, not ready, no cluster: the call stays _unknown
+        return
+    record.endpoint(endpoint.name, endpoint.provider)
 
 
 def error_shape(blueprint: Blueprint, body: ErrorBody) -> None:

@@ -4,9 +4,9 @@ Every non-2xx answer of the gateway is ``{"error": {"type": ..., "message": ...,
 (``/v1/`` routes answer the same error in OpenAI's shape). The ``type`` is stable; the
 table ``TYPES`` below says, for each type, everything the gateway does with it: the HTTP
 status, whether the replica retries it, whether dispatch moves on to the next fallback,
-whether it counts towards the endpoint's cooldown, and its OpenAI ``type``/``code``.
-Retry (``gateway.retry``), dispatch (``gateway.dispatch``) and both renderers read it;
-no other module keeps a list of types.
+whether it counts towards the endpoint's cooldown, whether the caller caused it, and its
+OpenAI ``type``/``code``. Retry (``gateway.retry``), dispatch (``gateway.dispatch``), the
+metrics (``gateway.metrics``) and both renderers read it; no other module keeps a list of types.
 
 Where errors come from, and the one form they take::
 
@@ -46,6 +46,10 @@ class ErrorType:
     falls_back: bool = False
     #: counts towards the endpoint's cooldown: ``"count"`` (N within a window), ``"at_once"``
     cooldown: Optional[Literal["count", "at_once"]] = None
+    #: the caller caused it (its body, the name it asked for, its key, its own limits): the same call fails on
+    #: every endpoint. Counted apart from the endpoint's failures (``traffic.caller_errors`` of
+    #: ``GET /deployments``, ``fault="caller"`` on ``gateway_requests_total``); see ``fault``
+    caller: bool = False
     #: the ``type`` an OpenAI client sees on ``/v1/`` (None: the gateway's own type name)
     openai_type: Optional[str] = None
     #: the ``code`` an OpenAI client sees (None: the provider's code, else the gateway's type)
@@ -56,22 +60,23 @@ _INVALID, _PERMISSION = "invalid_request_error", "permission_error"
 #: the closed list of error types: a new type is added here, nowhere else
 TYPES: dict[str, ErrorType] = {
     # the caller's request
-    "invalid_request": ErrorType(400, openai_type=_INVALID),
-    "content_filter": ErrorType(400),
-    "upstream_bad_request": ErrorType(400),
+    "invalid_request": ErrorType(400, caller=True, openai_type=_INVALID),
+    "content_filter": ErrorType(400, caller=True),
+    "upstream_bad_request": ErrorType(400, caller=True),
     #: the provider refused the key at deploy (``verify_key``); at chat time it is ``upstream_auth``
-    "invalid_key": ErrorType(400),
-    "unauthorized": ErrorType(401, openai_type="authentication_error"),
-    "forbidden": ErrorType(403, openai_type=_PERMISSION),
-    "host_not_allowed": ErrorType(403, openai_type=_PERMISSION),
-    "origin_not_allowed": ErrorType(403, openai_type=_PERMISSION),
-    "not_found": ErrorType(404, openai_type=_INVALID, openai_code="model_not_found"),
-    "method_not_allowed": ErrorType(405),
-    "conflict": ErrorType(409),
-    "payload_too_large": ErrorType(413),
-    "unsupported_media_type": ErrorType(415, openai_type=_INVALID),
+    "invalid_key": ErrorType(400, caller=True),
+    "unauthorized": ErrorType(401, caller=True, openai_type="authentication_error"),
+    "forbidden": ErrorType(403, caller=True, openai_type=_PERMISSION),
+    "host_not_allowed": ErrorType(403, caller=True, openai_type=_PERMISSION),
+    "origin_not_allowed": ErrorType(403, caller=True, openai_type=_PERMISSION),
+    "not_found": ErrorType(404, caller=True, openai_type=_INVALID, openai_code="model_not_found"),
+    "method_not_allowed": ErrorType(405, caller=True),
+    "conflict": ErrorType(409, caller=True),
+    "payload_too_large": ErrorType(413, caller=True),
+    "unsupported_media_type": ErrorType(415, caller=True, openai_type=_INVALID),
+    #: (not the caller's: a model that does not fit, a cluster without GPUs, a replica that died ...)
     "deploy_failed": ErrorType(422),
-    "rate_limited": ErrorType(429, openai_type="rate_limit_error"),  # the caller's own client-key limit
+    "rate_limited": ErrorType(429, caller=True, openai_type="rate_limit_error"),  # the caller's own client-key limit
     # the upstream provider, after the replica's retries
     "upstream_rate_limited": ErrorType(429, retried=True, falls_back=True, cooldown="count", openai_type="rate_limit_error"),
     "upstream_auth": ErrorType(502, falls_back=True, cooldown="at_once"),
@@ -87,6 +92,16 @@ TYPES: dict[str, ErrorType] = {
 
 #: type -> HTTP status (a view of ``TYPES``)
 STATUS: dict[str, int] = {name: t.status for name, t in TYPES.items()}
+#: the types the caller caused (a view of ``TYPES``)
+CALLER_ERRORS: frozenset[str] = frozenset(name for name, t in TYPES.items() if t.caller)
+
+
+def fault(error_type: Optional[str]) -> Literal["none", "caller", "endpoint"]:
+    """Whose fault an answer is: ``none`` (``None`` or ``"ok"``: served), ``caller`` (``CALLER_ERRORS``), or
+    ``endpoint`` (the provider, the endpoint, its cluster or the gateway failed the call; any other type)."""
+    if error_type in (None, "ok"):
+        return "none"
+    return "caller" if error_type in CALLER_ERRORS else "endpoint"
 
 
 class ErrorInfo(BaseModel):

@@ -7,8 +7,15 @@ Only the gateway's processes write there: the variable never reaches the Ray hea
 environment is an allow-list, ``gateway/cluster.py``), so Ray's own metrics stay on Ray's
 endpoint. A single process (``python app.py``,
 tests) uses the default registry. Label values are bounded: ``chat_name`` and
-``provider`` are only ever those of deployed endpoints (``_unknown`` otherwise), and
-no label carries prompt text, a key or other user input.
+``provider`` are only ever those of deployed endpoints (``_unknown`` otherwise), ``outcome``
+is ``ok`` or a type of ``gateway.errors.TYPES``, ``fault`` follows from ``outcome`` (so it
+adds no series), and no label carries prompt text, a key or other user input.
+
+Whose fault: an error the caller caused (``gateway.errors.CALLER_ERRORS``: a bad body, a name
+or model nobody deployed, a key that may not, its own rate limit ...) is not a failure of the
+endpoint it asked for. ``gateway_requests_total`` says which with its ``fault`` label
+(``none``, ``caller``, ``endpoint``), and an endpoint's ``traffic`` counts the two apart
+(``errors``: the endpoint's failures; ``caller_errors``: its callers' mistakes).
 """
 from __future__ import annotations
 
@@ -22,13 +29,16 @@ from typing import Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from .errors import fault
+
 UNKNOWN = "_unknown"
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _OVERHEAD = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
-REQUESTS = Counter("gateway_requests_total", "Requests by route, endpoint and outcome (ok or the error type)",
-                   ["route", "chat_name", "provider", "outcome"])
+REQUESTS = Counter("gateway_requests_total", "Requests by route, endpoint and outcome (ok or the error type); "
+                   "fault: none (ok), caller (the caller's error) or endpoint (the endpoint, its provider, "
+                   "its cluster or the gateway failed)", ["route", "chat_name", "provider", "outcome", "fault"])
 REQUEST_SECONDS = Histogram("gateway_request_duration_seconds", "Time from request to answer (to the last byte for streams)",
                             ["chat_name", "provider"], buckets=_LATENCY)
 UPSTREAM_SECONDS = Histogram("gateway_upstream_duration_seconds", "Time spent in the replica on the upstream call, retries included",
@@ -59,14 +69,18 @@ def _registry():
 
 def no_traffic() -> dict[str, int]:
     """The traffic of an endpoint this gateway has not served yet."""
-    return {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    return {"requests": 0, "errors": 0, "caller_errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
 
 def traffic() -> dict[str, dict[str, int]]:
-    """Per endpoint, since this gateway started (all its workers): requests, errors, prompt and completion tokens.
+    """Per endpoint, since this gateway started (all its workers): requests, errors, caller errors, prompt and
+    completion tokens.
 
-    The same counters ``/metrics`` exports (``gateway_requests_total``, ``gateway_tokens_total``),
-    summed over routes; what ``GET /deployments`` shows as each endpoint's ``traffic``.
+    ``errors`` are the endpoint's failures (the provider's, the endpoint's, its cluster's, the
+    gateway's); ``caller_errors`` the calls refused for what the caller did (``errors.fault``);
+    ``requests`` counts both and the answered ones. The same counters ``/metrics`` exports
+    (``gateway_requests_total``, ``gateway_tokens_total``), summed over routes; what
+    ``GET /deployments`` shows as each endpoint's ``traffic``.
     """
     out: dict[str, dict[str, int]] = {}
 
@@ -94,8 +108,9 @@ def traffic() -> dict[str, dict[str, int]]:
             counts = row(name)
             if family.name == "gateway_requests":
                 counts["requests"] += int(sample.value)
-                if sample.labels.get("outcome") != "ok":
-                    counts["errors"] += int(sample.value)
+                whose = fault(sample.labels.get("outcome"))  # (from the outcome: the fault label follows from it)
+                if whose != "none":
+                    counts["caller_errors" if whose == "caller" else "errors"] += int(sample.value)
             else:
                 counts[f"{sample.labels.get('kind')}_tokens"] += int(sample.value)
     return out
@@ -171,7 +186,7 @@ class RequestRecord:
         total = time.perf_counter() - self.started
         outcome = error_type or "ok"
         name, provider = self.chat_name, self.provider
-        REQUESTS.labels(self.route, name, provider, outcome).inc()
+        REQUESTS.labels(self.route, name, provider, outcome, fault(error_type)).inc()
         if name != UNKNOWN:
             REQUEST_SECONDS.labels(name, provider).observe(total)
         served, served_provider = self.served_by or name, self.served_provider or provider

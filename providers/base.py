@@ -28,10 +28,24 @@ from gateway.events import Delta, Finish, StreamEvent, ToolCallDelta
 from gateway.schemas import ChatCall, ChatName, ChatResult, Usage
 
 
+#: words of field names written as a person writes them in a title (the rest: lower case)
+_TITLE_WORDS = {"api": "API", "url": "URL", "http": "HTTP", "https": "HTTPS", "gpu": "GPU", "gpus": "GPUs",
+                "cpu": "CPU", "cpus": "CPUs", "id": "ID", "len": "length", "args": "arguments", "dtype": "data type"}
+
+
+def field_title(name: str, _info: Any = None) -> str:
+    """A field's title in its JSON schema (the console's form labels): ``api_key`` -> "API key", ``base_url`` ->
+    "Base URL", ``gpus_per_worker`` -> "GPUs per worker" (pydantic's own would be "Api Key", "Base Url" ...)."""
+    words = [_TITLE_WORDS.get(word, word) for word in name.strip("_").split("_") if word]
+    if not words:
+        return name
+    return " ".join([words[0][:1].upper() + words[0][1:], *words[1:]])
+
+
 class DeploySpec(BaseModel):
     """Fields every endpoint has. Unknown fields are refused (a typo must not deploy)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, field_title_generator=field_title)
 
     #: Byzer-style ``model_type`` values this provider accepts (e.g. ``saas/openai``)
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ()

@@ -29,7 +29,9 @@ def samples(text: str) -> dict[tuple, float]:
 
 
 def value(all_samples: dict, name: str, **labels) -> float:
-    return all_samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of ``name``'s samples that carry ``labels`` (as PromQL selects: other labels may be there too)."""
+    wanted = set(labels.items())
+    return sum(v for (metric, have), v in all_samples.items() if metric == name and wanted <= set(have))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def traffic(ray_head, tmp_path_factory, fake_openai, fake_zhipu):
         ok_after_retry = chat(a)  # ok after 2 attempts
         for name in unknown:
             chat(name)
-        statuses.append(http.post("/chat", json={"chat_name": a, "prompt": PROMPT}).status_code)  # invalid_request
+        statuses.append(http.post("/chat", json={"chat_name": a, "prompt": PROMPT}).status_code)  # a bad body: a caller error of a
         fake_openai.script(kf, openai_error(401, "bad key", "invalid_request_error", "invalid_api_key"))
         fell_back = chat(f)
         stream = chat(a, stream=True)
@@ -91,10 +93,12 @@ def test_request_counts_by_route_endpoint_and_outcome(traffic):
     rt = "gateway_requests_total"
     assert value(s, rt, route="/chat", chat_name=a, provider="openai", outcome="ok") == 7  # 5 + retry + stream
     assert value(s, rt, route="/openai/chat", chat_name=a, provider="openai", outcome="ok") == 2
-    for outcome in ("upstream_auth", "upstream_quota", "content_filter", "upstream_error"):
-        assert value(s, rt, route="/chat", chat_name=a, provider="openai", outcome=outcome) == 1, outcome
-    assert value(s, rt, route="/chat", chat_name="_unknown", provider="_unknown", outcome="not_found") == 3
-    assert value(s, rt, route="/chat", chat_name="_unknown", provider="_unknown", outcome="invalid_request") == 1
+    for outcome, fault in (("upstream_auth", "endpoint"), ("upstream_quota", "endpoint"), ("content_filter", "caller"),
+                           ("upstream_error", "endpoint"), ("invalid_request", "caller")):  # (a bad body names a)
+        assert value(s, rt, route="/chat", chat_name=a, provider="openai", outcome=outcome, fault=fault) == 1, outcome
+    assert value(s, rt, route="/chat", chat_name=a, fault="none") == 7
+    assert value(s, rt, route="/chat", chat_name="_unknown", provider="_unknown", outcome="not_found", fault="caller") == 3
+    assert value(s, rt, chat_name="_unknown", outcome="invalid_request") == 0
     assert value(s, rt, route="/chat", chat_name=f, provider="openai", outcome="ok") == 1
     assert traffic["ok_after_retry"].json()["attempts"] == 2
 
@@ -116,7 +120,7 @@ def test_retries_fallbacks_tokens_latency_and_streams(traffic):
     assert value(s, "gateway_tokens_total", chat_name=a, provider="openai", kind="prompt") > 0
     assert value(s, "gateway_tokens_total", chat_name=a, provider="openai", kind="completion") > 0
     assert value(s, "gateway_tokens_total", chat_name=b, provider="zhipu", kind="completion") > 0
-    assert value(s, "gateway_request_duration_seconds_count", chat_name=a, provider="openai") == 13
+    assert value(s, "gateway_request_duration_seconds_count", chat_name=a, provider="openai") == 14
     assert value(s, "gateway_time_to_first_token_seconds_count", chat_name=a, provider="openai") == 1
     assert value(s, "gateway_upstream_duration_seconds_count", chat_name=a, provider="openai") >= 8
     assert value(s, "gateway_overhead_seconds_count", route="/chat") == 16
@@ -169,3 +173,35 @@ def test_every_grafana_expression_names_an_exported_metric(traffic):
         for name in names:
             base = re.sub(r"_(bucket|count|sum)$", "", name)
             assert base in exported or name in exported, f"{name} in {expr!r} is not exported"
+
+
+def test_the_callers_errors_are_counted_apart_from_the_endpoints_failures(client, deploy, name, fake_openai):
+    """A bad body or a refused call is the caller's error, not the endpoint's: ``GET /deployments`` rows count it
+    apart (``caller_errors``) from the endpoint's failures (``errors``), and so does ``gateway_requests_total``
+    (its ``fault`` label: ``caller``, ``endpoint`` or ``none``)."""
+    chat_name, key = name("fault"), f"sk-{uuid.uuid4().hex}"
+    assert deploy(chat_name, key, max_retries=0).status_code == 200
+
+    def row() -> dict:
+        return client.get(f"/deployments/{chat_name}").get_json()["traffic"]
+
+    assert row() == {"requests": 0, "errors": 0, "caller_errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    assert client.post("/chat", json={"chat_name": chat_name, "content": "one two"}).status_code == 200
+    r = client.post("/chat", json={"chat_name": chat_name, "content": "three", "temperature": 7})  # (0 to 2)
+    assert r.status_code == 400 and r.get_json()["error"]["type"] == "invalid_request"
+    fake_openai.script(key, openai_error(500, "The server had an error", "server_error", None))
+    r = client.post("/chat", json={"chat_name": chat_name, "content": "four"})
+    assert r.status_code == 502 and r.get_json()["error"]["type"] == "upstream_error"
+    counts = row()
+    assert (counts["requests"], counts["errors"], counts["caller_errors"]) == (3, 1, 1), counts
+    assert counts["prompt_tokens"] > 0 and counts["completion_tokens"] > 0
+    rows = {r["chat_name"]: r for r in client.get("/deployments").get_json()["deployments"]}
+    assert rows[chat_name]["traffic"] == counts
+
+    s = samples(client.get("/metrics").get_data(as_text=True))
+    mine = {labels: n for (metric, labels), n in s.items() if metric == "gateway_requests_total"
+            and ("chat_name", chat_name) in labels}
+    by_fault = {}
+    for labels, n in mine.items():
+        by_fault[dict(labels)["fault"], dict(labels)["outcome"]] = n
+    assert by_fault == {("none", "ok"): 1, ("caller", "invalid_request"): 1, ("endpoint", "upstream_error"): 1}

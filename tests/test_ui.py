@@ -94,6 +94,25 @@ def test_the_console_is_served_with_its_headers_and_no_data(client):
     assert locked.test_client().get("/ui/config").get_json()["auth"] is True
 
 
+def test_the_deploy_forms_fields_are_titled_as_a_person_writes_them():
+    """GET /providers' schemas (what the console's forms are made of) title their fields in sentence case with
+    their acronyms as written: "API key", "Base URL", not pydantic's "Api Key", "Base Url"."""
+    import providers
+
+    titles = {}
+    for name in providers.names():
+        schema = providers.get(name).spec_class.model_json_schema()
+        titles.update({field: prop.get("title") for field, prop in schema["properties"].items()})
+    assert titles["api_key"] == "API key" and titles["base_url"] == "Base URL" and titles["chat_name"] == "Chat name"
+    assert titles["max_retries"] == "Max retries" and titles["gpu_memory_utilization"] == "GPU memory utilization"
+    assert titles["gpus_per_worker"] == "GPUs per worker" and titles["max_model_len"] == "Max model length"
+    acronyms = {"API", "URL", "HTTP", "GPU", "GPUs", "CPU", "CPUs"}
+    for field, title in titles.items():  # (sentence case: the first word capitalised, acronyms as they are written)
+        first, *rest = title.split()
+        assert first[0].isupper() and (first in acronyms or first[1:].islower()), (field, title)
+        assert all(word.islower() or word in acronyms for word in rest), (field, title)
+
+
 @needs_browser
 def test_the_console_deploys_compares_and_undeploys(served, fake_openai, fake_zhipu, tmp_path):
     base, app, dashboard = served
@@ -308,7 +327,8 @@ def test_the_console_without_a_token_follows_slow_deploys_and_shows_failures(ray
                      "status": "RUNNING", "fallbacks": [], "key_fingerprint": "sk-...zz",
                      "health": {"state": "cooling_down", "cooldown_until": time.time() + 30, "consecutive_failures": 3,
                                 "last_error": "upstream_error: boom"},
-                     "traffic": {"requests": 5, "errors": 1, "prompt_tokens": 10, "completion_tokens": 20}}}
+                     "traffic": {"requests": 5, "errors": 1, "caller_errors": 2, "prompt_tokens": 10,
+                                 "completion_tokens": 20}}}
     polls: dict = {}
     deployed: list = []
 
@@ -369,10 +389,40 @@ def test_the_console_without_a_token_follows_slow_deploys_and_shows_failures(ray
             page.goto(base + "/ui/")
             page.wait_for_selector("#endpoints-view:not([hidden])")  # no login without a token
             assert page.is_hidden("#login-view") and page.is_hidden("#logout")
+            # health and traffic in words a person reads (the API's own values stay as they are)
             keep = page.text_content('tr[data-chat-name="keep"]')
-            assert "cooling_down" in keep and "3 failures in a row" in keep and "5 req, 1 err" in keep
+            assert "3 failures in a row" in keep and "5 requests, 1 failed" in keep, keep
+            assert "2 refused (the caller's errors)" in keep and "tokens 10 in / 20 out" in keep, keep
+            wait = re.search(r"cooling down, retry in (\d+) s", keep)
+            assert wait and 1 <= int(wait.group(1)) <= 30, keep
+            assert "cooling_down" not in keep and not re.search(r"\d+ err\b", keep), keep
+            words = page.evaluate("""[
+                healthWords({state: "ok", consecutive_failures: 0}, 0),
+                healthWords({state: "ok", consecutive_failures: 1}, 0),
+                healthWords({state: "probing", consecutive_failures: 3, cooldown_until: 100}, 200),
+                healthWords({state: "probe_due", consecutive_failures: 2, cooldown_until: 100}, 200),
+                healthWords({state: "cooling_down", consecutive_failures: 5, cooldown_until: 111.2}, 100),
+                healthWords({state: "cooling_down", consecutive_failures: 5, cooldown_until: 100}, 101),
+                trafficWords({requests: 1, errors: 0, caller_errors: 1, prompt_tokens: 0, completion_tokens: 0}),
+                trafficWords({requests: 0, errors: 0, prompt_tokens: 0, completion_tokens: 0}),
+            ]""")
+            assert words == [["healthy"], ["healthy", "1 failure in a row"], ["trying one call", "3 failures in a row"],
+                             ["ready to try again", "2 failures in a row"],
+                             ["cooling down, retry in 12 s", "5 failures in a row"],
+                             ["ready to try again", "5 failures in a row"],
+                             ["1 request", "1 refused (the caller's error)", "tokens 0 in / 0 out"],
+                             ["0 requests", "tokens 0 in / 0 out"]], words
 
+            # the form's fields titled as a person writes them ("API key", not pydantic's "Api Key")
+            page.select_option("#deploy-provider", "openai")
+            labels = page.eval_on_selector_all("#deploy-form .field label", "ls => ls.map(l => l.textContent)")
+            for title, field in (("API key", "api_key"), ("Base URL", "base_url"), ("Max retries", "max_retries"),
+                                 ("Chat name", "chat_name")):
+                assert any(label.startswith(title) and label.endswith(" " + field) for label in labels), (title, labels)
+            assert not [label for label in labels if re.search(r"\b(Api|Url|Http)\b", label)], labels
             page.select_option("#deploy-provider", "vllm")
+            labels = page.eval_on_selector_all("#deploy-form .field label", "ls => ls.map(l => l.textContent)")
+            assert any(label.startswith("GPU memory utilization") for label in labels), labels
             page.fill("#f-chat_name", "bad_local")
             page.fill("#f-model_path", "/models/q")
             page.click("#deploy-more summary")

@@ -32,6 +32,27 @@ def test_each_type_is_consistent(name):
         assert not kind.retried
 
 
+def test_whose_fault_each_type_is():
+    """The caller's errors (counted apart from the endpoint's failures: ``GET /deployments`` ``traffic.caller_errors``,
+    the ``fault`` label of ``gateway_requests_total``) are the 4xx that no other endpoint would answer otherwise."""
+    from gateway.errors import CALLER_ERRORS, fault
+
+    assert CALLER_ERRORS == {name for name, kind in TYPES.items() if kind.caller} == {
+        "invalid_request", "content_filter", "upstream_bad_request", "invalid_key", "unauthorized", "forbidden",
+        "host_not_allowed", "origin_not_allowed", "not_found", "method_not_allowed", "conflict", "payload_too_large",
+        "unsupported_media_type", "rate_limited"}
+    for name in CALLER_ERRORS:  # what the caller caused fails the same everywhere: never retried, never moved on
+        kind = TYPES[name]
+        assert kind.status < 500 and not (kind.retried or kind.falls_back or kind.cooldown), name
+    # every 4xx that does not fall back is the caller's, save a failed deploy (the model, the cluster, the GPUs ...)
+    assert {n for n, k in TYPES.items() if k.status < 500 and not k.falls_back} - CALLER_ERRORS == {"deploy_failed"}
+    assert fault(None) == fault("ok") == "none"
+    assert {fault(name) for name in CALLER_ERRORS} == {"caller"}
+    assert {fault(name) for name in set(TYPES) - CALLER_ERRORS} == {"endpoint"}
+    assert fault("upstream_rate_limited") == "endpoint" and fault("rate_limited") == "caller"
+    assert fault("no_such_type") == "endpoint"  # (whatever is not known to be the caller's counts against the endpoint)
+
+
 def test_a_type_outside_the_table_is_refused():
     with pytest.raises(ValueError):
         GatewayError("teapot", "no such type")

@@ -23,6 +23,7 @@ const state = {
   auth: false,          // does the gateway have an admin token (GET /ui/config)
   providers: [],        // [{name, kind, schema}]
   deployments: [],      // the last GET /deployments rows
+  clockSkewS: 0,        // the gateway's clock less this browser's, when they differ by more than a few seconds
   refreshTimer: null,
   view: "endpoints",
   pendingUndeploy: null,
@@ -173,7 +174,7 @@ async function apiJson(method, path, body, opts = {}) {
     if (response.status === 401 && opts.tokenOverride === undefined && state.auth) loggedOut("the admin token was refused (401): log in again");
     throw new ApiError(response.status, data && data.error);
   }
-  return { status: response.status, data };
+  return { status: response.status, data, date: response.headers.get("Date") };
 }
 
 // -- login ------------------------------------------------------------------------------
@@ -263,8 +264,9 @@ async function refresh() {
   if (state.auth && !token()) return;  // (logged out)
   const session = state.session;
   try {
-    const { data } = await apiJson("GET", "/deployments", undefined, { what: "list the endpoints" });
+    const { data, date } = await apiJson("GET", "/deployments", undefined, { what: "list the endpoints" });
     if (!current(session)) return;  // (an answer for a session that has ended)
+    noteClock(date);
     state.deployments = data.deployments || [];
     renderDeployments();
     show($("endpoints-error"), "");
@@ -295,22 +297,79 @@ function statusCell(row) {
   return cell;
 }
 
+// "1 failure", "3 failures"
+function plural(n, word, words = word + "s") {
+  return `${n} ${n === 1 ? word : words}`;
+}
+
+// the gateway's time (its cooldowns are in its clock): this browser's, corrected when the two differ by more
+// than the Date header's one-second steps and the call's time can explain
+function noteClock(date) {
+  const server = Date.parse(date || "");
+  if (Number.isNaN(server)) return;
+  const skew = (server - Date.now()) / 1000;
+  state.clockSkewS = Math.abs(skew) > 3 ? skew : 0;
+}
+
+function gatewayNowS() {
+  return Date.now() / 1000 + state.clockSkewS;
+}
+
+// a cooldown's words: until it ends, how long is left (whole seconds); then the next call may try
+function coolingWords(untilS, nowS) {
+  const left = Math.ceil(untilS - nowS);
+  return left > 0 ? `cooling down, retry in ${left} s` : "ready to try again";
+}
+
+// an endpoint's health (GET /deployments' "health") in words a person reads: [what it is, failures];
+// the API's own values (ok, cooling_down, probing, probe_due) are a contract and stay as they are
+function healthWords(h, nowS) {
+  let words;
+  if (h.state === "ok") words = "healthy";
+  else if (h.state === "cooling_down") words = h.cooldown_until ? coolingWords(h.cooldown_until, nowS) : "cooling down";
+  else if (h.state === "probing") words = "trying one call";
+  else if (h.state === "probe_due") words = "ready to try again";
+  else words = String(h.state || "unknown").replace(/_/g, " ");
+  const failures = Number(h.consecutive_failures) || 0;
+  return failures ? [words, `${plural(failures, "failure")} in a row`] : [words];
+}
+
 function healthCell(row) {
   const h = row.health;
   if (!h) return el("td", { text: DASH });
-  const cell = el("td", {}, el("span", { class: "badge " + (h.state || ""), text: h.state || "?" }));
-  if (h.state === "cooling_down" && h.cooldown_until) cell.append(el("span", { class: "sub", text: "until " + fmtTime(h.cooldown_until) }));
-  if (h.consecutive_failures) cell.append(el("span", { class: "sub", text: `${h.consecutive_failures} failures in a row` }));
-  if (h.last_error) cell.append(el("span", { class: "sub error", text: typeof h.last_error === "string" ? h.last_error : JSON.stringify(h.last_error) }));
+  const [words, ...more] = healthWords(h, gatewayNowS());
+  const until = h.state === "cooling_down" && h.cooldown_until ? h.cooldown_until : null;
+  const badge = el("span", { class: "badge " + (h.state || ""), text: words,
+    title: `state ${h.state}` + (until ? ` until ${fmtTime(until)}` : ""), dataset: until ? { until: String(until) } : {} });
+  const cell = el("td", { class: "health" }, badge, ...more.map((text) => el("span", { class: "sub", text })));
+  if (h.last_error) cell.append(el("span", { class: "sub error", text: "last error: " + (typeof h.last_error === "string" ? h.last_error : JSON.stringify(h.last_error)) }));
   return cell;
+}
+
+// the cooldowns' seconds left, counted down at each refresh (the rows themselves stay while their data does)
+function tickCooldowns() {
+  for (const badge of $("endpoints-body").querySelectorAll(".badge[data-until]")) {
+    badge.textContent = coolingWords(Number(badge.dataset.until), gatewayNowS());
+  }
+}
+
+// an endpoint's traffic in words: the endpoint's failures ("failed") apart from its callers' mistakes ("refused")
+function trafficWords(t) {
+  const requests = t.requests ?? 0, failed = t.errors ?? 0, refused = t.caller_errors ?? 0;
+  const words = [plural(requests, "request") + (failed ? `, ${failed} failed` : "")];
+  if (refused) words.push(`${refused} refused (the caller's ${refused === 1 ? "error" : "errors"})`);
+  words.push(`tokens ${t.prompt_tokens ?? 0} in / ${t.completion_tokens ?? 0} out`);
+  return words;
 }
 
 function trafficCell(row) {
   const t = row.traffic;
   if (!t) return el("td", { text: DASH });
-  return el("td", { class: "traffic" },
-    el("span", { text: `${t.requests ?? 0} req, ${t.errors ?? 0} err` }),
-    el("span", { class: "sub", text: `tokens ${t.prompt_tokens ?? 0} in / ${t.completion_tokens ?? 0} out` }));
+  const [first, ...more] = trafficWords(t);
+  return el("td", { class: "traffic", title: "failed: the endpoint, its provider or the gateway failed the call; " +
+      "refused: the caller's mistake (a bad body, a key not allowed to use it, the caller's own rate limit); " +
+      "since this gateway started" },
+    el("span", { text: first }), ...more.map((text) => el("span", { class: "sub", text })));
 }
 
 function deploymentRow(row) {
@@ -339,6 +398,7 @@ function renderDeployments() {
     return tr && tr.dataset.json === json ? tr : deploymentRow(row);  // unchanged rows stay as they are
   });
   body.replaceChildren(...rows);
+  tickCooldowns();
   $("endpoints-empty").hidden = rows.length > 0;
   if (state.view === "compare") renderTargets();
 }
