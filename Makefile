@@ -5,13 +5,19 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: start test test-fast install install-dev install-local install-gpu install-browser bench clean
+.PHONY: start status test test-fast install install-dev install-local install-gpu install-browser bench clean
 
 # (gunicorn then says each step: the metrics directory, "starting the embedded Ray head", and once every
 # worker is connected, "ready: the gateway serves http://..." and the dashboard's URL and how to log in)
 start: install
 	@echo "starting the gateway: gunicorn, which starts the embedded Ray head (unless RAY_ADDRESS is set)..."
 	exec $(BIN)/gunicorn -c gunicorn.conf.py app:app
+
+# is a gateway running here (or the cluster at RAY_ADDRESS), and what runs on it: nodes; endpoints, their
+# replicas and health. Within seconds; exit 3 when nothing runs there, 4 when it cannot be read.
+# (ARGS=--json for JSON)
+status: install
+	@$(BIN)/python -m gateway status $(ARGS)
 
 test: install-dev install-browser
 	$(BIN)/python -m pytest

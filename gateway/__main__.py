@@ -2,6 +2,9 @@
 ``python -m gateway ray ARGS...``: run Ray's CLI (``ray start --address=...`` in a gateway pod) with
 the allow-listed environment the embedded head gets, so the node's raylet and workers never see the
 gateway's tokens and provider keys.
+``python -m gateway status [--json] [--timeout S]``: is a gateway running here (or its cluster at
+``RAY_ADDRESS``), and what runs on it: nodes; endpoints, their replicas and health. Exit 0; 3 when
+nothing runs there; 4 when it cannot be read (see ``gateway/status.py``).
 """
 from __future__ import annotations
 
@@ -34,7 +37,16 @@ def main(argv=None) -> int:
     p_apply.add_argument("file")
     p_apply.add_argument("--url", default=None, help="the gateway: https://..., or http:// to loopback only "
                                                       "(default: GATEWAY_BIND on this machine)")
+    p_status = sub.add_parser("status", help="the cluster's nodes and the endpoints (replicas, health); "
+                                             "exit 3 when no gateway runs there, 4 when it cannot be read")
+    p_status.add_argument("--json", action="store_true", help="print the same as one JSON object")
+    p_status.add_argument("--timeout", type=float, default=None, metavar="S",
+                          help="give up after S seconds in all (default 15)")
     args = parser.parse_args(argv)
+    if args.command == "status":
+        from . import status
+
+        return status.main(as_json=args.json, timeout=args.timeout or status.DEFAULT_TIMEOUT_S)
     url = args.url or default_url(os.environ)
     reports = apply_over_http(url, args.file, os.environ.get("GATEWAY_ADMIN_TOKEN"))
     for report in reports:

@@ -1,0 +1,462 @@
+"""``python -m gateway status [--json] [--timeout S]``: is a gateway's Ray cluster up, and what runs on it.
+
+One answer within a few seconds, without Ray's own logging and without an environment switch:
+
+- nothing listens at the address (``RAY_ADDRESS``, else the embedded head's ``127.0.0.1:GATEWAY_RAY_PORT``):
+  "no gateway is running at ...", exit 3 (``EXIT_NOT_RUNNING``, systemctl's "not running"), at once;
+- something listens but cannot be read (not a Ray head, no Ray token here, a refused token, a version
+  mismatch, no answer before the deadline): one line that says which, exit 4 (``EXIT_NO_ANSWER``);
+- else the cluster's nodes and each endpoint (provider, model, status, replicas and their nodes, health),
+  exit 0. ``--json`` prints the same as one JSON object, in every case;
+- an invalid setting (``GATEWAY_*``) or a Ray Client address (``ray://``): exit 2, like a usage error.
+
+It looks as a gateway process does (the same Ray namespace, token authentication, loopback switch), but
+reads only: it creates no registry, starts no Serve and settles no deploy. The Ray side runs in a child
+process (``python -m gateway.status --probe``): its stderr (Ray's log lines, a C++ check that aborts) is
+kept from the answer, and a connect that hangs is killed at the deadline. Nothing it prints holds a
+secret: the registry's records hold none, and only the fields below are shown.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Mapping, Optional
+
+EXIT_OK = 0
+EXIT_NOT_RUNNING = 3
+EXIT_NO_ANSWER = 4
+#: the whole command's default deadline (connect and reads), seconds
+DEFAULT_TIMEOUT_S = 15.0
+
+_ROOT = Path(__file__).resolve().parent.parent
+_LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
+
+
+# -- where to look, and how -----------------------------------------------------------------
+def target(env: Mapping[str, str]) -> tuple[str, str, str]:
+    """(address, where it came from in words, Ray namespace) for the environment ``env``."""
+    from .config import Settings
+
+    settings = Settings.from_env(env)  # (an invalid setting stops here, naming the variable)
+    if settings.embedded:
+        return (f"127.0.0.1:{settings.ray_port}", "the embedded Ray head's port, GATEWAY_RAY_PORT",
+                settings.ray_namespace)
+    return settings.ray_address, "RAY_ADDRESS", settings.ray_namespace
+
+
+def _is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host in _LOOPBACK_HOSTS
+
+
+def probe_env(env: Mapping[str, str], address: str, embedded: bool) -> dict[str, str]:
+    """The child's environment: as a gateway process connects, without the gateway's settings.
+
+    Token authentication as the gateway uses it (on by default with the embedded head; as set when
+    joining ``RAY_ADDRESS``), and Ray's loopback switch for a head on loopback (see
+    ``gateway.cluster.LOOPBACK_SWITCH``): the user sets neither.
+    """
+    from .cluster import LOOPBACK_SWITCH, _host_port
+
+    out = {k: v for k, v in env.items() if not k.startswith("GATEWAY_")}
+    out.pop("RAY_ADDRESS", None)  # given as an argument
+    if embedded:
+        out.setdefault("RAY_AUTH_MODE", "token")
+    hp = _host_port(address)
+    if hp is not None and _is_loopback(hp[0]):
+        out[LOOPBACK_SWITCH] = "0"
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
+    out.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return out
+
+
+def missing_token(env: Mapping[str, str]) -> Optional[str]:
+    """Why Ray would abort for want of a token (token auth on, none here), else None.
+
+    Checked before Ray is touched: Ray's C++ client aborts the process (a failed check, not an
+    exception) when token authentication is on and it finds no token.
+    """
+    if env.get("RAY_AUTH_MODE", "").lower() != "token" or env.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser() if env.get("RAY_AUTH_TOKEN_PATH") else Path.home() / ".ray" / "auth_token"
+    try:
+        if path.read_text().strip():
+            return None
+    except OSError:
+        pass
+    return (f"Ray's token authentication is on (RAY_AUTH_MODE=token) but this user has no Ray token "
+            f"(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or {path} is missing or empty): run this as the user "
+            f"that runs the gateway, or give it the cluster's token (README: 'Ray token')")
+
+
+def _token_source(env: Mapping[str, str]) -> str:
+    if env.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    return env.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"
+
+
+def speaks_grpc(host: str, port: int, timeout: float = 1.0) -> Optional[bool]:
+    """Does ``host:port`` answer as a gRPC (HTTP/2) server, as Ray's GCS does? None: cannot tell in time.
+
+    A gRPC server opens with a SETTINGS frame; Redis (whose port 6379 is Ray's too), an HTTP/1 server
+    or a database answers otherwise, or closes.
+    """
+    client_preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    data = b""
+    try:
+        with socket.create_connection((host.strip("[]"), port), timeout=timeout) as sock:
+            sock.sendall(client_preface)
+            deadline = time.monotonic() + timeout
+            while len(data) < 9 and time.monotonic() < deadline:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = sock.recv(9 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+    except socket.timeout:
+        return None if not data else False
+    except OSError:
+        return False if data else None
+    if len(data) < 9:
+        return None if not data else False
+    return data[3] == 0x04  # the frame type of the server's first frame: SETTINGS
+
+
+# -- the child: read the cluster as a Ray driver ----------------------------------------------
+class _ReadFailed(Exception):
+    """Connected, but a read failed (not a connect error)."""
+
+
+def probe(address: str, namespace: str) -> dict:
+    """What the cluster at ``address`` runs: nodes, endpoints (as ``GET /deployments`` shows them), replicas."""
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    import ray
+
+    context = ray.init(address=address, namespace=namespace, log_to_driver=False,
+                       logging_level=logging.ERROR, configure_logging=False)
+    try:
+        return _read(namespace, context)
+    except Exception as exc:  # noqa: BLE001 - connected: not a connect error
+        text = str(exc).strip()
+        first = text.splitlines()[0][:200] if text else ""
+        raise _ReadFailed(f"connected to the Ray cluster at {address}, but reading it failed: "
+                          f"{type(exc).__name__}{': ' + first if first else ''}") from None
+    finally:
+        ray.shutdown()
+
+
+def _read(namespace: str, context) -> dict:
+    import ray
+
+    from .endpoints import Endpoints
+    from .registry import REGISTRY_NAME
+
+    try:
+        registry = ray.get_actor(REGISTRY_NAME, namespace=namespace)  # never created here
+    except ValueError:
+        registry = None
+    records = ray.get(registry.list.remote(), timeout=5) if registry is not None else []
+
+    apps, replicas = _serve_state()
+    by_name = {r["chat_name"]: r for r in records}
+    report = {"dashboard_url": _dashboard_url(context), "nodes": _nodes(), "registry": registry is not None}
+    report["endpoints"] = [
+        endpoint_view(Endpoints._view(by_name.get(name), apps.get(name), name), by_name.get(name), replicas.get(name, []))
+        for name in sorted(set(by_name) | set(apps))
+    ]
+    return report
+
+
+def _dashboard_url(context) -> Optional[str]:
+    url = getattr(context, "dashboard_url", None) or None
+    return url if url is None or "://" in url else f"http://{url}"
+
+
+def _nodes() -> list[dict]:
+    import ray
+
+    from .registry import HEAD_NODE_RESOURCE
+
+    nodes = []
+    for n in ray.nodes():
+        res = n.get("Resources") or {}
+        nodes.append({"node_id": n.get("NodeID"), "ip": n.get("NodeManagerAddress"), "alive": bool(n.get("Alive")),
+                      "head": HEAD_NODE_RESOURCE in res, "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0)})
+    nodes.sort(key=lambda n: (not n["alive"], not n["head"], n["ip"] or ""))
+    return nodes
+
+
+def _serve_state() -> tuple[dict, dict]:
+    """(Serve's application statuses, as ``serve.status()`` has them; each application's replicas).
+
+    Read from a running Serve controller only: none running is no applications (Serve is not started).
+    """
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return {}, {}
+    details = client.get_serve_details()
+    apps = ServeInstanceDetails(**details)._get_status().applications
+    replicas = {}
+    for name, app in (details.get("applications") or {}).items():
+        replicas[name] = [{"state": str(getattr(r.get("state"), "value", r.get("state"))), "node_ip": r.get("node_ip"),
+                           "node_id": r.get("node_id")}
+                          for dep in (app.get("deployments") or {}).values() for r in dep.get("replicas") or []]
+    return apps, replicas
+
+
+def health_words(health: Optional[dict], now: Optional[float] = None) -> str:
+    """The registry's health view of an endpoint, in words."""
+    if not health:
+        return "unknown"
+    now = time.time() if now is None else now
+    state, last = health.get("state"), health.get("last_error")
+    if state == "ok":
+        failures = health.get("consecutive_failures") or 0
+        return "ok" if not failures else f"ok ({failures} recent failure{'s' * (failures != 1)}, the last {last})"
+    if state == "cooling_down":
+        left = max(0, round((health.get("cooldown_until") or now) - now))
+        return f"cooling down for {left} s" + (f" after {last}" if last else "")
+    if state == "probing":
+        return "probing: one request tries it again" + (f" (cooled down after {last})" if last else "")
+    if state == "probe_due":
+        return "cooldown over: the next request tries it again" + (f" (cooled down after {last})" if last else "")
+    return str(state)
+
+
+def endpoint_view(view: dict, record: Optional[dict], replicas: list[dict]) -> dict:
+    """What ``status`` shows of one endpoint (chosen fields only: nothing of a key, not even its fingerprint)."""
+    progress = view.get("progress") or {}
+    wanted = progress.get("workers", view.get("workers"))
+    failure = view.get("failure") or view.get("last_update_failure")
+    # the health of calls to it: of an endpoint that serves (or serves while it updates), else none
+    serving = view.get("status") not in ("DEPLOY_FAILED", "MISSING", "DEPLOYING")
+    health = ("unknown (not in the registry)" if record is None else health_words(view.get("health"))) if serving else "-"
+    out = {
+        "chat_name": view.get("chat_name"), "provider": view.get("provider"), "model": view.get("model"),
+        "status": view.get("status"), "workers_running": view.get("workers_running", 0), "workers": wanted,
+        "replicas": replicas, "health": health, "health_state": (view.get("health") or {}).get("state") if serving else None,
+        "fallbacks": list(view.get("fallbacks") or []), "base_url_host": view.get("base_url_host"),
+    }
+    if failure:
+        out["problem"] = str(failure.get("message") or failure.get("reason"))[:300]
+    if progress:
+        out["deploying_for_s"] = progress.get("elapsed_s")
+        out["deadline_in_s"] = progress.get("deadline_in_s")
+    return out
+
+
+def _probe_main(argv: list[str]) -> int:
+    """The child: the report (or why none) as JSON on the original stdout; Ray's output goes to stderr."""
+    address, namespace = argv
+    report_fd = os.dup(1)
+    os.dup2(2, 1)  # whatever Ray prints goes where the parent does not read the answer
+    try:
+        report, code = probe(address, namespace), EXIT_OK
+    except _ReadFailed as exc:
+        report, code = {"problem": str(exc)}, EXIT_NO_ANSWER
+    except Exception as exc:  # noqa: BLE001 - say why, in words
+        from .cluster import describe_connect_error
+
+        report, code = {"problem": describe_connect_error(exc, address)}, EXIT_NO_ANSWER
+    with os.fdopen(report_fd, "w") as out:
+        out.write(json.dumps(report, default=str))
+    sys.stdout.flush()
+    os._exit(code)  # (Ray's exit handlers have nothing left to do)
+
+
+# -- the parent: decide, run the child, answer ----------------------------------------------
+def status(env: Mapping[str, str], timeout: float = DEFAULT_TIMEOUT_S) -> tuple[int, dict]:
+    """(exit code, report) for the gateway ``env`` describes; ``report["problem"]`` says what is wrong."""
+    from .cluster import _host_port, reachable
+
+    started = time.monotonic()
+    try:
+        address, source, namespace = target(env)
+    except SystemExit as exc:  # an invalid setting, in words
+        return 2, {"running": False, "problem": str(exc)}
+    embedded = source != "RAY_ADDRESS"
+    report: dict = {"address": address, "address_from": source, "namespace": namespace, "running": False}
+
+    def done(code: int, problem: Optional[str] = None) -> tuple[int, dict]:
+        if problem:
+            report["problem"] = problem
+        report["elapsed_s"] = round(time.monotonic() - started, 2)
+        return code, report
+
+    if address.startswith("ray://"):
+        return done(2, f"RAY_ADDRESS={address} is a Ray Client address, which the gateway cannot use; set host:port "
+                       "of the head's GCS (the gateway and this command run on a node of the cluster)")
+    hp = _host_port(address)  # (None: "auto", which Ray resolves itself)
+    if hp is not None and not reachable(address, min(1.0, timeout)):
+        if embedded:
+            return done(EXIT_NOT_RUNNING, f"no gateway is running at {address} ({source}): nothing listens there; "
+                                          "start one with `make start`, or set RAY_ADDRESS to your Ray cluster")
+        return done(EXIT_NOT_RUNNING, f"no Ray cluster is running at {address} (RAY_ADDRESS): nothing listens there; "
+                                      "start its head, or fix RAY_ADDRESS")
+    tls = env.get("RAY_USE_TLS", "").lower() in ("1", "true")
+    grpc = speaks_grpc(*hp, timeout=min(1.0, timeout)) if hp is not None and not tls else True
+    if grpc is False:
+        return done(EXIT_NO_ANSWER, f"something listens at {address} ({source}) but it is not a Ray head (it does not speak "
+                                    "gRPC; Redis, for one, uses 6379 too): stop it, or "
+                                    + ("give the gateway another port with GATEWAY_RAY_PORT" if embedded else "fix RAY_ADDRESS"))
+    child_env = probe_env(env, address, embedded)
+    problem = missing_token(child_env)
+    if problem:
+        return done(EXIT_NO_ANSWER, problem)
+    left = timeout - (time.monotonic() - started)
+    ended, answer, stderr = _run_probe(address, namespace, child_env, max(left, 1.0))
+    if ended == "token refused":
+        if child_env.get("RAY_AUTH_MODE", "").lower() != "token":
+            return done(EXIT_NO_ANSWER, f"the Ray cluster at {address} ({source}) wants a Ray token: set RAY_AUTH_MODE=token "
+                                        "(and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, unless its token is in ~/.ray/auth_token)")
+        return done(EXIT_NO_ANSWER, f"the Ray cluster at {address} ({source}) refused this user's Ray token ({_token_source(child_env)}): "
+                                    "it is not that cluster's; run this as the user that runs the gateway, or give it the "
+                                    "cluster's token (README: 'Ray token')")
+    if ended == "timeout":
+        if grpc is None:
+            return done(EXIT_NO_ANSWER, f"something listens at {address} ({source}) but it answered nothing within 1 s, nor as a "
+                                        f"Ray head within {timeout:g} s: not a Ray head, or one that hangs")
+        return done(EXIT_NO_ANSWER, f"the Ray head at {address} ({source}) accepted a connection but did not answer within "
+                                    f"{timeout:g} s (still starting? overloaded? --timeout waits longer)")
+    if answer is None:
+        why = _last_words(stderr)
+        return done(EXIT_NO_ANSWER, f"could not read the Ray cluster at {address} ({source}): Ray's client stopped "
+                                    f"({ended}){': ' + why if why else ''}")
+    if "problem" in answer:
+        return done(EXIT_NO_ANSWER, answer["problem"])
+    report.update(running=True, **answer)
+    return done(EXIT_OK)
+
+
+#: Ray's client retries these for ever; the parent stops it at the first one
+_REFUSED_TOKEN = ("Unauthenticated", "InvalidAuthToken")
+
+
+def _run_probe(address: str, namespace: str, env: dict, timeout: float) -> tuple[str, Optional[dict], str]:
+    """Run the child: (how it ended: ``exit <code>``, ``timeout`` or ``token refused``; its report or None; its stderr)."""
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.status", "--probe", address, namespace], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    out: list[bytes] = []
+    err: list[str] = []
+    refused = threading.Event()
+
+    def read_err() -> None:
+        for raw in proc.stderr:
+            line = raw.decode("utf-8", "replace")
+            err.append(line)
+            if any(word in line for word in _REFUSED_TOKEN):
+                refused.set()
+
+    readers = [threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True),
+               threading.Thread(target=read_err, daemon=True)]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not refused.is_set() and time.monotonic() < deadline:
+        try:
+            proc.wait(0.05)
+        except subprocess.TimeoutExpired:
+            pass
+    ended = f"exit {proc.returncode}" if proc.returncode is not None else "token refused" if refused.is_set() else "timeout"
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the child and nothing else
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    for reader in readers:
+        reader.join(2)
+    try:
+        answer = json.loads(out[0]) if out and out[0].strip() else None
+    except ValueError:
+        answer = None
+    return ended, answer, "".join(err)
+
+
+def _last_words(stderr: str) -> str:
+    """The line of Ray's output that says why it stopped (not its stack trace)."""
+    lines = [line.strip() for line in stderr.splitlines()
+             if line.strip() and not line.startswith(("/", " ", "\t", "***")) and "StackTrace" not in line]
+    for line in reversed(lines):
+        if "Check failed" in line or " C " in line[:40] or "Error" in line:
+            return line[-300:]
+    return lines[-1][-300:] if lines else ""
+
+
+# -- the answer in words ------------------------------------------------------------------------
+def render(report: dict) -> str:
+    """The report as a short human table."""
+    if not report.get("running"):
+        return report.get("problem", f"no answer from {report.get('address')}")
+    lines = [f"Ray cluster at {report['address']} ({report['address_from']}), namespace {report['namespace']}"
+             + (f", dashboard {report['dashboard_url']}" if report.get("dashboard_url") else "")]
+    nodes = report.get("nodes") or []
+    alive = [n for n in nodes if n["alive"]]
+    dead = [n for n in nodes if not n["alive"]]
+    lines.append(f"nodes: {len(alive)} alive" + (f", {len(dead)} dead" if dead else ""))
+    rows = [[n["ip"] or "?", "head" if n["head"] else "worker", "alive" if n["alive"] else "dead",
+             f"{n['cpus']:g} CPU", f"{n['gpus']:g} GPU", (n["node_id"] or "")[:12]] for n in alive + dead[:5]]
+    lines += _table(["IP", "ROLE", "STATE", "CPUS", "GPUS", "NODE ID"], rows)
+    if len(dead) > 5:
+        lines.append(f"  (and {len(dead) - 5} more dead nodes; --json lists them)")
+    endpoints = report.get("endpoints") or []
+    if not report.get("registry"):
+        lines.append(f"endpoints: no gateway has connected to this cluster yet (no endpoint registry in namespace "
+                     f"{report['namespace']})")
+    else:
+        lines.append(f"endpoints: {len(endpoints)}" if endpoints else "endpoints: none deployed")
+    if endpoints:
+        rows = [[e["chat_name"], e["provider"] or "?", e["model"] or "?", e["status"] or "?",
+                 f"{e['workers_running']}/{e['workers'] if e['workers'] is not None else '?'}",
+                 _replica_words(e["replicas"]), e["health"]] for e in endpoints]
+        lines += _table(["CHAT_NAME", "PROVIDER", "MODEL", "STATUS", "WORKERS", "REPLICAS (NODE)", "HEALTH"], rows)
+        for e in endpoints:
+            if e.get("problem"):
+                lines.append(f"  {e['chat_name']}: {e['problem']}")
+            if e.get("deploying_for_s") is not None:
+                lines.append(f"  {e['chat_name']}: deploying for {e['deploying_for_s']:.0f} s, "
+                             f"its deadline in {e['deadline_in_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def _replica_words(replicas: list[dict]) -> str:
+    """``2 running on 127.0.0.1, 1 starting on 10.0.0.7`` (by state and node)."""
+    if not replicas:
+        return "-"
+    counts: dict[tuple[str, str], int] = {}
+    for r in replicas:
+        key = (r["state"].lower(), r.get("node_ip") or "")
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {state} " + (f"on {ip}" if ip else "(no node yet)")
+                     for (state, ip), n in sorted(counts.items(), key=lambda kv: kv[0][0] != "running"))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    return ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+def main(as_json: bool = False, timeout: float = DEFAULT_TIMEOUT_S, env: Optional[Mapping[str, str]] = None) -> int:
+    code, report = status(os.environ if env is None else env, timeout)
+    print(json.dumps(report, ensure_ascii=False, indent=2) if as_json else render(report), flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--probe"]:
+        _probe_main(sys.argv[2:])
+    sys.exit(main())
