@@ -47,7 +47,7 @@ def is_admin_route(endpoint: Optional[str]) -> bool:
 def is_chat_route(endpoint: Optional[str]) -> bool:
     """``POST /chat``, ``/<provider>/chat`` and ``/v1/chat/completions``: one call to one endpoint, whose
     answers carry ``X-Gateway-Overhead-Ms`` (the gateway's own time on the call)."""
-    return endpoint is not None and (endpoint == "v1.chat_completions" or endpoint.rpartition(".")[2] == "chat")
+    return endpoint is not None and endpoint.rpartition(".")[2] in ("chat", "chat_completions")
 
 
 def json_body() -> dict:

@@ -258,3 +258,15 @@ def test_a_scoped_key_is_refused_what_it_may_not_use(tmp_path):
         check_chat_names(scoped, ["a", "z", "c"])
     assert info.value.type == "forbidden"
     assert info.value.info.message.startswith("app1 may not use: c, z; it may use a, b")
+
+
+def test_the_chat_routes_are_exactly_the_calls_to_one_endpoint():
+    """``X-Gateway-Overhead-Ms`` (and a refused body's endpoint) belong to these routes and no other."""
+    from gateway import Settings, create_app
+    from gateway.context import is_chat_route
+
+    app = create_app(Settings.from_env(ray_address="127.0.0.1:1"))  # (builds routes; touches no Ray)
+    chat = sorted(rule.rule for rule in app.url_map.iter_rules() if is_chat_route(rule.endpoint))
+    providers = sorted(rule.rule for rule in app.url_map.iter_rules() if rule.rule.endswith("/deploy"))
+    assert chat == sorted(["/chat", "/v1/chat/completions", *(p.removesuffix("/deploy") + "/chat" for p in providers)])
+    assert len(providers) >= 3
