@@ -31,7 +31,6 @@ def on_starting(server):
     global _head, _metrics_dir
     import atexit
     import os
-    import shutil
     import tempfile
 
     # gunicorn exits without on_exit when it cannot bind (after this hook): clean up then too
@@ -42,9 +41,10 @@ def on_starting(server):
     _settings.check_bind(["unix:" + a if isinstance(a, str) else a for a in server.cfg.address if not isinstance(a, int)])
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
-    else:  # samples of a previous run are not this run's
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
-        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    else:  # samples of a previous run are not this run's; the operator's directory and other files stay
+        from gateway.metrics import clear_samples
+
+        clear_samples(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     server.log.info("metrics directory %s", os.environ["PROMETHEUS_MULTIPROC_DIR"])
     if _settings.embedded:
         from gateway.cluster import EmbeddedHead, export_embedded_env

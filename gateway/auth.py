@@ -97,13 +97,14 @@ def _spec(item: Any, where: str) -> KeySpec:
 def load_keys(inline: Optional[str], path: Optional[str]) -> list[ClientKey]:
     """The client keys of ``GATEWAY_API_KEYS`` and ``GATEWAY_API_KEYS_FILE``.
 
-    A bad entry stops the start (``SystemExit``) naming the variable, the entry's number and its
-    ``name``; never the key, so the message is safe in any log.
+    A bad entry, or a key given twice, stops the start (``SystemExit``) naming the variable, the
+    entry's number and its ``name``; never the key, so the message is safe in any log.
     """
-    specs: list[KeySpec] = []
+    specs: list = []  # (KeySpec, where it was given)
     if inline:
         entries = [k.strip() for k in inline.split(",") if k.strip()]
-        specs += [_spec({"key": k}, f"GATEWAY_API_KEYS entry #{i}") for i, k in enumerate(entries, 1)]
+        specs += [(_spec({"key": k}, f"GATEWAY_API_KEYS entry #{i}"), f"GATEWAY_API_KEYS entry #{i}")
+                  for i, k in enumerate(entries, 1)]
     if path:
         try:
             raw = yaml.safe_load(Path(path).read_text()) or []
@@ -116,7 +117,17 @@ def load_keys(inline: Optional[str], path: Optional[str]) -> list[ClientKey]:
         if not isinstance(raw, list):
             raise SystemExit(f"GATEWAY_API_KEYS_FILE {path} must be a list of {{key, name, chat_names, rate_per_minute, "
                              f"tokens_per_minute}}")
-        specs += [_spec(item, f"GATEWAY_API_KEYS_FILE {path} entry #{i}") for i, item in enumerate(raw, 1)]
+        specs += [(_spec(item, f"GATEWAY_API_KEYS_FILE {path} entry #{i}"), f"GATEWAY_API_KEYS_FILE {path} entry #{i}")
+                  for i, item in enumerate(raw, 1)]
+    # the same key twice would keep only the last entry's name, names and limits, silently: refused
+    first: dict[str, str] = {}
+    for spec, where in specs:
+        named = f"{where} (name {spec.name!r})" if spec.name else where
+        earlier = first.setdefault(_digest(spec.key), named)
+        if earlier is not named:
+            raise SystemExit(f"{named} has the same key as {earlier}: give each application its own key, "
+                             f"or merge the two entries")
+    specs = [spec for spec, _ in specs]
     return [ClientKey(_digest(s.key), s.name or f"key#{i + 1}", frozenset(s.chat_names) if s.chat_names is not None else None,
                       s.rate_per_minute, s.tokens_per_minute) for i, s in enumerate(specs)]
 

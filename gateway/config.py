@@ -78,6 +78,9 @@ class Settings(BaseModel):
     allowed_hosts: Optional[str] = None
     #: web origins that may call the gateway from a browser (``https://tools.example.com``)
     allowed_origins: Optional[str] = None
+    #: the URL people open the gateway at when a proxy in front of it terminates TLS
+    #: (``https://gw.example.com``): its origin and host are the gateway's own, so the console works there
+    public_url: Optional[str] = Field(None, pattern=r"^https?://[^\s/]+/?$")
 
     #: admin token for deploy/undeploy/listings/metrics; a network bind needs it
     admin_token: Optional[SecretStr] = None

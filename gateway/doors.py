@@ -10,8 +10,9 @@ host for that address. So, on every route, before authentication:
   IP address, so addresses are always allowed: legacy callers on the network that dial
   ``http://10.0.0.5:8099`` keep working. A request without Host (HTTP/1.0) is let through:
   browsers always send one.
-- ``Origin``, when present, must be the gateway's own (the same host and port as ``Host``) or
-  listed in ``GATEWAY_ALLOWED_ORIGINS``. Legacy programs send none; browsers send it on every
+- ``Origin``, when present, must be the gateway's own (the same scheme, host and port as the
+  request; or ``GATEWAY_PUBLIC_URL``'s, where a proxy in front terminates TLS) or listed in
+  ``GATEWAY_ALLOWED_ORIGINS``. Legacy programs send none; browsers send it on every
   cross-site POST.
 - Admin routes that take a body (deploy, undeploy) take only ``application/json``: a page
   cannot send that cross-site without a preflight, which the gateway never answers. Chat
@@ -80,9 +81,14 @@ def is_loopback_address(address: Address) -> bool:
 class Doors:
     """The checks above, for one gateway's settings."""
 
-    def __init__(self, allowed_hosts: Optional[str] = None, allowed_origins: Optional[str] = None) -> None:
+    def __init__(self, allowed_hosts: Optional[str] = None, allowed_origins: Optional[str] = None,
+                 public_url: Optional[str] = None) -> None:
         self.hosts = _names(allowed_hosts)
         self.origins = [o.rstrip("/") for o in _names(allowed_origins)]
+        if public_url:  # behind a TLS-terminating proxy the page's origin is https://, the request here http://
+            public = urlsplit(public_url.strip().lower())
+            self.origins.append(f"{public.scheme}://{public.netloc}")
+            self.hosts.append(split_host(public.netloc)[0])
 
     def _host_allowed(self, host: str) -> bool:
         if "*" in self.hosts or is_loopback_host(host) or _is_ip(host):

@@ -23,6 +23,7 @@ import glob
 import json
 import logging
 import os
+import re
 import time
 from typing import Optional
 
@@ -52,6 +53,22 @@ RETRIES = Counter("gateway_upstream_retries_total", "Upstream calls beyond the f
 FALLBACKS = Counter("gateway_fallbacks_total", "Moves to a fallback endpoint, by where from, where to and why",
                     ["from", "to", "reason"])
 IN_FLIGHT = Gauge("gateway_in_flight_requests", "Requests being served now", ["route"], multiprocess_mode="livesum")
+
+
+#: the files prometheus-client's multiprocess mode writes (``counter_123.db``, ``gauge_livesum_123.db`` ...)
+_SAMPLE_FILE = re.compile(r"^(?:counter|histogram|summary|gauge_[a-z]+)_\d+\.db$")
+
+
+def clear_samples(path: str) -> int:
+    """Remove a previous run's sample files from an operator's ``PROMETHEUS_MULTIPROC_DIR`` (they are not
+    this run's) and nothing else: the directory and any other file in it stay. How many were removed."""
+    os.makedirs(path, exist_ok=True)
+    removed = 0
+    for entry in os.scandir(path):
+        if entry.is_file(follow_symlinks=False) and _SAMPLE_FILE.match(entry.name):
+            os.unlink(entry.path)
+            removed += 1
+    return removed
 
 
 def _registry():

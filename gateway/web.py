@@ -54,7 +54,7 @@ def _before() -> None:
 def _doors_for(app: Flask):
     """Host, Origin and (admin routes) Content-Type, before anything else reads the request."""
     settings = app.extensions["gateway"].settings
-    doors = Doors(settings.allowed_hosts, settings.allowed_origins)
+    doors = Doors(settings.allowed_hosts, settings.allowed_origins, settings.public_url)
 
     def check() -> None:
         doors.check(request.headers.get("Host"), request.headers.get("Origin"), request.scheme)
@@ -81,6 +81,8 @@ def _authorize() -> None:
 
 def _after(response):
     response.headers["X-Request-Id"] = g.get("request_id", "")
+    # a browser never guesses another type than the one said (an error's JSON read as HTML, say)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
     if g.get("started") is not None and is_chat_route(request.endpoint):
         total = (time.perf_counter() - g.started) * 1000
         upstream = g.get("upstream_ms") or 0.0

@@ -228,6 +228,18 @@ def test_a_bad_keys_file_stops_the_start_without_showing_a_key(tmp_path, text, s
     assert KEY not in message and KEY[:7] not in message
 
 
+@pytest.mark.parametrize("inline, text, says", [
+    (None, f"- key: {KEY}\n  name: app1\n- key: {KEY}\n  name: app2\n  rate_per_minute: 5\n",
+     "entry #2 (name 'app2') has the same key as GATEWAY_API_KEYS_FILE"),
+    (KEY, f"- key: {KEY}\n  name: app1\n", "entry #1 (name 'app1') has the same key as GATEWAY_API_KEYS entry #1"),
+    (f"{KEY},other-key-123,{KEY}", "", "GATEWAY_API_KEYS entry #3 has the same key as GATEWAY_API_KEYS entry #1"),
+])
+def test_a_key_given_twice_stops_the_start_instead_of_keeping_the_last(tmp_path, inline, text, says):
+    with pytest.raises(SystemExit) as info:
+        load_keys(inline, keys_file(tmp_path, text))
+    assert says in str(info.value) and KEY not in str(info.value)
+
+
 def test_a_short_inline_key_is_named_by_its_place_not_shown():
     with pytest.raises(SystemExit) as info:
         load_keys("good-key-12345,short1", None)
@@ -270,3 +282,46 @@ def test_the_chat_routes_are_exactly_the_calls_to_one_endpoint():
     providers = sorted(rule.rule for rule in app.url_map.iter_rules() if rule.rule.endswith("/deploy"))
     assert chat == sorted(["/chat", "/v1/chat/completions", *(p.removesuffix("/deploy") + "/chat" for p in providers)])
     assert len(providers) >= 3
+
+
+def test_an_operators_metrics_directory_loses_only_the_last_runs_samples(tmp_path):
+    """``PROMETHEUS_MULTIPROC_DIR`` set by the operator: the gateway clears its own sample files at start,
+    never the directory or anything else in it (it used to remove the whole tree)."""
+    from gateway.metrics import clear_samples
+
+    for name in ("counter_123.db", "gauge_livesum_123.db", "histogram_9.db", "gauge_all_7.db",
+                 "keep.txt", "counter_notes.db", "other.db"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "counter_1.db").write_text("x")
+    assert clear_samples(str(tmp_path)) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_notes.db", "keep.txt", "other.db", "sub"]
+    assert (tmp_path / "sub" / "counter_1.db").exists()
+    assert clear_samples(str(tmp_path / "new")) == 0 and (tmp_path / "new").is_dir()
+
+
+def test_every_answer_says_nosniff():
+    from gateway import Settings, create_app
+
+    app = create_app(Settings.from_env(ray_address="127.0.0.1:1"))  # (no route below touches Ray)
+    client = app.test_client()
+    for r in (client.get("/nowhere"), client.post("/chat", data="{", content_type="application/json"),
+              client.get("/ui/")):
+        assert r.headers["X-Content-Type-Options"] == "nosniff", (r.status_code, dict(r.headers))
+
+
+def test_behind_a_tls_proxy_the_public_url_is_the_gateways_own_origin():
+    """The proxy speaks https to the browser and http to the gateway: the console's POSTs carry
+    ``Origin: https://gw.example.com`` on an http request, refused unless that URL is the gateway's."""
+    with pytest.raises(GatewayError) as info:
+        Doors(allowed_hosts="gw.example.com").check("gw.example.com", "https://gw.example.com", "http")
+    assert info.value.type == "origin_not_allowed"
+    doors = Doors(public_url="https://GW.example.com/")
+    doors.check("gw.example.com", "https://gw.example.com", "http")  # its host and origin: allowed
+    doors.check("10.0.0.5:8099", None, "http")
+    for origin in ("https://evil.example.com", "https://gw.example.com:8443", "null"):
+        with pytest.raises(GatewayError):
+            doors.check("gw.example.com", origin, "http")
+    with pytest.raises(GatewayError) as info:
+        doors.check("other.example.com", None, "http")
+    assert info.value.type == "host_not_allowed"
