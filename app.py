@@ -11,6 +11,9 @@ app = create_app()
 if __name__ == "__main__":
     from gateway.cluster import EmbeddedHead, export_embedded_env
 
+    from gateway.secrecy import keep_to_itself
+
+    keep_to_itself()  # no Ray process may read this one's environment or memory (gateway.secrecy)
     settings = Settings.from_env()
     settings.check_bind()
     head = None

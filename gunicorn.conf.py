@@ -35,6 +35,11 @@ def on_starting(server):
 
     # gunicorn exits without on_exit when it cannot bind (after this hook): clean up then too
     atexit.register(_at_exit, os.getpid())
+    # no Ray process (a replica running a model's own code) may read this process's or its workers'
+    # environment or memory: tokens and keys (gateway.secrecy; the workers inherit it at fork)
+    from gateway.secrecy import keep_to_itself
+
+    keep_to_itself()
 
     # where gunicorn will listen, however it was told (GATEWAY_BIND, -b, GUNICORN_CMD_ARGS, a config)
     # (an int is an inherited fd://, checked in when_ready; a str is a unix socket's path)

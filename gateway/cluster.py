@@ -25,6 +25,7 @@ from typing import Callable, Mapping, Optional
 
 from .config import Settings
 from .errors import GatewayError
+from .secrecy import CREDENTIAL, without_ptrace
 
 log = logging.getLogger("gateway.cluster")
 
@@ -86,7 +87,7 @@ _HEAD_ENV_PREFIXES = (
 )
 #: ...but within those families no credential (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, VLLM_API_KEY,
 #: NVIDIA_API_KEY, ...) unless GATEWAY_HEAD_ENV names it; Ray's own (RAY_AUTH_TOKEN) passes.
-_CREDENTIAL = re.compile(r"(?:^|_)(?:API_?KEYS?|KEYS?|TOKENS?|SECRETS?|PASSWORDS?|PASSWD|CREDENTIALS?)(?:_|$)", re.I)
+_CREDENTIAL = CREDENTIAL
 #: Ray on loopback: Ray rewrites ``--node-ip-address=127.0.0.1`` (and a driver's ``127.0.0.1:port``)
 #: into the host's address, and then its gRPC servers (GCS, raylet, workers) listen on all interfaces,
 #: unless this switch (Ray's "multi-node clusters off", ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``)
@@ -209,7 +210,8 @@ class EmbeddedHead:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                cmd, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+                # (without CAP_SYS_PTRACE: no Ray process may read a gateway process, see gateway.secrecy)
+                without_ptrace(cmd), env=self.env(), stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
         deadline = time.monotonic() + s.ray_start_timeout_s

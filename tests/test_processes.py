@@ -12,10 +12,25 @@ from pathlib import Path
 
 import httpx
 import pytest
+import ray
 
 from gateway.cluster import free_port, reachable
 from tests.fakes.upstreams import Reply
-from tests.procs import gunicorn_joined_to, start, stop, wait_ready
+from tests.procs import gunicorn_joined_to, start, stop, wait_ready, worker_pids
+
+
+@ray.remote(num_cpus=0)
+def peek(pids: list[int]) -> dict:
+    """What a task on the cluster reads of these processes: ``/proc/<pid>/environ`` and ``/proc/<pid>/mem``."""
+    seen: dict = {}
+    for pid in pids:
+        for what in ("environ", "mem"):
+            try:
+                with open(f"/proc/{pid}/{what}", "rb") as f:
+                    seen[f"{pid}/{what}"] = f.read(1 << 20) if what == "environ" else "opened"
+            except OSError as exc:
+                seen[f"{pid}/{what}"] = type(exc).__name__
+    return seen
 
 
 @pytest.fixture
@@ -41,6 +56,18 @@ def test_gunicorn_serves_the_user_session_and_stops_gracefully(gunicorn_joined, 
         r = http.post("/chat", json={"chat_name": chat_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
         assert r.status_code == 200 and r.json()["output"] == "echo: hi"
         assert any(d["chat_name"] == chat_name for d in http.get("/deployments").json()["deployments"])
+
+        # Code running on the cluster (a replica, a model's own code) finds no secret of the gateway's: its
+        # memory cannot be opened, its environment holds none (gateway.secrecy). The canaries are conftest's,
+        # in the environment gunicorn was started with.
+        gateway_pids = [proc.pid, *worker_pids(proc.pid)]
+        canaries = [os.environ[name].encode() for name in ("OPENAI_API_KEY", "MY_LEGACY_APP_SECRET")]
+        seen = ray.get(peek.remote(gateway_pids), timeout=60)
+        for pid in gateway_pids:
+            assert seen[f"{pid}/mem"] == "PermissionError", (pid, seen[f"{pid}/mem"])
+            environ = seen[f"{pid}/environ"]
+            assert environ == "PermissionError" or (b"OPENAI_API_KEY=*" in environ
+                                                    and not any(c in environ for c in canaries)), (pid, environ)
 
         # SIGTERM while a slow call is in flight: the call finishes, then gunicorn exits 0.
         fake_openai.script(key, Reply(delay=2.0))
@@ -83,7 +110,6 @@ def test_gunicorn_with_its_embedded_head_starts_and_stops_it(tmp_path, fake_open
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from tests.procs import worker_pids
     from tests.test_secrets import ray_token
 
     port, ray_port, dash_port = free_port(), free_port(), free_port()
