@@ -158,6 +158,12 @@ def post_worker_init(worker):
     import signal
     import threading
 
+    import gc
+
+    # What the worker holds now (Flask, Ray's client, the SDKs) lives as long as the worker: out of the
+    # cyclic collector's passes, which otherwise walk it every time a request makes many containers
+    # (1 MiB of JSON lists: 0.25 s of CPU, 0.03 s frozen)
+    gc.freeze()
     gateway = worker.wsgi.extensions["gateway"]
     # A Ray driver cannot reconnect to a restarted cluster in-process: when the lost cluster
     # answers again, this worker stops gracefully and the master starts a fresh one, whose

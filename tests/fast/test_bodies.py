@@ -311,3 +311,162 @@ def test_escape_non_ascii_keeps_the_same_json_in_ascii():
     assert text.isascii()
     assert json.loads(text) == {"output": "你好 😀 é"}
     assert b"\\ud83d\\ude00" in text  # outside the BMP: a surrogate pair, as JSON writes it
+
+
+# -- hostile bodies within the size limit: caps answer 413/400, never a 500 (issue 26.1) --------------
+# What each costs in CPU is measured by ``python -m bench.bodies``, not asserted here.
+MIB = 1 << 20  # the default GATEWAY_MAX_BODY_BYTES: the reviewer's hostile bodies were all within it
+
+
+def too_large(call, *args) -> GatewayError:
+    with pytest.raises(GatewayError) as info:
+        call(*args)
+    assert info.value.type == "payload_too_large" and info.value.status == 413
+    return info.value
+
+
+def test_repeated_form_fields_are_collected_in_order():
+    data = read(b"stop=a&content=x&stop=b&stop=c&fallbacks=f&fallbacks=g&stop=d", FORM, True).data
+    assert data == {"stop": ["a", "b", "c", "d"], "content": "x", "fallbacks": ["f", "g"]}
+
+
+def test_a_form_of_as_many_fields_as_the_cap_is_read():
+    cap = bodies.MAX_FORM_FIELDS
+    assert read(b"&".join([b"stop=x"] * cap), FORM, True).data == {"stop": ["x"] * cap}
+
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(b"&".join([b"a=1"] * (bodies.MAX_FORM_FIELDS + 1)), id="cap+1"),
+    pytest.param((b"a=1&" * (MIB // 4))[:MIB], id="1MiB-of-a=1"),  # 262 144 fields: 48.7 s of CPU before
+    pytest.param(b"&" * (MIB - 1), id="1MiB-of-&"),                 # empty fields count too
+])
+def test_a_form_with_more_fields_than_the_cap_is_a_413_that_says_send_json(raw):
+    err = too_large(read, raw, FORM, True)
+    assert f"more than {bodies.MAX_FORM_FIELDS} fields" in err.info.message
+    assert "application/json" in err.info.message
+
+
+def test_the_field_cap_holds_for_a_form_in_any_charset():
+    err = too_large(read, "&".join(["stop=你"] * (bodies.MAX_FORM_FIELDS + 1)).encode("gbk"), FORM + "; charset=gbk", True)
+    assert f"more than {bodies.MAX_FORM_FIELDS} fields" in err.info.message
+
+
+@pytest.mark.parametrize("escaped", [
+    quote(' \r\n\t{"chat_name":"a"}'),                    # blanks before the object, escaped
+    quote_plus(' {"chat_name":"a"}'),                      # ... or as "+"
+    quote(codecs.BOM_UTF8 + b'{"chat_name":"a"}'),         # an escaped byte order mark
+    codecs.BOM_UTF8.decode() + quote('{"chat_name":"a"}'),  # a raw one before the escapes
+    "%7b%22chat_name%22%3a%22a%22%7d",                     # lower-case escapes
+])
+def test_escaped_json_sent_as_a_form_is_still_told_from_a_form(escaped):
+    assert read(escaped.encode(), FORM, True).data == {"chat_name": "a"}
+
+
+@pytest.mark.parametrize("raw, data", [
+    (b"%41" * (MIB // 3), {}),                      # 1 MiB of escapes, one lone name: a blank field
+    (b"%20" * 1000 + b"x", {}),
+    (b"content=" + b"%E4%BD%A0" * 1000, {"content": "你" * 1000}),
+])
+def test_long_escaped_forms_that_are_not_json(raw, data):
+    assert read(raw, FORM, True).data == data
+
+
+def multipart_raw(*parts: bytes, boundary: bytes = b"b1", end: bytes = b"--b1--\r\n") -> tuple[bytes, str]:
+    """A multipart body of raw parts (headers, blank line, payload), each after its delimiter line."""
+    return (b"".join(b"--" + boundary + b"\r\n" + part + b"\r\n" for part in parts) + end,
+            f"multipart/form-data; boundary={boundary.decode()}")
+
+
+def test_a_multipart_body_with_20000_nested_parentheses_in_a_part_header_is_read_not_a_500():
+    # email's header parser recursed once per "(" (a comment in a comment ...): RecursionError, a 500
+    raw, ctype = multipart_raw(b'Content-Disposition: form-data; name="chat_name" ' + b"(" * 20000 + b"\r\n\r\na",
+                               b"Content-Type: text/plain; charset=utf-8 " + b"(" * 20000 +
+                               b'\r\nContent-Disposition: form-data; name="content"\r\n\r\nhi')
+    assert read(raw, ctype, True).data == {"chat_name": "a", "content": "hi"}
+
+
+def test_nested_parentheses_in_the_requests_own_content_type_are_read_not_a_500():
+    raw, _ = multipart_raw(b'Content-Disposition: form-data; name="chat_name"\r\n\r\na')
+    ctype = "multipart/form-data; boundary=b1 " + "(" * 8000  # a header line gunicorn lets through (8190 bytes)
+    assert read(raw, ctype, True).data == {"chat_name": "a"}
+
+
+def test_a_multipart_part_with_80000_header_parameters_is_a_413():
+    params = b"".join(b"; a%d=1" % i for i in range(80000))  # 12 s of CPU before
+    raw, ctype = multipart_raw(b'Content-Disposition: form-data; name="chat_name"' + params + b"\r\n\r\na")
+    assert len(raw) < MIB
+    err = too_large(read, raw, ctype, True)
+    assert f"{bodies.MAX_PART_HEADER_BYTES} bytes" in err.info.message
+    assert "application/json" in err.info.message
+
+
+def test_the_part_header_cap_counts_all_parts_together():
+    header = b'Content-Disposition: form-data; name="stop"; filename="' + b"x" * 900 + b'"'  # a long file name
+    parts = bodies.MAX_PART_HEADER_BYTES // len(header)  # as many as fit, and one more
+    raw, ctype = multipart_raw(*[header + b"\r\n\r\nx"] * parts)
+    assert read(raw, ctype, True).data == {"stop": ["x"] * parts}
+    raw, ctype = multipart_raw(*[header + b"\r\n\r\nx"] * (parts + 1))
+    assert f"{bodies.MAX_PART_HEADER_BYTES} bytes together" in too_large(read, raw, ctype, True).info.message
+
+
+def test_a_multipart_part_whose_headers_never_end_is_a_413():
+    raw, ctype = multipart_raw(b'Content-Disposition: form-data; name="a"' + b"; x=1" * (MIB // 6))
+    too_large(read, raw, ctype, True)
+
+
+def test_a_multipart_body_of_as_many_parts_as_the_cap_is_read():
+    cap = bodies.MAX_FORM_FIELDS
+    raw, ctype = multipart_raw(*[b'Content-Disposition: form-data; name="fallbacks"\r\n\r\nb'] * cap)
+    assert read(raw, ctype, True).data == {"fallbacks": ["b"] * cap}
+
+
+@pytest.mark.parametrize("parts", [bodies.MAX_FORM_FIELDS + 1, MIB // 60])  # 1 MiB of small parts: 17 000 of them
+def test_a_multipart_body_with_more_parts_than_the_cap_is_a_413(parts):
+    raw, ctype = multipart_raw(*[b'Content-Disposition: form-data; name="a"\r\n\r\n1'] * parts)
+    assert len(raw) <= MIB
+    err = too_large(read, raw, ctype, True)
+    assert f"more than {bodies.MAX_FORM_FIELDS} fields" in err.info.message
+
+
+@pytest.mark.parametrize("raw, data", [
+    # bare LF line breaks (old PHP and Perl clients), a preamble and an epilogue
+    (b'preamble\n--b1\nContent-Disposition: form-data; name="chat_name"\n\na\n--b1\n'
+     b'Content-Disposition: form-data; name="content"\n\nline 1\nline 2\n--b1--\nepilogue', 
+     {"chat_name": "a", "content": "line 1\nline 2"}),
+    # a folded header, blanks after a delimiter, a part without a name (skipped), a payload with CRLFs
+    (b'--b1  \r\nContent-Disposition: form-data;\r\n\tname="content"\r\n\r\na\r\n\r\nb\r\n'
+     b'--b1\r\nContent-Disposition: form-data\r\n\r\nnameless\r\n--b1--', {"content": "a\r\n\r\nb"}),
+    # Content-Transfer-Encoding, as old MIME libraries send it
+    (b'--b1\r\nContent-Disposition: form-data; name="content"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+     + codecs.encode("你好".encode(), "base64") + b'\r\n--b1\r\nContent-Disposition: form-data; name="stop"\r\n'
+     b'Content-Transfer-Encoding: quoted-printable\r\n\r\na=3Db\r\n--b1--\r\n', {"content": "你好", "stop": "a=b"}),
+    # the boundary inside a payload but not at a line's start, a name with an escaped quote, an empty form
+    (b'--b1\r\nContent-Disposition: form-data; name="a\\"b"\r\n\r\nx--b1 y\r\n--b1--\r\n', {'a"b': "x--b1 y"}),
+    (b"--b1--\r\n", {}),
+    # no closing delimiter: read to the end (less a last line break), as before
+    (b'--b1\r\nContent-Disposition: form-data; name="chat_name"\r\n\r\na', {"chat_name": "a"}),
+    (b'--b1\r\nContent-Disposition: form-data; name="chat_name"\r\n\r\na\r\n', {"chat_name": "a"}),
+    (b"--b1\r\n", {}),
+])
+def test_multipart_as_old_clients_write_it(raw, data):
+    assert read(raw, "multipart/form-data; boundary=b1", True).data == data
+
+
+def test_multipart_whose_boundary_is_not_in_the_body_is_refused():
+    raw, _ = multipart_raw(b'Content-Disposition: form-data; name="a"\r\n\r\n1')
+    err = refused(read, raw, "multipart/form-data; boundary=other", True)
+    assert "boundary" in err.info.message
+
+
+def test_a_recursion_error_while_reading_a_body_is_a_400_not_a_500(monkeypatch):
+    def deep(*args):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(bodies, "_multipart", deep)
+    raw, ctype = multipart_raw(b'Content-Disposition: form-data; name="a"\r\n\r\n1')
+    assert "nests too deeply" in refused(read, raw, ctype, True).info.message
+
+
+def test_a_json_list_then_plain_repeats_make_one_list_as_before():
+    raw = f"stop={quote(json.dumps(['a', 'b']))}&stop=c&stop=d".encode()
+    assert read(raw, FORM, True).data == {"stop": ["a", "b", "c", "d"]}
