@@ -108,13 +108,16 @@ def test_a_key_past_its_rate_gets_429(secured):
 
 
 def test_manifests_validate_against_the_kubernetes_schemas():
+    """Every document of every file in deploy/kubernetes (tests/test_deploy_files.py checks the hardening)."""
     import kubernetes_validate
 
-    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "gateway.yaml").read_text()) if d]
-    assert {d["kind"] for d in docs} == {"Deployment", "Service"}
-    for doc in docs:
+    files = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+    docs = {path.name: [d for d in yaml.safe_load_all(path.read_text()) if d] for path in files}
+    assert {d["kind"] for d in docs["gateway.yaml"]} == {"Deployment", "Service"}
+    assert {d["kind"] for d in docs["networkpolicy.yaml"]} == {"NetworkPolicy"}
+    for doc in (d for file_docs in docs.values() for d in file_docs if d["kind"] != "RayCluster"):
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
-    ray_cluster = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "raycluster.yaml").read_text())
+    (ray_cluster,) = docs["raycluster.yaml"]
     assert ray_cluster["apiVersion"] == "ray.io/v1" and ray_cluster["kind"] == "RayCluster"
     spec = ray_cluster["spec"]
     assert spec["rayVersion"] == __import__("ray").__version__  # the cluster runs the gateway's Ray
