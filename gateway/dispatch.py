@@ -540,7 +540,7 @@ class Dispatcher:
 
         ``caller`` (a client key's): endpoints outside its chat_names are skipped as
         ``forbidden`` (what the caller asked for first stays the error it gets), and each
-        endpoint called costs one call of its limits, taken just before the call.
+        endpoint called costs one call of its limits, taken before its seat (given back if none is free).
         """
         primary, chain = self._chain(asked, provider, fallbacks, caller)
         tried: list[dict] = []
@@ -558,7 +558,17 @@ class Dispatcher:
                 tried.append(_tried(name, err))
                 last = last or err
                 continue
+            if skip is None and caller is not None:
+                try:  # (before the seat: a slow limits keeper never holds one)
+                    caller.admit()  # rate_limited (or the keeper's cluster_unavailable) is no endpoint's: the walk stops
+                except GatewayError as err:
+                    if probing:
+                        self._release_probe(endpoint)
+                    tried.append(_tried(name, err))
+                    raise _with_tried(err, tried) from None
             if skip is None and not self._bulkhead.take(name):
+                if caller is not None:
+                    caller.refund()  # (not called after all)
                 skip = GatewayError("endpoint_busy", f"'{name}' already has {self._bulkhead.seats} calls in flight "
                                     f"in this gateway process (its upstream is slow or hanging); try "
                                     f"again shortly, or give it fallbacks", retry_after=1)
@@ -570,8 +580,6 @@ class Dispatcher:
                 continue
             keep = False
             try:
-                if caller is not None:
-                    caller.admit()  # rate_limited is a caller error: the walk stops
                 answer = attempt(endpoint)
                 keep = keep_seat
                 return endpoint, answer, tried

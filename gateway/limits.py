@@ -30,6 +30,16 @@ with only ``tokens_per_minute`` leases time instead: calls for up to ``LEASE_TTL
 its balance lasts, as known at the lease and counting this process's own charges since,
 so other processes' charges are seen within that time.
 
+A slow or stopped keeper costs a key's callers little and the rest nothing: a process asks for
+at most one lease per key at a time, and never while holding an endpoint's seat (the dispatcher
+admits before it takes one). The caller that asks waits up to ``_KEEPER_WAIT_S`` for the answer,
+the key's other callers meanwhile at most ``_WAITER_WAIT_S``; past that, and while the request
+stays unanswered, the key's calls are answered at once with 503 ``cluster_unavailable`` (with
+``Retry-After``; no upstream is called). A keeper that fails the request (rather than being
+slow) is left alone for ``_KEEPER_BACKOFF_S``, its key's calls answered the same way. The
+answer, whenever it comes, is used: a keeper that resumes serves the key again at once.
+Keys without limits, and other keys' leases, never wait for it.
+
 The keeper knows keys only by ``ClientKey.id`` (a hash that leads back to no key), and
 their limits come with each call, so it holds nothing secret and needs no configuration.
 """
@@ -61,8 +71,16 @@ LEASE_TTL_S = 2.0
 #: key and process (with the next lease, or within this time): one actor call per answer would
 #: queue up behind each other under load
 FLUSH_S = 0.5
-#: how long a call waits for the keeper (a restart by Ray takes a few seconds)
-_KEEPER_WAIT_S = 10.0
+#: how long the caller that asks for a lease waits for the keeper (a restart by Ray usually fits);
+#: a request unanswered after this is overdue: its key's callers are answered 503 at once
+_KEEPER_WAIT_S = 3.0
+#: how long the key's other callers wait for a lease request in flight (one per key and process)
+_WAITER_WAIT_S = 1.0
+#: after the keeper failed a lease request, its key's callers are answered 503 at once for this long
+_KEEPER_BACKOFF_S = 2.0
+#: a lease request still unanswered after this is given up (its answer is dropped), and the next
+#: caller asks again: a hung keeper costs one call per key and process this often
+_KEEPER_GIVE_UP_S = 30.0
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -144,14 +162,33 @@ def keeper_actor(namespace: str):
                                resources={HEAD_NODE_RESOURCE: 0.001}).remote()
 
 
+class _Renewal:
+    """One lease request of a key to the keeper, in flight (at most one per key and process)."""
+
+    __slots__ = ("started", "args", "ref", "done", "overdue_logged")
+
+    def __init__(self, started: float, args: tuple) -> None:
+        self.started = started  # monotonic
+        self.args = args  # LimitKeeper.lease's arguments after the key id
+        self.ref = None  # the request's ObjectRef (held until it is answered)
+        self.done = threading.Event()  # set once the lease holds its answer (or its failure)
+        self.overdue_logged = False
+
+
 class _Lease:
-    """What this process holds of one key's bucket."""
+    """What this process holds of one key's bucket.
+
+    ``lock`` guards the fields and is held only for moments: never across a call to the keeper.
+    """
 
     __slots__ = ("lock", "calls", "tokens", "until", "refused_until", "refused_for", "owed_calls", "owed_tokens",
-                 "flushed_at", "flush_due")
+                 "flushed_at", "flush_due", "renewal", "down_until", "down_why")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.renewal: Optional[_Renewal] = None  # the lease request in flight
+        self.down_until = 0.0  # the keeper failed a lease request: answer 503 at once until then (monotonic)
+        self.down_why = ""
         self.calls = 0.0  # left to spend here (inf for a key with no request rate)
         self.tokens: Optional[float] = None  # token balance at the lease, less this process's charges since
         self.until = 0.0  # monotonic end of the lease
@@ -198,38 +235,113 @@ class Limits:
 
     # -- per call --------------------------------------------------------------------------
     def admit(self, key: ClientKey) -> None:
-        """Spend one call of ``key``'s limits, or raise ``rate_limited`` (with ``Retry-After``)."""
+        """Spend one call of ``key``'s limits, or raise ``rate_limited`` (with ``Retry-After``).
+
+        When the lease is spent, one caller asks the keeper (``_KEEPER_WAIT_S`` at most) while the
+        key's others wait for that answer (``_WAITER_WAIT_S`` at most); a keeper that does not answer
+        in time, or failed, is ``cluster_unavailable`` (503, ``Retry-After``), answered at once
+        until it answers (see the module docstring).
+        """
         if not key.limited:
             return
         lease = self._lease(key)
-        with lease.lock:
-            now = time.monotonic()
-            if now < lease.refused_until:
-                raise _refusal(key, lease.refused_for, lease.refused_until - now)
-            if not (now < lease.until and lease.calls >= 1 and (lease.tokens is None or lease.tokens > 0)):
-                self._renew(key, lease, now)
-            lease.calls -= 1
+        while True:
+            ask = False
+            with lease.lock:
+                now = time.monotonic()
+                if now < lease.refused_until:
+                    raise _refusal(key, lease.refused_for, lease.refused_until - now)
+                if now < lease.until and lease.calls >= 1 and (lease.tokens is None or lease.tokens > 0):
+                    lease.calls -= 1
+                    return
+                renewal = lease.renewal
+                if renewal is not None and now - renewal.started >= _KEEPER_GIVE_UP_S:
+                    log.warning("the client-key limits keeper has not answered %s's lease request for %.0fs; asking again",
+                                key.name, now - renewal.started)
+                    lease.renewal = renewal = None  # (its answer, should it come, is dropped)
+                if renewal is None:
+                    if now < lease.down_until:
+                        raise _keeper_down(key, lease.down_why, lease.down_until - now)
+                    renewal, ask, wait = self._begin(key, lease, now), True, _KEEPER_WAIT_S
+                else:  # (one in flight: wait for its answer, never past its own time)
+                    wait = min(_WAITER_WAIT_S, renewal.started + _KEEPER_WAIT_S - now)
+            if ask:
+                self._ask(key, lease, renewal)
+            if wait <= 0 or not renewal.done.wait(wait):
+                unanswered = time.monotonic() - renewal.started
+                if unanswered >= _KEEPER_WAIT_S and not renewal.overdue_logged:
+                    renewal.overdue_logged = True
+                    log.warning("the client-key limits keeper did not answer %s's lease request within %gs; the key's "
+                                "calls are answered 503 until it does", key.name, _KEEPER_WAIT_S)
+                raise _keeper_down(key, f"has not answered for {unanswered:.1f}s", _KEEPER_BACKOFF_S)
+            # the answer is in (a lease, a refusal or a failure): look again
 
-    def _renew(self, key: ClientKey, lease: _Lease, now: float) -> None:
-        """Return what the lease left and what this process owes, and take a new lease (or a refusal)."""
+    def refund(self, key: ClientKey) -> None:
+        """Give back a call ``admit`` spent on an endpoint that was then not called (it was busy)."""
+        if key.rate_per_minute is None:
+            return  # (nothing was spent: a key with only tokens_per_minute is charged after the answer)
+        lease = self._lease(key)
+        with lease.lock:
+            lease.calls += 1  # (returned to the keeper with the next lease request, if not spent here first)
+
+    def _begin(self, key: ClientKey, lease: _Lease, now: float) -> _Renewal:
+        """A lease request (under the lease's lock): what the lease left and what this process owes go with it."""
         rpm, tpm = key.rate_per_minute, key.tokens_per_minute
         calls_back = (lease.calls if (rpm is not None and lease.calls > 0) else 0.0) - lease.owed_calls
         tokens_used = lease.owed_tokens
         lease.calls, lease.until, lease.owed_calls, lease.owed_tokens, lease.flushed_at = 0.0, 0.0, 0.0, 0.0, now
         want = self.lease_size or (max(1, int(rpm * LEASE_S / 60.0)) if rpm is not None else 1)
+        lease.renewal = _Renewal(now, (rpm, tpm, want, calls_back, tokens_used))
+        return lease.renewal
+
+    def _ask(self, key: ClientKey, lease: _Lease, renewal: _Renewal) -> None:
+        """Send the lease request (outside the lease's lock); its answer lands in ``_answered``."""
         try:
             self.cluster.ensure_up()
-            granted, balance, wait, why = ray.get(self.keeper().lease.remote(key.id, rpm, tpm, want, calls_back, tokens_used),
-                                                  timeout=_KEEPER_WAIT_S)
-        except (RayError, TimeoutError) as exc:
-            log.warning("the client-key limits keeper did not answer (%s); refusing %s's call", type(exc).__name__, key.name)
-            raise GatewayError("cluster_unavailable", "the cluster's client-key limits did not answer", retry_after=2) from None
-        if not granted:
-            lease.refused_until, lease.refused_for = now + wait, why
-            raise _refusal(key, why, wait)
-        lease.calls = float(granted) if rpm is not None else math.inf
-        lease.tokens = balance
-        lease.until = now + LEASE_TTL_S
+            renewal.ref = self.keeper().lease.remote(key.id, *renewal.args)
+            future = renewal.ref.future()
+        except GatewayError:  # the cluster is lost (answered at once): no backoff, the next caller asks it again
+            with lease.lock:
+                if lease.renewal is renewal:
+                    lease.renewal = None
+            renewal.done.set()
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever Ray raised, the keeper cannot be asked now
+            self._answered(key, lease, renewal, None, exc)
+            return
+        future.add_done_callback(lambda done: self._answered(key, lease, renewal, done, None))
+
+    def _answered(self, key: ClientKey, lease: _Lease, renewal: _Renewal, future, error: Optional[BaseException]) -> None:
+        """The keeper's answer (or failure) to ``renewal``, into the lease; wakes whoever waits for it.
+
+        Runs in the thread that completes the request's future (Ray's); holds the lock for a moment only.
+        """
+        try:
+            if error is None:
+                error = future.exception()
+            with lease.lock:
+                now = time.monotonic()
+                current = lease.renewal is renewal  # (else it was given up: a later request owns the lease)
+                if current:
+                    lease.renewal = None
+                    if error is not None:
+                        lease.down_until, lease.down_why = now + _KEEPER_BACKOFF_S, f"failed ({type(error).__name__})"
+                    else:
+                        granted, balance, wait, why = future.result()
+                        if not granted:
+                            lease.refused_until, lease.refused_for = now + wait, why
+                        else:  # (plus calls given back since the request: refund)
+                            lease.calls = lease.calls + granted if key.rate_per_minute is not None else math.inf
+                            lease.tokens = balance
+                            lease.until = now + LEASE_TTL_S
+        finally:
+            renewal.ref = None
+            renewal.done.set()  # (whatever happened: nobody waits on it past this)
+        if current and error is not None:
+            log.warning("the client-key limits keeper failed %s's lease request (%s); the key's calls are answered 503 "
+                        "for %gs", key.name, type(error).__name__, _KEEPER_BACKOFF_S)
+        elif current and renewal.overdue_logged:
+            log.warning("the client-key limits keeper answered %s's lease request after %.1fs", key.name, now - renewal.started)
 
     def settle(self, key: ClientKey, attempts: int, total_tokens: int) -> None:
         """After an upstream call: charge the replica's retries and the tokens the answer used.
@@ -275,6 +387,12 @@ class Limits:
         lease.owed_calls, lease.owed_tokens, lease.flushed_at = 0.0, 0.0, time.monotonic()
 
 
+def _keeper_down(key: ClientKey, what: str, retry_after: float) -> GatewayError:
+    return GatewayError("cluster_unavailable", f"the cluster's client-key limits keeper {what}, so {key.name}'s call "
+                        f"was not made (no upstream was called); try again in {whole_seconds(retry_after)}s",
+                        retry_after=max(1.0, retry_after))
+
+
 def _refusal(key: ClientKey, why: str, wait: float) -> GatewayError:
     if why == "tokens":
         what = f"its {key.tokens_per_minute:g} tokens a minute"
@@ -300,8 +418,13 @@ class Caller:
         return self.key.allows(chat_name)
 
     def admit(self) -> None:
-        """Just before an endpoint is called: one call of the key's limits, or ``rate_limited``."""
+        """Before an endpoint is called (before its seat is taken): one call of the key's limits, or
+        ``rate_limited``, or ``cluster_unavailable`` when the keeper does not answer in time."""
         self._limits.admit(self.key)
+
+    def refund(self) -> None:
+        """The call ``admit`` took was not made after all (the endpoint was busy): give it back."""
+        self._limits.refund(self.key)
 
     def settle(self, attempts: int, total_tokens: int) -> None:
         """After it answered (or failed after retries): the retries and the tokens."""

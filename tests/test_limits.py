@@ -6,8 +6,12 @@ the cluster for the whole session.
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor, wait
+from types import SimpleNamespace
 
 import pytest
 import ray
@@ -29,6 +33,7 @@ KEYS = {  # key -> (name, limits)
     "lim-tokens-0007": ("tokens", {"tokens_per_minute": 30}),
     "lim-stream-tokens-0008": ("stream-tokens", {"tokens_per_minute": 10}),
     "lim-keeper-restart-0009": ("keeper-restart", {"rate_per_minute": 1}),
+    "lim-stopped-keeper-0012": ("stopped-keeper", {"rate_per_minute": 600}),
 }
 BARE = "lim-no-limits-0010"
 
@@ -177,6 +182,76 @@ def test_a_fallback_outside_the_keys_chat_names_is_never_called(limited, fake_op
     # A key without limits is not charged anything, and reaches the fallback as before.
     fake_openai.script(key_a, *[openai_error(500, "boom", "server_error", None)] * 2)
     assert chat(client, BARE, primary).get_json()["served_by"] == fallback
+
+
+def test_a_stopped_keeper_answers_the_keys_callers_at_once_and_spares_the_endpoint(limited, fake_openai):
+    """The keeper's process stopped (SIGSTOP): 30 concurrent calls of a limited key are answered 503
+    cluster_unavailable at once (one lease request in flight, no upstream called), while calls without
+    limits to the same endpoint are served; once it resumes, the key is served again."""
+    settings, client, _, fallback, _, key_b = limited
+    key = key_by_name("stopped-keeper")  # 600 a minute: a lease is 10 calls
+    assert chat(client, key, fallback).status_code == 200  # (the keeper is up: made if this test runs alone)
+    app = create_app(settings)  # a fresh process: no lease of the key, and default seats (24)
+    fresh = app.test_client()
+    assert chat(fresh, BARE, fallback).status_code == 200  # (the endpoint's handle is made before the clock runs)
+    keeper = ray.get_actor(KEEPER_NAME, namespace=settings.ray_namespace)
+    pid = ray.get(keeper.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    leases: list[float] = []  # each lease request this process sends to the keeper
+
+    def lease_remote(*args, **kwargs):
+        leases.append(time.monotonic())
+        return keeper.lease.remote(*args, **kwargs)
+
+    app.extensions["gateway"].limits._keeper = SimpleNamespace(lease=SimpleNamespace(remote=lease_remote), charge=keeper.charge)
+
+    def timed(k: str):
+        started = time.monotonic()
+        r = chat(fresh, k, fallback)
+        return r, time.monotonic() - started
+
+    upstream_before = len(fake_openai.requests_for(key_b))
+    pool = ThreadPoolExecutor(34)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        limited_calls = [pool.submit(timed, key) for _ in range(30)]
+        bare_calls = [pool.submit(timed, BARE) for _ in range(4)]
+        _, unanswered = wait(limited_calls + bare_calls, timeout=20)
+        answered = [f.result() for f in limited_calls if f.done()]
+        print(f"\nkeeper stopped: {len(answered)}/30 limited calls answered within 20 s; lease requests sent: {len(leases)}; "
+              f"latencies (s): {sorted(round(t, 2) for _, t in answered)}; statuses: "
+              f"{sorted({(r.status_code, r.get_json()['error']['type'] if r.status_code != 200 else 'ok') for r, _ in answered})}")
+        bare = [f.result() for f in bare_calls if f.done()]
+        print(f"calls without limits: {[(r.status_code, round(t, 2)) for r, t in bare]}")
+        assert not unanswered, f"{len(unanswered)} calls still unanswered after 20 s"
+        assert len(leases) <= 2, f"{len(leases)} lease requests to the stopped keeper (one in flight per key expected)"
+        for r, took in answered:
+            assert r.status_code == 503, r.get_json()
+            err = r.get_json()["error"]
+            assert err["type"] == "cluster_unavailable" and "limits keeper" in err["message"], err
+            assert "stopped-keeper" in err["message"] and "no upstream was called" in err["message"], err
+            assert key not in r.get_data(as_text=True) and int(r.headers["Retry-After"]) >= 1
+            assert took < 6, f"a call of the key waited {took:.1f}s for the stopped keeper"
+        assert [r.status_code for r, _ in bare] == [200] * 4, [r.get_json() for r, _ in bare]
+        assert len(fake_openai.requests_for(key_b)) == upstream_before + 4  # the limited calls reached no upstream
+        # After the burst, the key's calls are answered at once (the request in flight is overdue): no new request.
+        r, took = timed(key)
+        print(f"a call {time.monotonic() - stopped:.1f}s after the stop: {r.status_code} in {took:.2f}s")
+        assert r.status_code == 503 and r.get_json()["error"]["type"] == "cluster_unavailable"
+        assert len(leases) <= 2
+    finally:
+        os.kill(pid, signal.SIGCONT)  # (always: a stopped keeper would break every later test of the session)
+        pool.shutdown(wait=True)
+    # The keeper answers the request it had pending: the key is served again, without a new wait.
+    codes = []
+    for _ in range(40):
+        codes.append(chat(fresh, key, fallback).status_code)
+        if codes[-1] == 200:
+            break
+        time.sleep(0.25)
+    print(f"after SIGCONT: {codes}; lease requests in all: {len(leases)}")
+    assert codes[-1] == 200 and set(codes) <= {200, 503}, codes
+    assert len(leases) <= 3
 
 
 def test_a_restarted_keeper_keeps_the_buckets(limited):
