@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -73,31 +74,35 @@ class Gateway:
                 self._start_once()
         self.startup_problem = None
         self.started.set()
-        log.info("started: connected to the Ray cluster at %s%s", self.cluster.address,
+        log.info("started (pid %d): connected to the Ray cluster at %s%s", os.getpid(), self.cluster.address,
                  f"; endpoints file {self.settings.endpoints_file} applied" if self.settings.endpoints_file else "")
 
     def _start_once(self) -> None:
-        import ray
-
         from .apply import apply_in_process
         from .errors import GatewayError
+        from .registry import APPLY_LEASE, Lease
 
         self.cluster.ensure_up()  # connect (fails at once while a lost cluster is away)
         self.endpoints.list()  # settles deploys whose watcher died with an earlier process
         path = self.settings.endpoints_file
         if not path:
             return
-        registry = self.cluster.registry()
-        if not ray.get(registry.claim_apply.remote(900), timeout=30):
-            raise _ApplyBusy(f"another gateway process is applying {path}; waiting for it")
+        # One process applies the file at a time, under a lease it renews while it applies: when it
+        # dies mid-apply (kill -9, OOM), the lease is free again within LEASE_TTL_S.
+        lease = Lease(self.cluster.registry(), APPLY_LEASE)
+        holder = lease.claim()
+        if holder is not None:
+            raise _ApplyBusy(f"another gateway process (pid {holder['pid']} on {holder['host']}) is applying {path}; "
+                             f"waiting for it")
+        log = logging.getLogger("gateway.apply")
+        log.info("applying the endpoints file %s (pid %d holds the apply lease)", path, os.getpid())
         try:
             reports = apply_in_process(self, path)
         finally:
-            ray.get(registry.release_apply.remote(), timeout=30)
+            lease.release()
         unreachable = [r["chat_name"] for r in reports if r.get("error") == "cluster_unavailable"]
         if unreachable:  # not applied: the cluster went away under it
             raise GatewayError("cluster_unavailable", f"{path}: the cluster did not answer for {', '.join(unreachable)}")
-        log = logging.getLogger("gateway.apply")
         for report in reports:
             (log.error if report["status"] == "error" else log.info)("endpoints file %s: %s", path, json.dumps(report))
 

@@ -8,6 +8,7 @@ turns every way of failing to reach the cluster into ``cluster_unavailable``.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import platform
@@ -267,6 +268,29 @@ def ray_on_loopback() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+#: The most a gateway process takes in one gRPC message from a replica: gRPC's own maximum (2 GiB - 1).
+#: Serve's router makes its channel to each replica with ``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH``
+#: as its receive limit, 4 MiB by default: an answer the provider billed that is larger (a long output,
+#: images in base64) failed as 413. The replica is the gateway's own code and already holds the whole
+#: answer, so a smaller limit here protects nothing. (The replicas' own limit, on what the gateway sends
+#: them, is set per endpoint: ``providers.base``, 4 x GATEWAY_MAX_BODY_BYTES, at least 4 MiB.)
+ANSWER_GRPC_LIMIT = (2 << 30) - 1
+
+
+def take_answers_of_any_size() -> None:
+    """Let this process's Serve routers receive answers up to ``ANSWER_GRPC_LIMIT`` from replicas over gRPC.
+
+    Serve reads the setting once, at import (the gunicorn master imported it before forking), and its
+    router reads its module's copy when it opens a channel to a replica: both are set. Not in this
+    process's environment: that would reach the Ray head's (and so the replicas') too. Idempotent.
+    """
+    import ray.serve._private.constants as constants
+    import ray.serve._private.request_router.replica_wrapper as replica_wrapper
+
+    for module in (constants, replica_wrapper):
+        module.RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH = ANSWER_GRPC_LIMIT
+
+
 #: Ray's lines that tell a gateway process's operator of no fault, each dropped at its own logger by its
 #: own first words (everything else those loggers say still shows):
 #: - the driver connects from the startup thread, and gunicorn, not Ray, handles SIGTERM;
@@ -321,6 +345,9 @@ class Cluster:
         self.on_recovered: Optional[Callable[[], None]] = None
         self._watching = False  # the watchdog runs (see ``_watch``)
         self._probing = threading.Lock()  # one liveness look at a time (see ``node_gone``)
+        #: what ``readiness`` answers, shared by this process's callers
+        self._ready = SharedAnswer(self._look_ready, "Serve's controller or the endpoint registry",
+                                   fresh_s=_READY_FRESH_S, wait_s=_READY_WAIT_S)
 
     def ensure_up(self) -> None:
         """Connect if needed; fail at once, without touching Ray, when the cluster is gone."""
@@ -459,6 +486,7 @@ class Cluster:
                 raise GatewayError("cluster_unavailable", f"the Ray cluster at {address} is not reachable: start it (or set RAY_ADDRESS to "
                                    f"a running head), then try again", retry_after=2)
             quiet_ray_noise()
+            take_answers_of_any_size()
             try:
                 if not ray.is_initialized():
                     ship = self.settings.ship_code if self.settings.ship_code is not None else True
@@ -484,17 +512,35 @@ class Cluster:
 
     def readiness(self) -> tuple[bool, dict]:
         """What ``/readyz`` reports: cluster reachable, Serve up, versions equal; when not ready,
-        ``reason`` (``cluster_unavailable``, ``version_mismatch``) and ``problem`` (in words)."""
-        local = {"ray": _ray_version(), "python": platform.python_version()}
+        ``reason`` (``cluster_unavailable``, ``version_mismatch``) and ``problem`` (in words).
+
+        One look a second at most for the whole process, shared by every caller (``SharedAnswer``):
+        a burst of probes never piles threads up on a cluster that does not answer, and each
+        caller is answered within ``_READY_WAIT_S`` (a look that takes longer: not ready). A process
+        not connected yet connects first, in the caller's thread, as every other route does (served
+        processes answer "starting" until they are connected, without asking this); a lost cluster
+        is not ready at once, whatever was seen a moment ago.
+        """
+        try:
+            if not self.connected or self.lost:
+                self.ensure_up()
+            ok, report = self._ready.get()
+        except GatewayError as err:  # (no connection, or no answer in time)
+            return False, {"ray_address": self.address, "gateway": _local_versions(),
+                           "reason": "cluster_unavailable", "problem": err.info.message}
+        return ok, copy.deepcopy(report)  # (callers change their copy: /readyz pops ``problem``)
+
+    def _look_ready(self) -> tuple[bool, dict]:
+        """One look for ``readiness``; each call to the cluster within ``_CALL_TIMEOUT_S``."""
+        local = _local_versions()
         report: dict = {"ray_address": self.address, "gateway": local}
         try:
             import ray
-            from ray import serve
 
             self.ensure_up()
-            cluster = ray.get(self.registry().versions.remote(), timeout=5)
+            cluster = ray.get(self.registry().versions.remote(), timeout=_CALL_TIMEOUT_S)
             report["cluster"] = cluster
-            serve.status()
+            serve_answers(_CALL_TIMEOUT_S)
             report["serve"] = "running"
         except GatewayError as err:
             report.update(reason="cluster_unavailable", problem=err.info.message)
@@ -535,6 +581,117 @@ def _bounded(fn: Callable, timeout: float):
     thread.start()
     thread.join(timeout)
     return box[0] if box else None
+
+
+#: ``Cluster.readiness``: one look is reused this long, and a caller waits at most this long for one
+_READY_FRESH_S = 1.0
+_READY_WAIT_S = 1.5
+
+
+class _Look:
+    """One look of a ``SharedAnswer``: when it began, whether it ended, and its value or error."""
+
+    __slots__ = ("started", "ended", "done", "value", "error")
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.ended = 0.0
+        self.done = threading.Event()
+        self.value = None
+        self.error = None  # an ErrorInfo
+
+
+class SharedAnswer:
+    """One answer of the cluster shared by every thread of this process (readiness, the model list).
+
+    A burst of callers costs the cluster one call per ``fresh_s`` and never piles threads up on
+    it. ``get()`` answers the last look while it is younger than ``fresh_s``; after that the
+    first caller starts one new look, in a thread of its own, and every caller waits for it, at
+    most until ``wait_s`` after it began. A look that takes longer answers 503
+    ``cluster_unavailable`` with Retry-After to the callers waiting (at once to those after them)
+    and is kept when it ends. And once a look took longer than ``wait_s`` (the cluster is stuck or
+    overloaded), callers do not wait for the next one: they get that slow look's answer at once
+    (for ``stale_s`` after it ended) while the next one runs. There is never more than one look at
+    a time, however long one hangs (its own calls to the cluster have timeouts: it ends). A look
+    that raises answers its error (as a ``GatewayError``), like a value. ``forget()``: the next
+    caller looks again.
+    """
+
+    def __init__(self, look: Callable[[], object], what: str, fresh_s: float, wait_s: float,
+                 stale_s: float = 10.0) -> None:
+        self._look, self.what, self.fresh_s, self.wait_s, self.stale_s = look, what, fresh_s, wait_s, stale_s
+        self._lock = threading.Lock()
+        self._answer: Optional[_Look] = None
+        self._pending: Optional[_Look] = None
+
+    def get(self):
+        with self._lock:
+            last, now = self._answer, time.monotonic()
+            if last is not None and now - last.ended < self.fresh_s:
+                look = last
+            else:
+                look = self._pending
+                if look is None:
+                    look = self._pending = _Look()
+                    threading.Thread(target=self._run, args=(look,), name="shared-answer", daemon=True).start()
+                if last is not None and last.ended - last.started >= self.wait_s and now - last.ended < self.stale_s:
+                    look = last  # (the cluster was slow to answer the last look: no caller waits on the next)
+        if not look.done.wait(max(0.0, look.started + self.wait_s - time.monotonic())):
+            raise GatewayError("cluster_unavailable", f"the Ray cluster did not answer within {self.wait_s:g}s "
+                               f"({self.what} is stuck or overloaded); try again shortly", retry_after=2)
+        if look.error is not None:
+            raise GatewayError.from_info(look.error)
+        return look.value
+
+    def forget(self) -> None:
+        """What the cluster answered is out of date (this process changed it): the next ``get`` looks again."""
+        with self._lock:
+            self._answer = self._pending = None
+
+    def _run(self, look: _Look) -> None:
+        try:
+            look.value = self._look()
+        except GatewayError as err:
+            look.error = err.info
+        except Exception as exc:  # noqa: BLE001 - any failure of the cluster's is "did not answer"
+            look.error = GatewayError("cluster_unavailable", f"the Ray cluster did not answer ({type(exc).__name__}); "
+                                      f"try again shortly", retry_after=2).info
+        look.ended = time.monotonic()
+        with self._lock:
+            if self._pending is look:  # (a look begun before a ``forget`` answers its own waiters only)
+                self._answer, self._pending = look, None
+        look.done.set()
+
+
+def serve_answers(timeout: float) -> None:
+    """Does Serve's controller answer within ``timeout``? (raises when not: ``GetTimeoutError``, ``RayActorError``)
+
+    ``serve.status()`` would ask for every application's details and wait for them forever.
+    """
+    import ray
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        raise GatewayError("cluster_unavailable", "Serve's controller is not running in the Ray cluster", retry_after=2)
+    ray.get(client._controller.check_alive.remote(), timeout=timeout)
+
+
+def serve_status(timeout: float):
+    """``serve.status()`` within ``timeout`` (``GetTimeoutError`` when Serve's controller does not answer)."""
+    import ray
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails, ServeStatus
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:  # (Serve is not started: as ``serve.status()``)
+        return ServeStatus()
+    details = ray.get(client._controller.get_serve_instance_details.remote(), timeout=timeout)
+    return ServeInstanceDetails(**details)._get_status()
+
+
+def _local_versions() -> dict:
+    return {"ray": _ray_version(), "python": platform.python_version()}
 
 
 def _no_live_node(address: str) -> bool:

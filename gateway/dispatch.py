@@ -6,9 +6,10 @@ Every chat route goes through ``Dispatcher.chat`` (or ``Dispatcher.stream``):
    registry does not answer, what this process knew of the endpoint is used);
 2. skip it while it cools down (shared state in the registry; one caller probes after);
 3. take one of the endpoint's seats in this process (the bulkhead, below), or move on;
-4. call a replica through its Serve handle; a replica that dies mid-call, a full queue
-   or a replica being replaced is retried on another replica; a lost cluster answers
-   ``cluster_unavailable`` at once;
+4. call a replica through its Serve handle; a call no replica started (a full queue; Serve's
+   router itself sends a call a dead or stopping replica refused to another one) is retried,
+   a call a replica started and then lost is not (the provider may have billed it: see
+   ``_never_started``); a lost cluster answers ``cluster_unavailable`` at once;
 5. on an upstream failure (after the replica's own retries) try the fallbacks in order.
 
 With client keys, the route passes the request's ``Caller`` (``gateway.limits``): an
@@ -64,12 +65,12 @@ UPSTREAM_FAILURES = frozenset(name for name, kind in TYPES.items() if kind.coold
 IMMEDIATE_COOLDOWN = frozenset(name for name, kind in TYPES.items() if kind.cooldown == "at_once")
 log = logging.getLogger("gateway.dispatch")
 
-#: Ray-side failures retried on another replica
+#: Ray-side failures of an endpoint's call: a replica that died or was cut off, a full queue
 _REPLICA_GONE = (RayActorError, BackPressureError, RayServeException)
 #: what a replica's gRPC server answers that Serve does not turn into a Ray error (it turns only
-#: UNAVAILABLE into ActorUnavailableError); these codes are retried on another replica too
+#: UNAVAILABLE into ActorUnavailableError)
 _GRPC_ERROR = grpc.aio.AioRpcError
-_GRPC_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+#: attempts of a call that no replica started (``_never_started``)
 _RAY_ATTEMPTS = 3
 #: a waiting call looks at the cluster's health this often (each look costs the worker CPU:
 #: 1 000 calls in flight at 0.5 s were 2 000 wake-ups a second)
@@ -265,8 +266,24 @@ def _deadline(endpoint: Endpoint) -> float:
     return float(endpoint.record.get("timeout", 60)) + 5.0
 
 
-def _retried(exc: BaseException) -> bool:
-    return not isinstance(exc, _GRPC_ERROR) or exc.code() in _GRPC_RETRIED
+def _never_started(exc: BaseException) -> bool:
+    """Did the call fail before any replica started it? Only then does the gateway send it again:
+    a replica that started it may have asked the provider already, which bills the answer even
+    when the replica dies before passing it on; sent again, it would be billed twice.
+
+    How that is known: Serve's router (Ray 2.60, ``Router._route_and_send_request_once``) sends
+    every call "with rejection" (strict ``max_ongoing_requests``, on outside Ray Client), and a
+    replica answers that system message (gRPC initial metadata ``accepted``, or the first item of
+    the actor-call stream) just before it runs the gateway's code, which then asks the provider.
+    Every failure before that answer (the replica dead, cut off or stopping: ActorDiedError,
+    ActorUnavailableError, gRPC UNAVAILABLE or CANCELLED without ``accepted``) the router retries
+    on another replica by itself, and such a failure never reaches the gateway. So a RayActorError,
+    a gRPC status or a RayServeException the gateway sees came after a replica accepted the call,
+    and is not retried (it is ``endpoint_not_ready``, which moves on to the endpoint's fallbacks:
+    another provider the operator chose). The one exception: ``BackPressureError``, which the
+    router raises before it sends the call anywhere (the deployment's queue is full).
+    """
+    return isinstance(exc, BackPressureError)
 
 
 def ray_failure(exc: BaseException, endpoint: Optional[str] = None) -> GatewayError:
@@ -274,8 +291,8 @@ def ray_failure(exc: BaseException, endpoint: Optional[str] = None) -> GatewayEr
     with a ``Failure`` in ``Stream`` instead: their answer has begun).
 
     On an endpoint's call: a deployment Serve gave up on is ``endpoint_not_ready`` (deploy it
-    again); a replica that died, a full queue or a replica being replaced, once the retries on
-    other replicas are spent, is ``endpoint_not_ready`` too (try again shortly). Any other Ray
+    again); a full queue, once its retries are spent, or a replica that failed during the call
+    (not retried: ``_never_started``) is ``endpoint_not_ready`` too (try again shortly). Any other Ray
     failure, and any outside an endpoint's call (the registry actor, a listing), means the
     cluster itself failed: ``cluster_unavailable``.
     """
@@ -284,10 +301,15 @@ def ray_failure(exc: BaseException, endpoint: Optional[str] = None) -> GatewayEr
     if endpoint is not None and isinstance(exc, _GRPC_ERROR) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return GatewayError("payload_too_large", f"the call is larger than '{endpoint}''s replicas take over gRPC "
                             f"(4 MiB by default): shorten it, or run the gateway with GATEWAY_SERVE_GRPC=0")
+    if endpoint is not None and isinstance(exc, BackPressureError):
+        return GatewayError("endpoint_not_ready", f"no replica of '{endpoint}' could take the call (its queue is "
+                            f"full); try again shortly", retry_after=1)
     if endpoint is not None and isinstance(exc, _REPLICA_GONE + (_GRPC_ERROR,)):
-        # (a gRPC status Serve did not turn into a Ray error: the replica failed the call, not the upstream)
-        return GatewayError("endpoint_not_ready", f"no replica of '{endpoint}' could take the call; try again shortly",
-                            retry_after=1)
+        # (after a replica accepted the call: see ``_never_started``; a gRPC status Serve did not
+        # turn into a Ray error is the replica's failure too, not the upstream's)
+        return GatewayError("endpoint_not_ready", f"the replica of '{endpoint}' that took the call failed during it "
+                            f"({type(exc).__name__}); it was not sent again, since the provider may have answered "
+                            f"(and billed) it already: try again", retry_after=1)
     if endpoint is not None:
         return GatewayError("cluster_unavailable", "the Ray cluster failed while serving the call; try again shortly",
                             retry_after=2)
@@ -456,19 +478,42 @@ class Dispatcher:
             log.warning("could not release the probe of %s: %s", endpoint.name, type(exc).__name__)
 
     def _report(self, endpoint: Endpoint, err: Optional[GatewayError]) -> None:
+        """Tell the shared cooldown state how a call ended (``err`` None: it succeeded). Best effort,
+        never raises: an answer in hand reaches its caller whatever the registry does.
+
+        A success is sent to the registry and not waited for (``_noted``): a slow or restarting
+        registry never holds an answer back nor turns it into an error. (Sent from this thread, it
+        reaches the registry before any later call of this process's: Ray runs one caller's calls
+        to an actor in order.) A failure is waited for, at most ``_REGISTRY_WAIT_S``, so that this
+        process's next call knows of a cooldown it started; one that cannot be recorded is logged.
+        """
         s = self.settings
         if s.cooldown_s <= 0:
             return  # cooldowns off
-        registry = self.cluster.registry()
-        if err is None:
-            if endpoint.health.get("state") == "ok" and not endpoint.health.get("consecutive_failures"):
-                return  # the common case costs nothing
-            health = ray.get(registry.record_success.remote(endpoint.name), timeout=_REGISTRY_WAIT_S)
-        elif err.type in UPSTREAM_FAILURES:
+        if err is None and endpoint.health.get("state") == "ok" and not endpoint.health.get("consecutive_failures"):
+            return  # the common case costs nothing
+        if err is not None and err.type not in UPSTREAM_FAILURES:
+            return
+        try:
+            registry = self.cluster.registry()
+            if err is None:
+                self.loop.submit(self._noted(endpoint, registry.record_success.remote(endpoint.name)))
+                return
             health = ray.get(registry.record_failure.remote(
                 endpoint.name, err.type, err.type in IMMEDIATE_COOLDOWN, s.cooldown_failures, s.cooldown_window_s, s.cooldown_s,
             ), timeout=_REGISTRY_WAIT_S)
-        else:
+        except Exception as exc:  # noqa: BLE001 - health is best effort (the registry is restarting, the cluster lost)
+            log.warning("could not record the %s of %s in the endpoint registry: %s",
+                        "success" if err is None else "failure", endpoint.name, type(exc).__name__)
+            return
+        endpoint.record = {**endpoint.record, "health": health}
+
+    async def _noted(self, endpoint: Endpoint, recorded: Any) -> None:
+        """(on the loop) The registry's answer to ``record_success``: the endpoint's health as this process knows it."""
+        try:
+            health = await asyncio.wait_for(recorded, _REGISTRY_WAIT_S)
+        except Exception as exc:  # noqa: BLE001 - the next read of the registry catches up
+            log.warning("could not record the success of %s in the endpoint registry: %s", endpoint.name, type(exc).__name__)
             return
         endpoint.record = {**endpoint.record, "health": health}
 
@@ -517,8 +562,8 @@ class Dispatcher:
                 self._cache.pop(endpoint.name, None)  # (forget it without the lock: never wait on a lock on the loop)
                 raise ray_failure(exc, endpoint.name) from None
             except _REPLICA_GONE + (_GRPC_ERROR,) as exc:
-                if attempt + 1 < _RAY_ATTEMPTS and _retried(exc):
-                    await asyncio.sleep(0.05 * 2 ** attempt)  # Serve routes the retry to a live replica
+                if attempt + 1 < _RAY_ATTEMPTS and _never_started(exc):
+                    await asyncio.sleep(0.05 * 2 ** attempt)
                     continue
                 raise ray_failure(exc, endpoint.name) from None
             except RayError as exc:
@@ -645,7 +690,7 @@ class Dispatcher:
                 self._cache.pop(endpoint.name, None)
                 raise ray_failure(exc, endpoint.name) from None
             except _REPLICA_GONE + (_GRPC_ERROR,) as exc:
-                if attempt + 1 < _RAY_ATTEMPTS and _retried(exc):
+                if attempt + 1 < _RAY_ATTEMPTS and _never_started(exc):
                     await asyncio.sleep(0.05 * 2 ** attempt)
                     continue
                 raise ray_failure(exc, endpoint.name) from None

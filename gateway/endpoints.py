@@ -13,9 +13,10 @@ from ray import serve
 
 from providers.base import DeployFailure, DeploySpec, Provider, construction_failure, indefinite
 
-from .cluster import Cluster
+from .cluster import Cluster, SharedAnswer, serve_status
 from .config import Settings
 from .errors import GatewayError
+from .registry import Lease, endpoint_lease
 
 log = logging.getLogger("gateway.endpoints")
 
@@ -24,8 +25,21 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+#: how long a call to Serve's controller (every application's status) or the registry's listing may take
+_CONTROLLER_WAIT_S = 10.0
+#: ``Endpoints.listing``: one listing is reused this long, and a caller waits at most this long for one
+_LISTING_FRESH_S = 1.0
+_LISTING_WAIT_S = 1.5
+
+
+#: how long an undeploy waits for a deploy or undeploy of the same name to end (then 409)
+_UNDEPLOY_WAIT_S = 10.0
+#: how long the cleanup of a failed deploy's application waits for the name's lease in the background
+_CLEANUP_WAIT_S = 120.0
+
+
 def _app_statuses() -> dict:
-    return serve.status().applications
+    return serve_status(_CONTROLLER_WAIT_S).applications
 
 
 def _delete_app(name: str, limit: float = 60.0) -> None:
@@ -83,7 +97,15 @@ class Endpoints:
     def __init__(self, cluster: Cluster, settings: Settings, on_change: Callable[[str], None] = lambda name: None) -> None:
         self.cluster = cluster
         self.settings = settings
-        self._on_change = on_change  # this process's dispatch cache forgets a changed endpoint at once
+        #: ``listing``: the model list, shared by this process's callers
+        self._listing = SharedAnswer(self.list, "the endpoint registry or Serve's controller",
+                                     fresh_s=_LISTING_FRESH_S, wait_s=_LISTING_WAIT_S)
+
+        def changed(name: str) -> None:  # this process's dispatch cache and listing forget a changed endpoint at once
+            self._listing.forget()
+            on_change(name)
+
+        self._on_change = changed
         self._digest_secret: Optional[bytes] = None  # the cluster's, fetched once (see ``_digest``)
 
     # -- deploy -------------------------------------------------------------
@@ -113,32 +135,70 @@ class Endpoints:
         # fails here, not at the first caller's chat
         if getattr(spec, "verify_key", False):
             self._check(provider, spec, provider.verify_key)
-        state, existing = ray.get(registry.begin.remote(name, provider.name, 60))
+        # The name's lease, renewed while this deploy holds it: the records and Serve's applications
+        # are read again under it (a deploy or undeploy may have changed them since the looks above).
+        lease = Lease(registry, endpoint_lease(name))
+        state, existing = ray.get(registry.begin.remote(name, provider.name, lease.owner, lease.ttl_s))
         if state == "conflict":
             raise self._conflict(name, existing["provider"])
         if state == "busy":
             raise GatewayError("conflict", f"another deploy or undeploy of '{name}' is in progress; try again when it ends")
+        lease.hold()
         try:
+            started = self._start(provider, spec, digest, lease, existing)
+        finally:
+            lease.stop()  # (released by now: by ``finish``, or as it failed)
+        if isinstance(started, dict):  # the same deploy again: the view of the one under way
+            return started
+        deploy_id, deadline = started
+        log.info("deploying chat_name=%s provider=%s model=%s workers=%d", name, provider.name, spec.model_name, spec.workers)
+        status = self._follow(name, deploy_id, deadline, self.settings.deploy_wait_s)
+        if status is None:  # still loading: keep watching in the background
+            threading.Thread(target=self._follow, args=(name, deploy_id, deadline, None),
+                             name=f"deploy-{name}", daemon=True).start()
+        view = self.get(name)
+        if status in ("DEPLOY_FAILED", "UPDATE_FAILED"):
+            failure = view.get("failure") or view.get("last_update_failure") or {}
+            raise GatewayError("deploy_failed", failure.get("message", f"deploy of '{name}' failed"),
+                               reason=failure.get("reason", "replica_failed"), provider=provider.name)
+        return view
+
+    def _start(self, provider: Provider, spec: DeploySpec, digest: str, lease: Lease,
+               existing: Optional[dict]):
+        """Under the name's lease: check, start the application and record the pending deploy.
+
+        Answers (deploy id, deadline), or the endpoint's view when the same deploy is under way
+        already. Releases the lease on every way out (``finish`` releases it with the record).
+        """
+        name, registry = spec.chat_name, self.cluster.registry()
+        try:
+            apps = _app_statuses()
+            if name in apps:
+                running_as, _ = _deployment_view(apps[name])
+                if running_as and running_as != provider.name:
+                    raise self._conflict(name, running_as)
             pending = (existing or {}).get("pending")
             if pending and pending["deadline"] > time.time():
                 if pending["digest"] == digest:  # the same deploy again: report on the one under way
-                    ray.get(registry.release.remote(name))
+                    lease.release()
                     return self._view(existing, apps.get(name))
                 raise GatewayError("conflict", f"'{name}' is still deploying; wait for it (GET /deployments/{name}) "
                                                f"or undeploy it first")
             self._check_fallbacks(name, spec.fallbacks)
             self._check_resources(provider, spec)
-        except GatewayError as err:
-            if err.type == "deploy_failed" and (existing is None or existing.get("status") == "DEPLOY_FAILED") \
+        except BaseException as err:
+            if isinstance(err, GatewayError) and err.type == "deploy_failed" \
+                    and (existing is None or existing.get("status") == "DEPLOY_FAILED") \
                     and name not in apps:  # nothing was started; GET /deployments/<name> still says why
                 now = _now()
+                lease.stop()  # (before ``finish`` releases it: no renewal takes it again)
                 ray.get(registry.finish.remote(name, {
                     "chat_name": name, "provider": provider.name, **spec.public(), "status": "DEPLOY_FAILED",
                     "failure": {"reason": err.info.reason, "message": err.info.message}, "created_at": now, "updated_at": now,
-                }))
+                }, lease.owner))
                 self._on_change(name)
             else:
-                ray.get(registry.release.remote(name))
+                lease.release()
             raise
         # An update keeps the serving replicas until the new ones run; anything else starts anew.
         fresh = not (name in apps and (existing is None or existing.get("status") == "RUNNING"))
@@ -157,24 +217,30 @@ class Endpoints:
             app = bind_endpoint(provider, spec, self.settings)
             if fresh and name in apps:  # what a failed deploy left: start from nothing
                 _delete_app(name)
-            serve._run(app, name=name, route_prefix=None, _blocking=False)
-        except Exception as exc:
-            ray.get(registry.finish.remote(name, existing if not fresh else None))
+            # Nothing starts without the lease: renewed (for its whole TTL from now) just before.
+            held = lease.renew()
+            if held:
+                serve._run(app, name=name, route_prefix=None, _blocking=False)
+        except BaseException as exc:
+            if fresh:  # nothing half-deploys: no application runs without its record (and with its key)
+                try:
+                    if name in _app_statuses():
+                        serve.delete(name, _blocking=False)
+                except Exception as cleanup:  # noqa: BLE001
+                    log.error("cleanup of failed deploy %s: %s", name, type(cleanup).__name__)
+            lease.stop()
+            ray.get(registry.finish.remote(name, existing if not fresh else None, lease.owner))
             self._on_change(name)
+            if not isinstance(exc, Exception):
+                raise
             raise GatewayError("internal_error", spec.scrub(f"deploy of '{name}' failed: {exc}")[:500]) from None
-        ray.get(registry.finish.remote(name, record))
+        if not held:  # another deploy or undeploy holds the name now (this process stalled): leave it to that one
+            raise GatewayError("conflict", f"another deploy or undeploy of '{name}' took it over; try again when it ends")
+        lease.stop()
+        if not ray.get(registry.finish.remote(name, record, lease.owner)):  # (the same: its lease was taken)
+            log.error("deploy of %s: its lease was taken while it started the application", name)
         self._on_change(name)
-        log.info("deploying chat_name=%s provider=%s model=%s workers=%d", name, provider.name, spec.model_name, spec.workers)
-        status = self._follow(name, deploy_id, pending["deadline"], self.settings.deploy_wait_s)
-        if status is None:  # still loading: keep watching in the background
-            threading.Thread(target=self._follow, args=(name, deploy_id, pending["deadline"], None),
-                             name=f"deploy-{name}", daemon=True).start()
-        view = self.get(name)
-        if status in ("DEPLOY_FAILED", "UPDATE_FAILED"):
-            failure = view.get("failure") or view.get("last_update_failure") or {}
-            raise GatewayError("deploy_failed", failure.get("message", f"deploy of '{name}' failed"),
-                               reason=failure.get("reason", "replica_failed"), provider=provider.name)
-        return view
+        return deploy_id, pending["deadline"]
 
     def _check(self, provider: Provider, spec: DeploySpec, check: Callable[[DeploySpec], Optional[str]]) -> None:
         """Run a deploy-time ``check(spec)`` of the provider; its failures without the spec's secrets.
@@ -263,11 +329,8 @@ class Endpoints:
                 failure = {"reason": "timeout", "message": f"'{name}' was not running within its deploy_timeout; "
                                                             f"Serve said: {_message_of(app)[:400]}"}
             outcome = ray.get(self.cluster.registry().settle.remote(name, deploy_id, False, failure, _now()))
-            if outcome == "DEPLOY_FAILED" and app is not None:
-                try:  # nothing half-deploys: the failed application goes, the failure report stays
-                    serve.delete(name, _blocking=False)
-                except Exception as exc:  # noqa: BLE001
-                    log.error("cleanup of failed deploy %s: %s", name, type(exc).__name__)
+            if outcome == "DEPLOY_FAILED" and app is not None:  # nothing half-deploys: the failed application goes,
+                self._remove_failed_app(name)                      # the failure report stays
             if outcome:
                 log.error("deploy failed chat_name=%s reason=%s", name, failure["reason"])
         else:
@@ -331,25 +394,33 @@ class Endpoints:
         ``force``: then it is taken out of their fallbacks too.
         """
         registry = self.cluster.registry()
-        record = ray.get(registry.get.remote(name))
-        apps = _app_statuses()
-        owner = record["provider"] if record else (_deployment_view(apps[name])[0] if name in apps else None)
-        if owner is None:
-            raise GatewayError("not_found", f"no endpoint named '{name}'; GET /deployments lists them")
-        if owner != provider.name:
-            raise GatewayError("not_found", f"'{name}' is {indefinite(owner)} endpoint; use POST /{owner}/undeploy")
-        dependents = ray.get(registry.dependents.remote(name))
-        if dependents and not force:
-            raise GatewayError("conflict", f"'{name}' is a fallback of {', '.join(dependents)}: deploy those without it "
-                                           f"first, or undeploy with \"force\": true to take it out of their fallbacks")
-        state, _ = ray.get(registry.begin.remote(name, provider.name, 60))
-        if state == "busy":
+        # Everything is read under the name's lease (waiting up to _UNDEPLOY_WAIT_S for a deploy or
+        # undeploy that holds it): what Serve runs is what a deploy before it started, so no
+        # application is left running without its record.
+        lease = self._take_lease(name, _UNDEPLOY_WAIT_S)
+        if lease is None:
             raise GatewayError("conflict", f"another deploy or undeploy of '{name}' is in progress; try again when it ends")
+        try:
+            record = ray.get(registry.get.remote(name))
+            apps = _app_statuses()
+            owner = record["provider"] if record else (_deployment_view(apps[name])[0] if name in apps else None)
+            if owner is None:
+                raise GatewayError("not_found", f"no endpoint named '{name}'; GET /deployments lists them")
+            if owner != provider.name:
+                raise GatewayError("not_found", f"'{name}' is {indefinite(owner)} endpoint; use POST /{owner}/undeploy")
+            dependents = ray.get(registry.dependents.remote(name))
+            if dependents and not force:
+                raise GatewayError("conflict", f"'{name}' is a fallback of {', '.join(dependents)}: deploy those without "
+                                               f"it first, or undeploy with \"force\": true to take it out of their fallbacks")
+        except BaseException:
+            lease.release()
+            raise
         try:
             if name in apps:
                 _delete_app(name)
         finally:
-            ray.get(registry.finish.remote(name, None))
+            lease.stop()
+            ray.get(registry.finish.remote(name, None, lease.owner))
             self._on_change(name)
         body = {"ret": "ok", "chat_name": name, "provider": provider.name, "status": "DELETED"}
         if force:
@@ -361,13 +432,59 @@ class Endpoints:
         log.info("undeployed chat_name=%s provider=%s", name, provider.name)
         return body
 
+    # -- the name's lease ------------------------------------------------------
+    def _take_lease(self, name: str, wait_s: float) -> Optional[Lease]:
+        """Claim ``name``'s lease (renewed until released), waiting up to ``wait_s``; None when still taken."""
+        lease = Lease(self.cluster.registry(), endpoint_lease(name))
+        deadline, delay = time.monotonic() + wait_s, 0.05
+        while lease.claim() is not None:
+            if time.monotonic() + delay > deadline:
+                return None
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+        return lease
+
+    def _remove_failed_app(self, name: str) -> None:
+        """Delete the application of ``name``'s failed deploy, under the name's lease (so never one a
+        newer deploy started): now when the lease is free, else in the background once it is."""
+        if not self._delete_if_failed(name, 0.0):
+            threading.Thread(target=self._delete_if_failed, args=(name, _CLEANUP_WAIT_S), name=f"cleanup-{name}",
+                             daemon=True).start()
+
+    def _delete_if_failed(self, name: str, wait_s: float) -> bool:
+        """Under the lease: delete ``name``'s application if its record still says its deploy failed.
+        False when the lease stayed taken for ``wait_s``."""
+        try:
+            lease = self._take_lease(name, wait_s)
+            if lease is None:
+                return False
+            try:
+                record = ray.get(self.cluster.registry().get.remote(name))
+                if record and record.get("status") == "DEPLOY_FAILED" and not record.get("pending") \
+                        and name in _app_statuses():
+                    serve.delete(name, _blocking=False)
+            finally:
+                lease.release()
+        except Exception as exc:  # noqa: BLE001
+            log.error("cleanup of failed deploy %s: %s", name, type(exc).__name__)
+        return True
+
     # -- listing ------------------------------------------------------------
     def list(self) -> list[dict]:
-        records = {r["chat_name"]: r for r in ray.get(self.cluster.registry().list.remote())}
+        records = {r["chat_name"]: r for r in ray.get(self.cluster.registry().list.remote(), timeout=_CONTROLLER_WAIT_S)}
         apps = _app_statuses()
         for name, record in list(records.items()):
             records[name], apps = self._settled(name, record, apps)
         return [self._view(records.get(name), apps.get(name), name) for name in sorted(set(records) | set(apps))]
+
+    def listing(self) -> list[dict]:
+        """``list()`` as this process saw it within about a second (read-only: shared by every caller).
+
+        For routes any client key may call (``GET /v1/models``): a burst costs the cluster one listing
+        a second, and each caller waits at most ``_LISTING_WAIT_S`` (then 503 ``cluster_unavailable``
+        with Retry-After). A deploy or undeploy through this process is listed at once.
+        """
+        return self._listing.get()
 
     def _settled(self, name: str, record: dict, apps: dict) -> tuple[dict, dict]:
         """A reader settles what a lost watcher left: (record, apps) as they are after that."""

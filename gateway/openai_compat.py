@@ -99,7 +99,7 @@ def _model_card(record: dict) -> dict:
 @v1.get("/models")
 def list_models():
     key = g.client_key
-    cards = [_model_card(r) for r in gw().endpoints.list() if r.get("provider") and r.get("status") in ("RUNNING", "UPDATING") and (key is None or key.allows(r["chat_name"]))]
+    cards = [_model_card(r) for r in gw().endpoints.listing() if r.get("provider") and r.get("status") in ("RUNNING", "UPDATING") and (key is None or key.allows(r["chat_name"]))]
     return jsonify(object="list", data=cards)
 
 

@@ -9,7 +9,15 @@ Its records (never a key, never a secret) are written through to the GCS's key-v
 store, so when the actor's process dies Ray starts it again (on the head node, where the
 GCS is) with every endpoint it knew. What is not kept across such a restart: cooldown
 state (the next failures start a cooldown again) and the short leases of deploys,
-probes and the endpoints-file apply (they are free again).
+probes and the endpoints-file apply (they are free again; a holder's next renewal takes
+its lease again).
+
+Leases (``Leases``, held through ``Lease``): the endpoints-file apply (one gateway process at
+a time) and each ``chat_name`` (one deploy or undeploy at a time). A lease is (owner,
+expires_at): the owner is a token made per claim (host, pid, random), only the owner renews
+or releases it, and its holder renews it every third of ``LEASE_TTL_S`` in a background
+thread, so a holder killed with ``kill -9`` frees it within ``LEASE_TTL_S``; an expired lease
+is free to claim.
 
 The same namespace of the key-value store holds the cluster's digest secret (32 random
 bytes, made once per cluster): ``config_digest`` is an HMAC with it (``cluster_digest_secret``).
@@ -17,10 +25,14 @@ bytes, made once per cluster): ``config_digest`` is an HMAC with it (``cluster_d
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
+import socket
+import threading
 import time
-from typing import Optional
+import uuid
+from typing import Callable, Optional
 
 import ray
 from ray.experimental import internal_kv
@@ -34,6 +46,150 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"
 _KV_KEY = "endpoints"
 #: where the cluster's digest secret is kept, next to them
 _DIGEST_SECRET_KEY = "config_digest_secret"
+
+#: seconds a lease lasts unless its holder renews it; the holder renews it every third of that, so a
+#: holder killed with ``kill -9`` (or frozen) frees it within this
+LEASE_TTL_S = 15.0
+#: the lease of applying the endpoints file (one gateway process at a time)
+APPLY_LEASE = "apply"
+#: how long one call to the registry about a lease may take
+_LEASE_CALL_S = 30.0
+
+log = logging.getLogger("gateway.registry")
+
+
+def endpoint_lease(name: str) -> str:
+    """The lease of deploying or undeploying ``name`` (one at a time, across every gateway process)."""
+    return "endpoint:" + name
+
+
+def lease_owner() -> str:
+    """A fresh owner token: ``host/pid/random``, one per claim (two claims of one process differ)."""
+    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
+
+
+class Leases:
+    """Leases by key, each (owner, expires_at): the bookkeeping of the registry actor (plain Python).
+
+    Only the owner renews or releases a lease; an expired one is free, whoever held it. A renewal
+    of a lease that is free (it expired unclaimed, or the registry restarted and forgot it) takes
+    it again for the same owner; one that another owner holds now fails, and its holder stops.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._held: dict[str, tuple[str, float]] = {}
+
+    def holder(self, key: str) -> Optional[dict]:
+        """Who holds ``key`` now: ``{owner, host, pid, expires_in_s}``, or None when it is free."""
+        owner, until = self._held.get(key, ("", 0.0))
+        now = self._clock()
+        if not owner or until <= now:
+            return None
+        host, _, rest = owner.partition("/")
+        pid = rest.partition("/")[0]
+        return {"owner": owner, "host": host, "pid": int(pid) if pid.isdigit() else None,
+                "expires_in_s": round(until - now, 1)}
+
+    def claim(self, key: str, owner: str, ttl_s: float) -> Optional[dict]:
+        """Take ``key`` for ``owner`` (or extend it, when ``owner`` holds it): None when ``owner``
+        holds it now for ``ttl_s``, else the holder (``holder``) that keeps it."""
+        now = self._clock()
+        for stale in [k for k, (_, until) in self._held.items() if until <= now and k != key]:
+            del self._held[stale]  # (dead holders' leases: forgotten)
+        held = self.holder(key)
+        if held is not None and held["owner"] != owner:
+            return held
+        self._held[key] = (owner, self._clock() + ttl_s)
+        return None
+
+    def renew(self, key: str, owner: str, ttl_s: float) -> bool:
+        return self.claim(key, owner, ttl_s) is None
+
+    def release(self, key: str, owner: str) -> bool:
+        """Free ``key`` if ``owner`` holds it (or held it last); another owner's lease stays."""
+        if self._held.get(key, ("", 0.0))[0] != owner:
+            return False
+        del self._held[key]
+        return True
+
+    def may_write(self, key: str, owner: str) -> bool:
+        """``owner`` may still act on ``key``: it holds it, or nobody else does."""
+        held = self.holder(key)
+        return held is None or held["owner"] == owner
+
+    def view(self) -> dict[str, dict]:
+        """Every lease held now, by key."""
+        return {key: held for key in list(self._held) if (held := self.holder(key)) is not None}
+
+
+class Lease:
+    """This process's hold on one registry lease, under a fresh owner token.
+
+    ``claim`` (or ``hold``, after the registry's ``begin`` took it) starts a daemon thread that
+    renews it every third of ``ttl_s`` until ``release``, or ``stop`` (called before a registry
+    call that releases it, as ``finish`` does: no renewal is in flight after ``stop`` returns, so
+    none can take the lease again once it is released). A renewal refused because another owner
+    holds it now sets ``lost`` and stops renewing; one that fails (the registry restarting) is
+    tried again.
+    """
+
+    def __init__(self, registry, key: str, ttl_s: float = LEASE_TTL_S) -> None:
+        self.registry, self.key, self.ttl_s = registry, key, ttl_s
+        self.owner = lease_owner()
+        self.lost = False
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # a renewal and ``stop`` never overlap
+        self._thread: Optional[threading.Thread] = None
+
+    def claim(self) -> Optional[dict]:
+        """None when this process holds the lease now (and renews it), else who holds it."""
+        holder = ray.get(self.registry.claim_lease.remote(self.key, self.owner, self.ttl_s), timeout=_LEASE_CALL_S)
+        if holder is None:
+            self.hold()
+        return holder
+
+    def hold(self) -> "Lease":
+        """Start renewing (the lease was taken for ``owner``)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._renew_until_stopped, name=f"lease-{self.key}", daemon=True)
+            self._thread.start()
+        return self
+
+    def renew(self) -> bool:
+        """Renew now: True while this process holds it, for ``ttl_s`` from now (before an irreversible step)."""
+        with self._lock:
+            return not self._stop.is_set() and self._renew()
+
+    def _renew(self) -> bool:
+        held = ray.get(self.registry.renew_lease.remote(self.key, self.owner, self.ttl_s), timeout=_LEASE_CALL_S)
+        if not held:
+            self.lost = True
+        return held
+
+    def _renew_until_stopped(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                if not self.renew():
+                    if self.lost:
+                        log.warning("the lease %s was taken by another holder while this process (pid %d) held it",
+                                    self.key, os.getpid())
+                    return
+            except Exception as exc:  # noqa: BLE001 - the registry restarting: the next renewal tries again
+                log.warning("renewing the lease %s: %s", self.key, type(exc).__name__)
+
+    def stop(self) -> None:
+        """Stop renewing; once it returns no renewal is in flight (call it before the registry releases it)."""
+        with self._lock:
+            self._stop.set()
+
+    def release(self) -> None:
+        """Stop renewing and free it (it expires by itself within ``ttl_s`` when the registry does not answer)."""
+        self.stop()
+        try:
+            ray.get(self.registry.release_lease.remote(self.key, self.owner), timeout=_LEASE_CALL_S)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("releasing the lease %s: %s (it expires within %.0f s)", self.key, type(exc).__name__, self.ttl_s)
 
 
 def kv_namespace(ray_namespace: str) -> str:
@@ -65,7 +221,7 @@ class EndpointRegistry:
         # one registry per Ray namespace, so one set of keys per namespace
         self._kv_namespace = kv_namespace(ray.get_runtime_context().namespace)
         self._records: dict[str, dict] = self._load()
-        self._busy: dict[str, float] = {}
+        self._leases = Leases()
         self._healths: dict[str, dict] = {}
 
     # -- write-through to the GCS --------------------------------------------------
@@ -153,25 +309,31 @@ class EndpointRegistry:
         h["probe_until"] = now + lease_s
         return True
 
-    def begin(self, name: str, provider: str, ttl_s: float) -> tuple[str, Optional[dict]]:
-        """Claim ``name`` for a deploy/undeploy: ("ok", record) | ("conflict", record) | ("busy", None)."""
+    def begin(self, name: str, provider: str, owner: str, ttl_s: float) -> tuple[str, Optional[dict]]:
+        """Claim ``name``'s lease for ``owner`` (a deploy): ("ok", record) | ("conflict", record) | ("busy", holder)."""
         record = self._records.get(name)
         if record is not None and record["provider"] != provider and record.get("status") != "DEPLOY_FAILED":
             return "conflict", record  # (a failed deploy holds its name for no provider)
-        if self._busy.get(name, 0.0) > time.time():
-            return "busy", None
-        self._busy[name] = time.time() + ttl_s
+        holder = self._leases.claim(endpoint_lease(name), owner, ttl_s)
+        if holder is not None:
+            return "busy", holder
         return "ok", record
 
-    def finish(self, name: str, record: Optional[dict]) -> None:
-        """Release ``name``; store ``record``, or forget the endpoint when it is None.
+    def finish(self, name: str, record: Optional[dict], owner: str) -> bool:
+        """Release ``name``'s lease held by ``owner``; store ``record``, or forget the endpoint when it is None.
 
-        A new deploy or update starts with a clean health: the failures were the old
-        configuration's (a wrong key, a dead base URL), not the new one's.
+        False, and nothing stored, when another owner holds the lease now (``owner``'s expired and
+        was taken): that holder's view of the endpoint stands. A new deploy or update starts with a
+        clean health: the failures were the old configuration's (a wrong key, a dead base URL), not
+        the new one's.
         """
-        self._busy.pop(name, None)
+        key = endpoint_lease(name)
+        if not self._leases.may_write(key, owner):
+            return False
+        self._leases.release(key, owner)
         self._healths.pop(name, None)
         self._store(name, record)
+        return True
 
     def settle(self, name: str, deploy_id: str, ok: bool, failure: Optional[dict], now: str) -> Optional[str]:
         """End the pending deploy ``deploy_id`` of ``name`` exactly once (compare-and-set).
@@ -213,20 +375,20 @@ class EndpointRegistry:
             self._write()
         return changed
 
-    def release(self, name: str) -> None:
-        self._busy.pop(name, None)
+    # -- leases (see ``Leases``) ---------------------------------------------------------
+    def claim_lease(self, key: str, owner: str, ttl_s: float) -> Optional[dict]:
+        """None when ``owner`` holds ``key`` now, else who holds it (owner, host, pid, expires_in_s)."""
+        return self._leases.claim(key, owner, ttl_s)
 
-    def claim_apply(self, lease_s: float) -> bool:
-        """One gateway process at a time applies the endpoints file."""
-        now = time.time()
-        if getattr(self, "_apply_until", 0.0) > now:
-            return False
-        self._apply_until = now + lease_s
-        return True
+    def renew_lease(self, key: str, owner: str, ttl_s: float) -> bool:
+        return self._leases.renew(key, owner, ttl_s)
 
-    def release_apply(self) -> None:
-        self._apply_until = 0.0
+    def release_lease(self, key: str, owner: str) -> bool:
+        return self._leases.release(key, owner)
 
+    def leases(self) -> dict[str, dict]:
+        """Every lease held now (the endpoints-file apply, deploys and undeploys), by key."""
+        return self._leases.view()
 
 def registry_actor(namespace: str):
     """The registry actor of this cluster (created on first use)."""
