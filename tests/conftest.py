@@ -109,6 +109,22 @@ def shared_endpoint(app, fake_openai, fake_zhipu, fake_dashscope):
         client.post(f"/{provider}/undeploy", json={"chat_name": chat_name, "force": True})
 
 
+def key() -> str:
+    """A fresh provider key for the fakes (they accept any)."""
+    return f"{uuid.uuid4().hex[:8]}.{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def ep(deploy, name):
+    """Deploy an endpoint (OpenAI on the fake by default); answers (chat_name, key)."""
+    def _make(provider="openai", base_url=None, **fields):
+        k, chat_name = key(), name(provider)
+        r = deploy(chat_name, k, provider=provider, **({"base_url": base_url} if base_url else {}), **fields)
+        assert r.status_code == 200, r.get_json()
+        return chat_name, k
+    return _make
+
+
 @pytest.fixture
 def deploy(client, fake_openai):
     """Deploy an endpoint on the fake upstream; undeploy it after the test."""

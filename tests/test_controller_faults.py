@@ -13,26 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import pytest
 import ray
 
 from gateway import Settings, create_app
 from tests.fakes.upstreams import Reply, openai_error
+from tests.conftest import key
 from tests.procs import gunicorn_joined_to
 
 
-def key() -> str:
-    return f"{uuid.uuid4().hex[:8]}.{uuid.uuid4().hex}"
 
-
-@pytest.fixture
-def ep(deploy, name):
-    def _make(provider="openai", **fields):
-        k, chat_name = key(), name(provider)
-        r = deploy(chat_name, k, provider=provider, **fields)
-        assert r.status_code == 200, r.get_json()
-        return chat_name, k
-    return _make
 
 
 def _pid_of(actor) -> int:

@@ -4,18 +4,15 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
 
 from gateway import Settings, create_app
+from tests.conftest import key
 from tests.fakes.upstreams import Reply, openai_error
 
-
-def key() -> str:
-    return f"{uuid.uuid4().hex[:8]}.{uuid.uuid4().hex}"
 
 
 def sse_events(text: str) -> list[tuple[str, object]]:
@@ -33,15 +30,6 @@ def sse_events(text: str) -> list[tuple[str, object]]:
     return out
 
 
-@pytest.fixture
-def ep(deploy, name, fake_openai):
-    """Deploy an OpenAI endpoint on the fake; answers (chat_name, key)."""
-    def _make(provider="openai", base_url=None, **fields):
-        k, chat_name = key(), name(provider)
-        r = deploy(chat_name, k, provider=provider, **({"base_url": base_url} if base_url else {}), **fields)
-        assert r.status_code == 200, r.get_json()
-        return chat_name, k
-    return _make
 
 
 # -- retries inside the replica --------------------------------------------------------
