@@ -19,7 +19,8 @@ Three locks; the first two from the kernel's ptrace access check (``ptrace_may_a
   check either. A non-root user has no such capability to drop.
 - ``keep_to_itself()`` also blanks the values of credential-looking variables (``*_API_KEY``,
   ``*TOKEN*``, ``*SECRET*`` ..., ``CREDENTIAL``) in the process's original environment block, the
-  bytes ``/proc/<pid>/environ`` shows (Python's ``os.environ`` is a copy and keeps them). Kernels
+  bytes ``/proc/<pid>/environ`` shows (Python's ``os.environ`` is a copy and keeps them, and each
+  is set again, so C code that reads it later with ``getenv``, Ray's token loader, finds it). Kernels
   differ in what they let root without ``CAP_SYS_PTRACE`` read there (``environ`` is a read-mode
   check, ``mem`` an attach-mode one); blanked bytes hold nothing on any of them.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import re
 import sys
 
@@ -78,7 +80,7 @@ def blank_credentials_in_environ() -> int:
         environ = ctypes.POINTER(ctypes.c_void_p).in_dll(libc, "environ")
     except (OSError, ValueError, IndexError):
         return 0
-    blanked, i = 0, 0
+    blanked, i, blanked_names = 0, 0, []
     while environ[i]:
         address = environ[i]
         i += 1
@@ -87,8 +89,13 @@ def blank_credentials_in_environ() -> int:
         entry = ctypes.string_at(address)
         name, eq, value = entry.partition(b"=")
         if eq and value and CREDENTIAL.search(name.decode("latin-1")):
+            blanked_names.append(os.fsdecode(name))
             ctypes.memset(address + len(name) + 1, ord("*"), len(value))
             blanked += 1
+    for name in blanked_names:
+        # C code reads the variable with getenv (Ray's token loader, at ray.init): a fresh copy of the
+        # value, outside the block /proc shows (os.environ kept its own copy all along)
+        os.putenv(name, os.environ[name])
     return blanked
 
 
@@ -100,8 +107,6 @@ def dumpable() -> "bool | None":
 
 
 if __name__ == "__main__":  # python -m gateway.secrecy PROGRAM ARGS...: PROGRAM without CAP_SYS_PTRACE
-    import os
-
     if sys.platform.startswith("linux"):
         _prctl(_PR_CAPBSET_DROP, _CAP_SYS_PTRACE)  # (EPERM without CAP_SETPCAP: then there was none to drop)
     os.execvp(sys.argv[1], sys.argv[1:])

@@ -1,6 +1,8 @@
 """Small pure helpers a regression in would leak a key, open a door or mislabel an error: pinned without a server."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gateway.auth import Auth, check_chat_names, load_keys
@@ -325,3 +327,30 @@ def test_behind_a_tls_proxy_the_public_url_is_the_gateways_own_origin():
     with pytest.raises(GatewayError) as info:
         doors.check("other.example.com", None, "http")
     assert info.value.type == "host_not_allowed"
+
+
+def test_blanked_credentials_leave_proc_environ_but_not_the_process(tmp_path):
+    """``gateway.secrecy.keep_to_itself`` blanks credential values in the block /proc/<pid>/environ shows;
+    Python and C code (getenv: Ray's token loader), and children, still get them. Run in a child: it
+    would mark this test process not dumpable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, os, subprocess, sys\n"
+        "from gateway.secrecy import keep_to_itself, dumpable\n"
+        "assert keep_to_itself() and dumpable() is False\n"
+        "raw = open('/proc/self/environ', 'rb').read()\n"
+        "assert b'sk-live-123' not in raw and b'ray-tok-456' not in raw and b'RAY_AUTH_TOKEN=' in raw, raw\n"
+        "assert b'PLAIN_SETTING=visible' in raw\n"
+        "libc = ctypes.CDLL(None); libc.getenv.restype = ctypes.c_char_p\n"
+        "assert libc.getenv(b'RAY_AUTH_TOKEN') == b'ray-tok-456' and os.environ['OPENAI_API_KEY'] == 'sk-live-123'\n"
+        "out = subprocess.run([sys.executable, '-c', 'import os; print(os.environ[\"OPENAI_API_KEY\"])'],\n"
+        "                     capture_output=True, text=True).stdout.strip()\n"
+        "assert out == 'sk-live-123', out\n"
+        "print('ok')\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "sk-live-123", "RAY_AUTH_TOKEN": "ray-tok-456",
+           "PLAIN_SETTING": "visible", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
