@@ -420,8 +420,11 @@ class Endpoints:
                 _delete_app(name)
         finally:
             lease.stop()
-            ray.get(registry.finish.remote(name, None, lease.owner))
+            forgotten = ray.get(registry.finish.remote(name, None, lease.owner))
             self._on_change(name)
+        if not forgotten:  # this process stalled past its lease and another deploy or undeploy took the name
+            raise GatewayError("conflict", f"another deploy or undeploy of '{name}' took it over while this undeploy "
+                                           f"waited; GET /deployments/{name} shows what runs now")
         body = {"ret": "ok", "chat_name": name, "provider": provider.name, "status": "DELETED"}
         if force:
             changed = ray.get(registry.drop_fallback.remote(name))

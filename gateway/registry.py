@@ -138,6 +138,7 @@ class Lease:
         self.registry, self.key, self.ttl_s = registry, key, ttl_s
         self.owner = lease_owner()
         self.lost = False
+        self._held_until = 0.0  # (monotonic) when the last renewal this process saw succeed runs out
         self._stop = threading.Event()
         self._lock = threading.Lock()  # a renewal and ``stop`` never overlap
         self._thread: Optional[threading.Thread] = None
@@ -150,21 +151,35 @@ class Lease:
         return holder
 
     def hold(self) -> "Lease":
-        """Start renewing (the lease was taken for ``owner``)."""
+        """Start renewing (the lease was taken for ``owner``, just now)."""
+        self._held_until = self._held_until or time.monotonic() + self.ttl_s
         if self._thread is None:
             self._thread = threading.Thread(target=self._renew_until_stopped, name=f"lease-{self.key}", daemon=True)
             self._thread.start()
         return self
 
     def renew(self) -> bool:
-        """Renew now: True while this process holds it, for ``ttl_s`` from now (before an irreversible step)."""
+        """Renew now: True while this process holds it, for ``ttl_s`` from now (before an irreversible step).
+
+        Once lost, lost for good: a lease that ran out (no renewal got through for ``ttl_s``) or that
+        another owner took may have been taken, used and released since, so what this process read
+        under it is stale even if the registry would let it take the lease again.
+        """
         with self._lock:
-            return not self._stop.is_set() and self._renew()
+            if self._stop.is_set() or self.lost:
+                return False
+            if self._held_until and time.monotonic() > self._held_until:
+                self.lost = True
+                return False
+            return self._renew()
 
     def _renew(self) -> bool:
+        asked = time.monotonic()
         held = ray.get(self.registry.renew_lease.remote(self.key, self.owner, self.ttl_s), timeout=_LEASE_CALL_S)
         if not held:
             self.lost = True
+        else:
+            self._held_until = asked + self.ttl_s
         return held
 
     def _renew_until_stopped(self) -> None:
@@ -217,6 +232,10 @@ def cluster_digest_secret(ray_namespace: str) -> bytes:
 # is run there (every method is safe to run twice: reads, or writes of the same value).
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class EndpointRegistry:
+    def protocol(self) -> int:
+        """What its methods take and answer (``PROTOCOL``): an older registry is replaced (``registry_actor``)."""
+        return PROTOCOL
+
     def __init__(self) -> None:
         # one registry per Ray namespace, so one set of keys per namespace
         self._kv_namespace = kv_namespace(ray.get_runtime_context().namespace)
@@ -390,7 +409,36 @@ class EndpointRegistry:
         """Every lease held now (the endpoints-file apply, deploys and undeploys), by key."""
         return self._leases.view()
 
+#: the registry's methods as this code calls them; raised when they change (2: owner-tagged leases)
+PROTOCOL = 2
+
+
 def registry_actor(namespace: str):
-    """The registry actor of this cluster (created on first use)."""
-    return EndpointRegistry.options(name=REGISTRY_NAME, namespace=namespace, lifetime="detached",
-                                    get_if_exists=True, resources={HEAD_NODE_RESOURCE: 0.001}).remote()
+    """The registry actor of this cluster (created on first use).
+
+    A detached actor outlives the gateway that made it and keeps running that gateway's code: one
+    an older gateway started (a cluster that outlived an upgrade) is killed and made again, once, by
+    the first process that finds it; its records come back from the GCS, where they are kept. (Its
+    leases and health are forgotten, as on any restart of it.)
+    """
+    def make():
+        return EndpointRegistry.options(name=REGISTRY_NAME, namespace=namespace, lifetime="detached",
+                                        get_if_exists=True, resources={HEAD_NODE_RESOURCE: 0.001}).remote()
+
+    registry = make()
+    try:
+        current = ray.get(registry.protocol.remote(), timeout=60) == PROTOCOL
+    except AttributeError:  # (its class has no such method: older than protocols)
+        current = False
+    if not current:
+        log.warning("the endpoint registry runs an older gateway's code: replacing it (its records stay)")
+        ray.kill(registry, no_restart=True)
+        for _ in range(50):  # (the name is free once the GCS has seen it die)
+            try:
+                registry = make()
+                if ray.get(registry.protocol.remote(), timeout=60) == PROTOCOL:
+                    break
+            except (AttributeError, ray.exceptions.RayActorError):
+                pass
+            time.sleep(0.1)
+    return registry

@@ -269,3 +269,34 @@ def test_an_undeploy_racing_a_fresh_deploy_of_a_failed_name_leaves_no_orphan(cli
     finally:
         slow.clear()
         client.post("/brittle/undeploy", json={"chat_name": chat_name})
+
+
+def test_a_registry_an_older_gateway_started_is_replaced_and_keeps_its_records(app, shared_endpoint):
+    """A detached registry outlives the gateway that made it and runs that gateway's code (a cluster that
+    outlived an upgrade): the first process that finds it replaces it, and its records come back from the GCS.
+    (In a name namespace of its own, so that the session's registry is left alone; the records it reads are the
+    session's, kept in the GCS under the job's namespace.)"""
+    import ray
+
+    from gateway.registry import PROTOCOL, REGISTRY_NAME, registry_actor
+
+    chat_name, _, _ = shared_endpoint("openai")  # (one record at least)
+    session = app.extensions["gateway"].cluster.registry()
+    namespace = f"upgrade_{uuid.uuid4().hex[:8]}"
+
+    @ray.remote(num_cpus=0)
+    class OlderRegistry:  # what an older gateway's registry answers: no protocol(), the old begin()
+        def begin(self, name, provider, ttl_s):
+            return "ok", None
+
+    old = OlderRegistry.options(name=REGISTRY_NAME, namespace=namespace, lifetime="detached").remote()
+    assert ray.get(old.begin.remote("x", "openai", 60), timeout=60) == ("ok", None)
+    registry = registry_actor(namespace)
+    try:
+        assert ray.get(registry.protocol.remote(), timeout=60) == PROTOCOL
+        assert ray.get(registry.get.remote(chat_name), timeout=60) == ray.get(session.get.remote(chat_name), timeout=60)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(old.begin.remote("x", "openai", 60), timeout=60)  # the old one is gone
+        assert ray.get(registry_actor(namespace).protocol.remote(), timeout=60) == PROTOCOL  # (found as it is now)
+    finally:
+        ray.kill(registry, no_restart=True)
