@@ -610,8 +610,9 @@ class SharedAnswer:
     most until ``wait_s`` after it began. A look that takes longer answers 503
     ``cluster_unavailable`` with Retry-After to the callers waiting (at once to those after them)
     and is kept when it ends. And once a look took longer than ``wait_s`` (the cluster is stuck or
-    overloaded), callers do not wait for the next one: they get that slow look's answer at once
-    (for ``stale_s`` after it ended) while the next one runs. There is never more than one look at
+    overloaded) and failed, callers do not wait for the next one: they get that failure at once
+    (for ``stale_s`` after it ended) while the next one runs; a slow success is never served stale
+    (a "ready" must be fresh). There is never more than one look at
     a time, however long one hangs (its own calls to the cluster have timeouts: it ends). A look
     that raises answers its error (as a ``GatewayError``), like a value. ``forget()``: the next
     caller looks again.
@@ -634,8 +635,9 @@ class SharedAnswer:
                 if look is None:
                     look = self._pending = _Look()
                     threading.Thread(target=self._run, args=(look,), name="shared-answer", daemon=True).start()
-                if last is not None and last.ended - last.started >= self.wait_s and now - last.ended < self.stale_s:
-                    look = last  # (the cluster was slow to answer the last look: no caller waits on the next)
+                if last is not None and last.error is not None and last.ended - last.started >= self.wait_s \
+                        and now - last.ended < self.stale_s:
+                    look = last  # (the last look failed slowly: no caller waits on the next; a success is never stale)
         if not look.done.wait(max(0.0, look.started + self.wait_s - time.monotonic())):
             raise GatewayError("cluster_unavailable", f"the Ray cluster did not answer within {self.wait_s:g}s "
                                f"({self.what} is stuck or overloaded); try again shortly", retry_after=2)

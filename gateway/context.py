@@ -16,11 +16,9 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from flask import Blueprint, after_this_request, current_app, g, jsonify, request
-from pydantic import TypeAdapter
 
 from . import bodies, metrics
 from .errors import CALLER_ERRORS, GatewayError
-from .schemas import ChatName
 
 #: how a blueprint writes an error: ``(error, request_id) -> body``
 ErrorBody = Callable[[GatewayError, Optional[str]], dict]
@@ -74,20 +72,16 @@ def finish_record(record: "metrics.RequestRecord", status: int, error_type: Opti
         record.finish(status, error_type)
 
 
-_CHAT_NAME = TypeAdapter(ChatName)
-
-
 def _name_the_endpoint(record: "metrics.RequestRecord") -> None:
     """A chat call refused for the caller's error before its endpoint was resolved (a bad body, a key that may
-    not use it) counts on the endpoint its body names, as a caller's error, when that endpoint is deployed;
-    any other name stays ``_unknown`` (user input is never a label)."""
+    not use it) counts on the endpoint its body names, as a caller's error, when this process knows that
+    endpoint (it served it before: no lookup while a refusal is written); any other name stays ``_unknown``
+    (user input is never a label)."""
     fields = g.get("body_fields") or {}
     asked = fields.get("chat_name", fields.get("model"))  # (/v1 names it model)
-    try:
-        endpoint = gw().dispatcher.resolve(_CHAT_NAME.validate_python(asked))
-    except Exception:  # noqa: BLE001 - no name, not deployed, not ready, no cluster: the call stays _unknown
-        return
-    record.endpoint(endpoint.name, endpoint.provider)
+    endpoint = gw().dispatcher.known(asked) if isinstance(asked, str) else None
+    if endpoint is not None:
+        record.endpoint(endpoint.name, endpoint.provider)
 
 
 def error_shape(blueprint: Blueprint, body: ErrorBody) -> None:

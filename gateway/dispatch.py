@@ -342,6 +342,10 @@ class Dispatcher:
         self.applying: Callable[[], bool] = lambda: False
 
     # -- endpoints ---------------------------------------------------------------
+    def known(self, chat_name: str) -> Optional[Endpoint]:
+        """The endpoint as this process last resolved it, whatever its age; None when it never did (asks nothing)."""
+        return self._cache.get(chat_name)
+
     def resolve(self, chat_name: str, fresh: bool = False, visible: Optional[Callable[[str], bool]] = None) -> Endpoint:
         """The endpoint, from this process's cache unless it is older than ``endpoint_cache_s`` or ``fresh``.
 

@@ -316,6 +316,7 @@ class Limits:
 
         Runs in the thread that completes the request's future (Ray's); holds the lock for a moment only.
         """
+        current, now = False, time.monotonic()
         try:
             if error is None:
                 error = future.exception()
@@ -334,6 +335,12 @@ class Limits:
                             lease.calls = lease.calls + granted if key.rate_per_minute is not None else math.inf
                             lease.tokens = balance
                             lease.until = now + LEASE_TTL_S
+        except BaseException as exc:  # (a cancelled future, an answer of another shape): the key backs off
+            with lease.lock:
+                if lease.renewal is renewal:
+                    lease.renewal = None
+                    lease.down_until, lease.down_why = time.monotonic() + _KEEPER_BACKOFF_S, f"failed ({type(exc).__name__})"
+            raise
         finally:
             renewal.ref = None
             renewal.done.set()  # (whatever happened: nobody waits on it past this)

@@ -22,7 +22,7 @@ How: the replica's constructor (``gateway.replica.ChatEndpoint``) runs inside
 rewrites the address of that one call (``[::]:0`` to ``127.0.0.1:0``), calls Ray's helper (which keeps
 ``RAY_USE_TLS`` working), and puts Ray's helper back. It does so only if Ray's source still makes
 exactly that call; otherwise it logs one warning and changes nothing (Ray's own bind stands), and
-``tests/test_listeners.py`` fails, so a Ray upgrade that moves this code is caught.
+``tests/test_ray_doors.py`` fails, so a Ray upgrade that moves this code is caught.
 """
 from __future__ import annotations
 

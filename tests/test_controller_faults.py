@@ -65,7 +65,8 @@ def test_a_shared_answer_asks_once_for_a_burst_and_never_waits_past_its_bound():
         assert set(pool.map(lambda _: get()[0], range(20))) == {1} and len(looks) == 1
     shared.forget()
     assert get()[0] == 2
-    # A look slower than the bound: while the next one runs, its answer comes at once, without a wait.
+    # A slow success is never served stale ("ready" must be fresh): the callers wait for the next look, within
+    # the bound.
     release.clear()
     shared.forget()
     threading.Timer(0.5, release.set).start()
@@ -74,8 +75,27 @@ def test_a_shared_answer_asks_once_for_a_burst_and_never_waits_past_its_bound():
     release.clear()
     with ThreadPoolExecutor(20) as pool:
         answers = list(pool.map(lambda _: get(), range(20)))
-    assert {a for a, _ in answers} == {3} and max(s for _, s in answers) < 0.1 and len(looks) == 4, answers
-    release.set()
+    assert {getattr(a, "type", None) for a, _ in answers} == {"cluster_unavailable"} and len(looks) == 4, answers
+    assert max(s for _, s in answers) < 1.0
+    # A slow failure is: while the next look runs, callers get it at once, without a wait.
+    threading.Timer(0.1, release.set).start()  # (the 4th look, hanging until now, answers 4)
+    time.sleep(0.2)
+    assert get()[0] == 4
+    failing = SharedAnswer(lambda: (time.sleep(0.5), 1 / 0), "the test's failing look", fresh_s=0.2, wait_s=0.3)
+    assert getattr(failing_get(failing), "type", None) == "cluster_unavailable"  # (waits 0.3 s: nothing yet)
+    time.sleep(0.5)  # (it failed, slowly, at 0.5 s; no longer fresh after 0.2 s)
+    started = time.monotonic()
+    answer = failing_get(failing)
+    assert getattr(answer, "type", None) == "cluster_unavailable" and time.monotonic() - started < 0.1
+
+
+def failing_get(shared):
+    from gateway.errors import GatewayError
+
+    try:
+        return shared.get()
+    except GatewayError as err:
+        return err.info
 
 
 # -- Serve's controller stops answering -------------------------------------------------------------
