@@ -1,4 +1,4 @@
-"""Measured prototype of pooled SaaS endpoints (README "Numbers": memory per endpoint).
+"""Measured prototype of pooled SaaS endpoints (docs/numbers.md: memory per endpoint).
 
     python -m bench.pool_prototype [--endpoints 20]
 

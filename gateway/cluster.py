@@ -725,5 +725,5 @@ def describe_connect_error(exc: Exception, address: str) -> str:
     if "ersion mismatch" in text:
         return f"Ray/Python version mismatch with the cluster at {address}: {' '.join(text.split())[:400]}"
     if "uthentication" in text or "token" in text.lower():
-        return f"the Ray cluster at {address} refused this process's authentication token ({first[:200]}); see README 'Ray token'"
+        return f"the Ray cluster at {address} refused this process's authentication token ({first[:200]}); see docs/operations.md, 'What the Ray token gives'"
     return f"could not connect to the Ray cluster at {address}: {first[:300]}"

@@ -91,7 +91,7 @@ def missing_token(env: Mapping[str, str]) -> Optional[str]:
         pass
     return (f"Ray's token authentication is on (RAY_AUTH_MODE=token) but this user has no Ray token "
             f"(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or {path} is missing or empty): run this as the user "
-            f"that runs the gateway, or give it the cluster's token (README: 'Ray token')")
+            f"that runs the gateway, or give it the cluster's token (docs/operations.md: 'What the Ray token gives')")
 
 
 def _token_source(env: Mapping[str, str]) -> str:
@@ -322,7 +322,7 @@ def status(env: Mapping[str, str], timeout: float = DEFAULT_TIMEOUT_S) -> tuple[
                                         "(and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, unless its token is in ~/.ray/auth_token)")
         return done(EXIT_NO_ANSWER, f"the Ray cluster at {address} ({source}) refused this user's Ray token ({_token_source(child_env)}): "
                                     "it is not that cluster's; run this as the user that runs the gateway, or give it the "
-                                    "cluster's token (README: 'Ray token')")
+                                    "cluster's token (docs/operations.md: 'What the Ray token gives')")
     if ended == "timeout":
         if grpc is None:
             return done(EXIT_NO_ANSWER, f"something listens at {address} ({source}) but it answered nothing within 1 s, nor as a "

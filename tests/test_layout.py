@@ -32,7 +32,7 @@ def test_every_provider_has_routes_and_a_spec(app):
 
 
 def test_a_replica_loads_only_its_own_providers_sdk():
-    """Each endpoint is a process: what its replica imports is memory per endpoint (README Numbers)."""
+    """Each endpoint is a process: what its replica imports is memory per endpoint (docs/numbers.md)."""
     import subprocess
     import sys
 

@@ -158,7 +158,7 @@ def _listening(proc) -> list:
 
 def test_nothing_of_the_head_listens_beyond_loopback_after_deploys(ray_head, client, deploy, name):
     """Serve binds each replica's gRPC server to ``[::]:0``; on a loopback node ``gateway.loopback`` moves
-    it to 127.0.0.1, where Serve's router in the gateway process still dials it (README "Ray's ports")."""
+    it to 127.0.0.1, where Serve's router in the gateway process still dials it (docs/operations.md, "Ray's ports")."""
     import uuid
 
     workers = {name("listen"): 1, name("listen"): 2}
@@ -241,10 +241,10 @@ def test_this_gateway_process_listens_for_ray_on_loopback(ray_head, shared_endpo
 
 
 def test_the_ray_token_reads_every_provider_key(ray_head, shared_endpoint):
-    """What README says the Ray token gives: Serve keeps each endpoint's bound constructor arguments, the
+    """What docs/operations.md says the Ray token gives: Serve keeps each endpoint's bound constructor arguments, the
     provider key among them, in its checkpoint in the GCS (ray/serve/_private/deployment_state.py,
     ``DeploymentStateManager.save_checkpoint``: key ``serve-deployment-state-checkpoint``, KV namespace
-    ``serve``), readable by anyone who can talk to the GCS. If this fails, Serve stopped doing so: update README."""
+    ``serve``), readable by anyone who can talk to the GCS. If this fails, Serve stopped doing so: update docs/operations.md."""
     from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
 
     chat_name, key, _ = shared_endpoint("openai")

@@ -80,11 +80,11 @@ def test_retry_after_header_only_where_a_wait_helps():
     assert GatewayError("upstream_error", "m", retry_after=3).headers() == {}
 
 
-def test_the_readme_lists_every_type_with_its_status():
+def test_the_api_reference_lists_every_type_with_its_status():
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
     rows = dict(re.findall(r"^\| `([a-z_]+)` \| (\d{3}) \|", readme, re.M))
     assert {name: int(status) for name, status in rows.items()} == STATUS
 
