@@ -9,6 +9,7 @@ turns every way of failing to reach the cluster into ``cluster_unavailable``.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import platform
@@ -201,6 +202,8 @@ class EmbeddedHead:
             f"--dashboard-port={s.dashboard_port}",
             f"--num-cpus={s.ray_num_cpus or os.cpu_count() or 1}",
             f"--object-store-memory={s.object_store_mb * 1024 * 1024}",
+            # custom resources of this node (GATEWAY_RAY_RESOURCES), for deploys that ask for them (``resources``)
+            *([f"--resources={json.dumps({k: int(v) for k, v in s.ray_resources.items()})}"] if s.ray_resources else []),
             # ports nobody calls directly: take free ones so two heads never collide. (The Ray Client
             # server, which the gateway never uses, cannot be turned off while ray[client] is
             # installed: Ray refuses port 0 and defaults to 10001. It listens on loopback too.)

@@ -6,10 +6,11 @@ with a message naming the variable.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 _ENV_OVERRIDES = {"ray_address": "RAY_ADDRESS"}
 
@@ -34,6 +35,9 @@ class Settings(BaseModel):
     #: cluster reports, which is right on the head's own machine (behind a proxy or an ingress, set it)
     dashboard_url: Optional[str] = Field(None, pattern=r"^https?://[^\s]+$")
     ray_num_cpus: Optional[int] = Field(None, ge=1)
+    #: embedded head only: custom Ray resources its node carries, JSON (``{"cpu_pool": 100}``), for
+    #: deploys that ask for them (``resources``); whole numbers, never CPU or GPU
+    ray_resources: Optional[dict[str, float]] = None
     object_store_mb: int = Field(256, ge=80)
     #: seconds the embedded head gets to come up
     ray_start_timeout_s: float = Field(60.0, gt=0)
@@ -93,6 +97,22 @@ class Settings(BaseModel):
     allow_open_chat: bool = False
     #: endpoints to deploy on start (and again after a cluster restart); keys come from env vars
     endpoints_file: Optional[str] = None
+
+    @field_validator("ray_resources", mode="before")
+    @classmethod
+    def _ray_resources(cls, value):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError('must be a JSON object of resource names and amounts, e.g. {"cpu_pool": 100}') from None
+        if value is not None and not isinstance(value, dict):
+            raise ValueError('must be a JSON object of resource names and amounts, e.g. {"cpu_pool": 100}')
+        if value is not None:
+            from providers.base import check_resources
+
+            value = check_resources(value, whole=True)
+        return value or None
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "Settings":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -40,6 +41,30 @@ _CLEANUP_WAIT_S = 120.0
 
 def _app_statuses() -> dict:
     return serve_status(_CONTROLLER_WAIT_S).applications
+
+
+def serve_state(timeout: float = _CONTROLLER_WAIT_S) -> tuple[dict, dict[str, list[dict]]]:
+    """(Serve's application statuses, as ``serve.status()`` has them; each application's replicas).
+
+    One call to Serve's controller, within ``timeout`` (``GetTimeoutError`` when it does not answer):
+    the call ``serve_status`` makes, whose details hold every replica. A replica is
+    ``{"state", "node_ip", "node_id"}`` (the full Ray node id; both None while it is not placed on a
+    node). No Serve controller running is no applications. The listing and ``python -m gateway status``
+    both read it here.
+    """
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return {}, {}
+    details = ray.get(client._controller.get_serve_instance_details.remote(), timeout=timeout)
+    apps = ServeInstanceDetails(**details)._get_status().applications
+    replicas = {}
+    for name, app in (details.get("applications") or {}).items():
+        replicas[name] = [{"state": _status(r.get("state")), "node_ip": r.get("node_ip"), "node_id": r.get("node_id")}
+                          for dep in (app.get("deployments") or {}).values() for r in dep.get("replicas") or []]
+    return apps, replicas
 
 
 def _delete_app(name: str, limit: float = 60.0) -> None:
@@ -185,7 +210,7 @@ class Endpoints:
                 raise GatewayError("conflict", f"'{name}' is still deploying; wait for it (GET /deployments/{name}) "
                                                f"or undeploy it first")
             self._check_fallbacks(name, spec.fallbacks)
-            self._check_resources(provider, spec)
+            options = self._check_resources(provider, spec)
         except BaseException as err:
             if isinstance(err, GatewayError) and err.type == "deploy_failed" \
                     and (existing is None or existing.get("status") == "DEPLOY_FAILED") \
@@ -214,7 +239,7 @@ class Endpoints:
             record = {**(existing or {"chat_name": name, **public, "config_digest": "", "status": "RUNNING",
                                       "created_at": now, "updated_at": now}), "pending": pending}
         try:
-            app = bind_endpoint(provider, spec, self.settings)
+            app = bind_endpoint(provider, spec, self.settings, options)
             if fresh and name in apps:  # what a failed deploy left: start from nothing
                 _delete_app(name)
             # Nothing starts without the lease: renewed (for its whole TTL from now) just before.
@@ -339,9 +364,15 @@ class Endpoints:
             self._on_change(name)
         return outcome
 
-    def _check_resources(self, provider: Provider, spec: DeploySpec) -> None:
-        """Refuse at once what the cluster can never place (it would wait forever)."""
-        options = provider.replica_options(spec, self.settings)
+    def _check_resources(self, provider: Provider, spec: DeploySpec) -> dict:
+        """Refuse at once what the cluster can never place (it would wait forever); answer the Serve
+        options the replicas are deployed with (``placement_options``: what is checked is what starts).
+
+        Every resource a worker asks for counts: CPUs, GPUs, and the custom ones (``resources``, a
+        provider's own). One that no live node has names the nodes that carry it (none, or too little).
+        """
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        options = placement_options(provider, spec, self.settings, nodes)
         actor = options.get("ray_actor_options") or {}
         bundles = options.get("placement_group_bundles")
         need: dict[str, float] = {}
@@ -350,19 +381,29 @@ class Endpoints:
             for key, value in bundle.items():
                 if value:
                     need[key] = need.get(key, 0) + float(value)
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-        total = {key: sum(n.get(key, 0) for n in nodes) for key in need}
+        have = [n.get("Resources", {}) for n in nodes]
+        total = {key: sum(n.get(key, 0) for n in have) for key in need}
         workers = spec.workers
         for key, per in sorted(need.items(), key=lambda kv: kv[0] != "GPU"):
-            if not any(n.get(key, 0) >= per for n in nodes) or total[key] < per * workers:
-                noun = {"GPU": "GPUs", "CPU": "CPUs"}.get(key, f"'{key}' resources")
-                have = ", ".join(f"{n.get(key, 0):g}" for n in nodes) or "no nodes"
-                raise GatewayError(
-                    "deploy_failed",
-                    f"not enough {noun} in the cluster for '{spec.chat_name}': {workers} worker(s) x {per:g} = "
-                    f"{per * workers:g} needed, each worker on one node; the nodes have {have}",
-                    reason="insufficient_gpus" if key == "GPU" else "insufficient_resources", provider=provider.name,
-                )
+            if any(n.get(key, 0) >= per for n in have) and total[key] >= per * workers:
+                continue
+            needed = f"{workers} worker(s) x {per:g} = {per * workers:g} needed, each worker on one node"
+            if key in ("GPU", "CPU"):
+                noun = {"GPU": "GPUs", "CPU": "CPUs"}[key]
+                amounts = ", ".join(f"{n.get(key, 0):g}" for n in have) or "no nodes"
+                message = f"not enough {noun} in the cluster for '{spec.chat_name}': {needed}; the nodes have {amounts}"
+            else:
+                holders = [f"{n.get('NodeManagerAddress') or '?'} ({(n.get('NodeID') or '')[:8]}) has "
+                           f"{n['Resources'][key]:g}" for n in nodes if (n.get("Resources") or {}).get(key)]
+                where = ("the nodes with it: " + ", ".join(holders)) if holders else "no live node has it"
+                message = f"not enough '{key}' resources in the cluster for '{spec.chat_name}': {needed}; {where}"
+                if key in spec.resources:
+                    message += (f". A node carries it when started with ray start --resources='{{\"{key}\": N}}' "
+                                f"(a KubeRay group's rayStartParams; GATEWAY_RAY_RESOURCES for the embedded head)")
+            raise GatewayError("deploy_failed", message,
+                               reason="insufficient_gpus" if key == "GPU" else "insufficient_resources",
+                               provider=provider.name, fields=["resources"] if key in spec.resources else None)
+        return options
 
     def _check_fallbacks(self, name: str, fallbacks: list[str]) -> None:
         """Fallbacks must name deployed endpoints and must not lead back to ``name``."""
@@ -417,7 +458,9 @@ class Endpoints:
             raise
         try:
             if name in apps:
-                _delete_app(name)
+                # (Serve gives each replica its graceful shutdown, the call timeout + 5 s, even one that never
+                # started because no node could take it: wait past that)
+                _delete_app(name, max(60.0, float((record or {}).get("timeout") or 60) + 35))
         finally:
             lease.stop()
             forgotten = ray.get(registry.finish.remote(name, None, lease.owner))
@@ -475,10 +518,11 @@ class Endpoints:
     # -- listing ------------------------------------------------------------
     def list(self) -> list[dict]:
         records = {r["chat_name"]: r for r in ray.get(self.cluster.registry().list.remote(), timeout=_CONTROLLER_WAIT_S)}
-        apps = _app_statuses()
+        apps, replicas = serve_state()
         for name, record in list(records.items()):
-            records[name], apps = self._settled(name, record, apps)
-        return [self._view(records.get(name), apps.get(name), name) for name in sorted(set(records) | set(apps))]
+            records[name], apps, replicas = self._settled(name, record, apps, replicas)
+        return [self._view(records.get(name), apps.get(name), name, replicas.get(name))
+                for name in sorted(set(records) | set(apps))]
 
     def listing(self) -> list[dict]:
         """``list()`` as this process saw it within about a second (read-only: shared by every caller).
@@ -489,16 +533,20 @@ class Endpoints:
         """
         return self._listing.get()
 
-    def _settled(self, name: str, record: dict, apps: dict) -> tuple[dict, dict]:
-        """A reader settles what a lost watcher left: (record, apps) as they are after that."""
+    def _settled(self, name: str, record: dict, apps: dict, replicas: dict) -> tuple[dict, dict, dict]:
+        """A reader settles what a lost watcher left: (record, apps, replicas) as they are after that."""
         pending = record.get("pending")
         if pending and self._settle_if_done(name, pending["id"], apps.get(name), pending["deadline"]):
-            return ray.get(self.cluster.registry().get.remote(name)) or record, _app_statuses()
-        return record, apps
+            return (ray.get(self.cluster.registry().get.remote(name)) or record, *serve_state())
+        return record, apps, replicas
 
     @staticmethod
-    def _view(record: Optional[dict], app, name: Optional[str] = None) -> dict:
-        """What ``GET /deployments`` shows of one endpoint: the record, Serve's state, progress."""
+    def _view(record: Optional[dict], app, name: Optional[str] = None, replicas: Optional[list[dict]] = None) -> dict:
+        """What ``GET /deployments`` shows of one endpoint: the record, Serve's state, progress.
+
+        With ``replicas`` (``serve_state``): each worker's state and node (``replicas``), and when fewer
+        run than wanted, how many and why (``workers_missing``: ``{"count", "why"}``).
+        """
         view = dict(record or {"chat_name": name})
         pending = view.pop("pending", None)
         if view.get("status") == "DEPLOY_FAILED":
@@ -510,6 +558,13 @@ class Endpoints:
         deployment, running = _deployment_view(app)
         view.setdefault("provider", deployment)
         view["workers_running"] = running
+        if replicas is not None:
+            view["replicas"] = [dict(r) for r in replicas]
+            wanted = pending["public"]["workers"] if pending else view.get("workers")
+            resources = (pending["public"] if pending else view).get("resources")
+            missing = workers_missing(wanted, replicas, _message_of(app), resources)
+            if missing:
+                view["workers_missing"] = missing
         if pending:
             view["status"] = "DEPLOYING" if pending["fresh"] else "UPDATING"
             view["progress"] = {"workers_running": running, "workers": pending["public"]["workers"],
@@ -524,12 +579,47 @@ class Endpoints:
 
     def get(self, name: str) -> dict:
         record = ray.get(self.cluster.registry().get.remote(name))
-        apps = _app_statuses()
+        apps, replicas = serve_state()
         if record is None and name not in apps:
             raise GatewayError("not_found", f"no endpoint named '{name}'; GET /deployments lists them")
         if record is not None:
-            record, apps = self._settled(name, record, apps)
-        return self._view(record, apps.get(name), name)
+            record, apps, replicas = self._settled(name, record, apps, replicas)
+        return self._view(record, apps.get(name), name, replicas.get(name))
+
+
+#: the states of a replica that is on its way to running
+_COMING = ("STARTING", "UPDATING", "RECOVERING")
+
+
+def workers_missing(wanted: Optional[int], replicas: list[dict], serve_said: str = "",
+                    resources: Optional[dict] = None) -> Optional[dict]:
+    """``{"count", "why"}`` when fewer of ``replicas`` run than ``wanted``, else None. Pure: no cluster.
+
+    Why, in words: workers no node took yet (a replica Serve started but Ray has not placed: no live
+    node has the free resources it needs; Serve's own words follow once it says more), workers starting
+    on their nodes (loading), workers Serve has not started yet (or stopping ones).
+    """
+    running = sum(1 for r in replicas if r.get("state") == "RUNNING")
+    if not wanted or running >= wanted:
+        return None
+    count = wanted - running
+    unplaced = [r for r in replicas if r.get("state") in _COMING and not r.get("node_id")]
+    starting = [r for r in replicas if r.get("state") in _COMING and r.get("node_id")]
+    why = []
+    if unplaced:
+        needs = f" (custom resources: {', '.join(f'{k} {v:g}' for k, v in sorted(resources.items()))})" if resources else ""
+        why.append(f"{len(unplaced)} pending: no live node has the free resources each worker needs{needs}; "
+                   f"`ray status` shows what the nodes have")
+        said = " ".join(serve_said.split())
+        if "schedul" in said:  # (Serve's words on replicas it could not place: what each needs, what is free)
+            why.append(f"Serve says: {said[:400]}")
+    if starting:
+        ips = sorted({r.get("node_ip") or "?" for r in starting})
+        why.append(f"{len(starting)} starting on {', '.join(ips)}")
+    rest = count - len(unplaced) - len(starting)
+    if rest > 0:
+        why.append(f"{rest} not started by Serve yet")
+    return {"count": count, "why": "; ".join(why)}
 
 
 def _message_of(app) -> str:
@@ -557,10 +647,81 @@ def failure_of(app) -> dict:
     return {"reason": "replica_failed", "message": f"a replica failed to start: {last[:400]}"}
 
 
-def bind_endpoint(provider: Provider, spec: DeploySpec, settings: Settings):
-    """The bound Serve application of one endpoint: the key travels only in ``bind`` args."""
+#: labels Ray 2.60 gives nodes itself: every node its id (``ray._raylet.RAY_NODE_ID_KEY``); a node whose GPUs
+#: it recognises, their type (``RAY_NODE_ACCELERATOR_TYPE_KEY``, e.g. ``H100``); a KubeRay pod, its worker
+#: group (``RAY_NODE_GROUP_KEY``, from the pod's ``RAY_NODE_TYPE_NAME``)
+NODE_ID_LABEL = "ray.io/node-id"
+ACCELERATOR_LABEL = "ray.io/accelerator-type"
+NODE_GROUP_LABEL = "ray.io/node-group"
+#: what a label value may be (Kubernetes' syntax, as Ray checks it)
+_LABEL_VALUE = re.compile(r"[a-zA-Z0-9]([a-zA-Z0-9_.-]{0,61}[a-zA-Z0-9])?")
+
+
+def avoid_gpu_nodes(nodes: list[dict]) -> Optional[dict]:
+    """The ``ray_actor_options`` that keep a SaaS replica off the GPU nodes of ``nodes`` (``ray.nodes()``,
+    the live ones), or None when there is nothing to avoid (no GPU node, or no other node with CPUs).
+
+    Ray 2.60 has no resource a replica could ask for to stay away from GPUs (a request can only require,
+    and Serve places replicas with its SPREAD strategy, which ignores Ray's own preference of CPU nodes
+    for CPU work), and no label on every GPU node. What it has are labels (``label_selector``): every node
+    carries its id, and many a GPU node its GPUs' type and its KubeRay group. So at deploy the replicas
+    get a selector that excludes the GPU nodes live now (by ``ray.io/node-id``), and any node of their GPU
+    types and KubeRay groups (by ``ray.io/accelerator-type``, ``ray.io/node-group``: the nodes a GPU group
+    adds later; a value a node without GPUs shares is not excluded), with a fallback that takes any node:
+    preferred, not required. When the other nodes are full or gone the replicas run on a GPU node rather
+    than not at all (and Serve stops those first when it scales down); a cluster of GPU nodes only runs
+    them as before. A GPU node of a new type and group that joins after the deploy is not excluded until
+    the endpoint is deployed again. An operator who wants a hard rule gives the deploy ``resources``
+    that only CPU nodes carry: those replace this default.
+    """
+    alive = [n for n in nodes if n.get("Alive", True)]
+    gpu = [n for n in alive if (n.get("Resources") or {}).get("GPU", 0) > 0]
+    others = [n for n in alive if not (n.get("Resources") or {}).get("GPU", 0) and (n.get("Resources") or {}).get("CPU", 0) > 0]
+    if not gpu or not others:
+        return None
+    selector = {NODE_ID_LABEL: f"!in({','.join(sorted(n['NodeID'] for n in gpu))})"}
+    for label in (ACCELERATOR_LABEL, NODE_GROUP_LABEL):
+        def values(group: list[dict]) -> set[str]:
+            return {str((n.get("Labels") or {}).get(label) or "") for n in group} - {""}
+
+        excluded = sorted(v for v in values(gpu) - values(others) if _LABEL_VALUE.fullmatch(v))
+        if excluded:
+            selector[label] = f"!in({','.join(excluded)})"
+    return {"label_selector": selector, "fallback_strategy": [{"label_selector": {}}]}
+
+
+def placement_options(provider: Provider, spec: DeploySpec, settings: Settings,
+                      nodes: Optional[list[dict]] = None) -> dict:
+    """The Serve options of ``spec``'s replicas: the provider's, with where they may run.
+
+    ``spec.resources``: each replica asks Ray for them (``ray_actor_options["resources"]``; with a
+    placement group, in its first bundle too, where Serve puts the replica). Without them, a SaaS
+    provider's replicas keep off the GPU nodes of ``nodes`` (``avoid_gpu_nodes``; no ``nodes``: no
+    such default).
+    """
+    options = dict(provider.replica_options(spec, settings))
+    actor = dict(options.get("ray_actor_options") or {})
+    bundles = options.get("placement_group_bundles")
+    if spec.resources:
+        actor["resources"] = {**(actor.get("resources") or {}), **spec.resources}
+        if bundles:
+            options["placement_group_bundles"] = [{**bundles[0], **spec.resources}, *bundles[1:]]
+    elif provider.kind == "saas" and nodes and not bundles and "label_selector" not in actor:
+        actor.update(avoid_gpu_nodes(nodes) or {})
+    options["ray_actor_options"] = actor
+    return options
+
+
+def bind_endpoint(provider: Provider, spec: DeploySpec, settings: Settings, options: Optional[dict] = None):
+    """The bound Serve application of one endpoint: the key travels only in ``bind`` args.
+
+    ``options``: its Serve options (``placement_options``, as the deploy checked them); default: the
+    provider's with the deploy's ``resources``.
+    """
     from .replica import ChatDeployment
     from .retry import RetryPolicy
 
     policy = RetryPolicy(max_retries=spec.max_retries, deadline_s=spec.timeout, retry_after_cap_s=settings.retry_after_cap_s)
-    return ChatDeployment.options(name=provider.name, **provider.replica_options(spec, settings)).bind(provider, spec, policy)
+    if options is None:
+        options = placement_options(provider, spec, settings)
+    return ChatDeployment.options(name=provider.name, **options).bind(provider, spec, policy)

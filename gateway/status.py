@@ -156,7 +156,7 @@ def probe(address: str, namespace: str) -> dict:
 def _read(namespace: str, context) -> dict:
     import ray
 
-    from .endpoints import Endpoints
+    from .endpoints import Endpoints, serve_state
     from .registry import REGISTRY_NAME
 
     try:
@@ -165,7 +165,7 @@ def _read(namespace: str, context) -> dict:
         registry = None
     records = ray.get(registry.list.remote(), timeout=5) if registry is not None else []
 
-    apps, replicas = _serve_state()
+    apps, replicas = serve_state(5)  # (read from a running Serve controller only: none running is no applications)
     by_name = {r["chat_name"]: r for r in records}
     report = {"dashboard_url": _dashboard_url(context), "nodes": _nodes(), "registry": registry is not None}
     report["endpoints"] = [
@@ -192,27 +192,6 @@ def _nodes() -> list[dict]:
                       "head": HEAD_NODE_RESOURCE in res, "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0)})
     nodes.sort(key=lambda n: (not n["alive"], not n["head"], n["ip"] or ""))
     return nodes
-
-
-def _serve_state() -> tuple[dict, dict]:
-    """(Serve's application statuses, as ``serve.status()`` has them; each application's replicas).
-
-    Read from a running Serve controller only: none running is no applications (Serve is not started).
-    """
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeInstanceDetails
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
-        return {}, {}
-    details = client.get_serve_details()
-    apps = ServeInstanceDetails(**details)._get_status().applications
-    replicas = {}
-    for name, app in (details.get("applications") or {}).items():
-        replicas[name] = [{"state": str(getattr(r.get("state"), "value", r.get("state"))), "node_ip": r.get("node_ip"),
-                           "node_id": r.get("node_id")}
-                          for dep in (app.get("deployments") or {}).values() for r in dep.get("replicas") or []]
-    return apps, replicas
 
 
 def health_words(health: Optional[dict], now: Optional[float] = None) -> str:

@@ -62,6 +62,14 @@ class DeploySpec(BaseModel):
     model_type: Optional[str] = None
     #: how long replicas may take to start (load weights) before the deploy is failed
     deploy_timeout: float = Field(300.0, gt=0, le=86400)
+    #: custom Ray resources each worker needs: it runs only on a node that carries them (the Ray way to
+    #: pin workers to nodes); given, it also replaces the default that keeps SaaS workers off GPU nodes
+    resources: dict[str, float] = Field(
+        default_factory=dict, max_length=16, title="Custom resources per worker",
+        description='Custom Ray resources each worker needs, e.g. {"cpu_pool": 0.01}: each worker runs only on a '
+                    'node started with them (ray start --resources, a KubeRay group\'s rayStartParams), the Ray way to '
+                    'pin workers to nodes. Given, SaaS workers are no longer kept off GPU nodes by default. CPUs and '
+                    'GPUs have their own fields.')
 
     @field_validator("model_type")
     @classmethod
@@ -69,6 +77,11 @@ class DeploySpec(BaseModel):
         if value is not None and value not in cls.MODEL_TYPES:
             raise ValueError(f"{value!r} does not match this provider; use one of {list(cls.MODEL_TYPES)} or omit it")
         return value
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, value: dict[str, float]) -> dict[str, float]:
+        return check_resources(value)
 
     @field_validator("fallbacks")
     @classmethod
@@ -99,6 +112,8 @@ class DeploySpec(BaseModel):
         if len(cluster_secret) < 16:
             raise ValueError("the digest secret must be at least 16 bytes")
         data = self.model_dump(mode="json")
+        if not data.get("resources"):  # (no resources: the digest of a spec from before the field existed)
+            data.pop("resources", None)
         for name, value in self:
             if isinstance(value, SecretStr):
                 data[name] = value.get_secret_value()
@@ -108,7 +123,39 @@ class DeploySpec(BaseModel):
     def public(self) -> dict[str, Any]:
         """What may be shown about this endpoint (listing, logs): never a secret."""
         return {"model": self.model_name, "workers": self.workers, "timeout": self.timeout,
-                "max_retries": self.max_retries, "fallbacks": list(self.fallbacks)}
+                "max_retries": self.max_retries, "fallbacks": list(self.fallbacks), "resources": dict(self.resources)}
+
+
+#: Ray's own resources, which have fields of their own (``cpus_per_worker``, ``gpus_per_worker``) or are
+#: not a placement (memory): never in a ``resources`` map
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+#: the smallest amount Ray tells apart (its resource unit is 1/10000)
+_RESOURCE_UNIT = 0.0001
+
+
+def check_resources(value: Mapping[str, float], whole: bool = False) -> dict[str, float]:
+    """``value`` as a map of custom Ray resources, or ``ValueError`` naming what is wrong.
+
+    Names: non-empty, at most 128 characters, no white space, none of ``RAY_BUILTIN_RESOURCES``.
+    Amounts: finite, at least 0.0001 (Ray's unit), at most 1e9; ``whole``: whole numbers (what a node
+    carries, ``ray start --resources``; a worker may ask for a fraction).
+    """
+    out: dict[str, float] = {}
+    for name, amount in value.items():
+        if not isinstance(name, str) or not name.strip() or len(name) > 128 or any(c.isspace() for c in name) \
+                or not name.isprintable():
+            raise ValueError(f"{name!r} is not a resource name (1 to 128 characters, no spaces)")
+        if name in RAY_BUILTIN_RESOURCES:
+            raise ValueError(f"{name!r} is one of Ray's own resources, not a custom one (CPUs and GPUs have "
+                             f"fields of their own)")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount):
+            raise ValueError(f"the amount of {name!r} must be a finite number")
+        if amount < _RESOURCE_UNIT or amount > 1e9:
+            raise ValueError(f"the amount of {name!r} must be between {_RESOURCE_UNIT:g} and 1e9 (got {amount:g})")
+        if whole and amount != int(amount):
+            raise ValueError(f"the amount of {name!r} a node carries must be a whole number (got {amount:g})")
+        out[name] = float(amount)
+    return out
 
 
 def _http_url(value: Optional[str], field: str) -> Optional[str]:

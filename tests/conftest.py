@@ -28,6 +28,8 @@ from tests.fakes.upstreams import FakeDashScope, FakeOpenAI, FakeZhipu
 from tests.providers_for_tests import register_test_providers
 
 _names = itertools.count()
+#: a custom Ray resource the session's head carries 4 of (GATEWAY_RAY_RESOURCES)
+TEST_POOL = "llmgw_test_pool"
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +37,7 @@ def ray_head():
     os.environ.pop("RAY_ADDRESS", None)
     settings = Settings.from_env(
         ray_port=free_port(), dashboard_port=free_port(), object_store_mb=100, ray_num_cpus=2,
+        ray_resources={TEST_POOL: 4},  # (a custom resource, for deploys that pin workers with ``resources``)
     )
     head = EmbeddedHead(settings)
     export_embedded_env(head.start())

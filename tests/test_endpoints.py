@@ -253,3 +253,66 @@ def test_with_grpc_off_calls_go_as_ray_actor_calls_and_answer_the_same(client, d
     default = client.application.extensions["gateway"].dispatcher.resolve(chat_name).handle
     assert default.chat.handle_options._by_reference is False and default.stream.handle_options._by_reference is False
     assert default.chat.init_options._run_router_in_separate_loop is False  # (the router runs in the process's loop)
+
+
+def test_a_deploy_asking_for_a_resource_no_node_has_is_refused_at_once(client, deploy, name):
+    """``resources`` no live node carries would wait for ever: refused before anything starts, naming it."""
+    chat_name = name()
+    started = time.monotonic()
+    r = deploy(chat_name, "sk-place-0010", resources={"node_b": 1})
+    err = r.get_json()["error"]
+    assert r.status_code == 422 and time.monotonic() - started < 10, err
+    assert err["type"] == "deploy_failed" and err["reason"] == "insufficient_resources" and err["fields"] == ["resources"]
+    assert "'node_b'" in err["message"] and "no live node has it" in err["message"] and "ray start --resources" in err["message"]
+    assert chat_name not in serve.status().applications
+    assert client.get(f"/deployments/{chat_name}").get_json()["status"] == "DEPLOY_FAILED"
+    assert client.post("/openai/undeploy", json={"chat_name": chat_name}).status_code == 200
+
+
+def test_workers_run_where_their_resources_are_and_the_listing_shows_their_nodes(client, deploy, fake_openai, ray_head, name):
+    """Each worker asks Ray for the deploy's ``resources``; the listing shows every worker's node, and why
+    workers are missing (here: a worker no node has room for)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    from gateway import Settings, create_app
+    from tests.conftest import TEST_POOL
+
+    chat_name = name()
+    r = deploy(chat_name, "sk-place-0011", workers=2, resources={TEST_POOL: 1})
+    assert r.status_code == 200, r.get_json()
+    details = _get_global_client().get_serve_details()["applications"][chat_name]["deployments"]["openai"]
+    assert details["deployment_config"]["ray_actor_options"]["resources"] == {TEST_POOL: 1.0}
+    head = next(n for n in ray.nodes() if n["Alive"])
+    row = {d["chat_name"]: d for d in client.get("/deployments").get_json()["deployments"]}[chat_name]
+    assert row["status"] == "RUNNING" and row["resources"] == {TEST_POOL: 1.0} and "workers_missing" not in row
+    assert row["replicas"] == [{"state": "RUNNING", "node_ip": "127.0.0.1", "node_id": head["NodeID"]}] * 2
+    assert client.get(f"/deployments/{chat_name}").get_json()["replicas"] == row["replicas"]
+    assert client.post("/chat", json={"chat_name": chat_name, "content": "hi"}).get_json()["output"] == "echo: hi"
+
+    # 2 of the head's 4 are taken: a worker that needs 3 fits the cluster (not refused) but no node has room now
+    impatient = create_app(Settings.from_env(ray_address=ray_head.address, cooldown_s=0, deploy_wait_s=1)).test_client()
+    waiting = name()
+    try:
+        r = impatient.post("/openai/deploy", json={"api_key": "sk-place-0012", "chat_name": waiting, "model_name": "m",
+                                                   "base_url": fake_openai.base_url, "resources": {TEST_POOL: 3},
+                                                   # (Serve waits a replica's graceful shutdown, timeout + 5 s, even
+                                                   # for one that never started: the undeploy below takes that long)
+                                                   "timeout": 1})
+        assert r.status_code == 202 and r.get_json()["status"] == "DEPLOYING", r.get_json()
+        deadline = time.monotonic() + 15
+        while True:
+            view = client.get(f"/deployments/{waiting}").get_json()
+            if "pending" in (view.get("workers_missing") or {}).get("why", "") or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert view["status"] == "DEPLOYING" and view["workers_running"] == 0, view
+        assert view["workers_missing"]["count"] == 1 and view["workers_missing"]["why"].startswith(
+            f"1 pending: no live node has the free resources each worker needs (custom resources: {TEST_POOL} 3)"), view
+        assert view["replicas"] == [{"state": "STARTING", "node_ip": None, "node_id": None}]
+    finally:
+        assert client.post("/openai/undeploy", json={"chat_name": waiting}).status_code == 200
+        # (the deploy's watcher, which answered 202, sees it gone and ends: never to poll a cluster torn down)
+        for thread in threading.enumerate():
+            if thread.name == f"deploy-{waiting}":
+                thread.join(10)

@@ -372,13 +372,40 @@ function trafficCell(row) {
     el("span", { text: first }), ...more.map((text) => el("span", { class: "sub", text })));
 }
 
+// where an endpoint's workers run, in words: "2/2 on 127.0.0.1" (by node: an IP that two nodes share gets
+// each node's short id), then why some are missing, and the custom resources each worker asks for
+function workersWords(row) {
+  const count = `${row.workers_running ?? DASH}/${row.workers ?? DASH}`;
+  const running = (row.replicas || []).filter((r) => r.state === "RUNNING" && (r.node_ip || r.node_id));
+  const ipsOf = new Map();  // ip -> node ids
+  for (const r of running) ipsOf.set(r.node_ip || "?", new Set([...(ipsOf.get(r.node_ip || "?") || []), r.node_id || ""]));
+  const nodes = [];
+  for (const [ip, ids] of ipsOf) {
+    if (ids.size > 1) nodes.push(...[...ids].sort().map((id) => `${ip} (${id.slice(0, 8)})`));
+    else nodes.push(ip);
+  }
+  const words = [nodes.length ? `${count} on ${nodes.join(", ")}` : count];
+  if (row.workers_missing) words.push(`${row.workers_missing.count} missing: ${row.workers_missing.why}`);
+  const resources = Object.entries(row.resources || {});
+  if (resources.length) words.push("each needs " + resources.map(([k, v]) => `${k} ${v}`).join(", "));
+  return words;
+}
+
+function workersCell(row) {
+  const [first, ...more] = workersWords(row);
+  const title = (row.replicas || []).map((r) => `${r.state} on ${r.node_ip || "no node yet"}` +
+      (r.node_id ? ` (node ${r.node_id.slice(0, 12)})` : "")).join("\n");
+  return el("td", { class: "workers", title: title || undefined },
+    el("span", { text: first }), ...more.map((text) => el("span", { class: "sub", text })));
+}
+
 function deploymentRow(row) {
   const tr = el("tr", { dataset: { chatName: row.chat_name } },
     el("td", { class: "name", text: row.chat_name }),
     el("td", { text: row.provider || DASH }),
     el("td", { text: row.model || DASH }),
     el("td", { text: row.base_url_host || DASH }),
-    el("td", { text: `${row.workers_running ?? DASH}/${row.workers ?? DASH}` }),
+    workersCell(row),
     statusCell(row),
     healthCell(row),
     el("td", { text: (row.fallbacks || []).join(", ") || DASH }),
