@@ -75,6 +75,10 @@ _RAY_ATTEMPTS = 3
 #: a waiting call looks at the cluster's health this often (each look costs the worker CPU:
 #: 1 000 calls in flight at 0.5 s were 2 000 wake-ups a second)
 _POLL_S = 2.0
+#: a call that no replica has taken this long, while Serve knows of no running replica of its
+#: endpoint (its node died, its workers cannot be placed), is answered ``endpoint_not_ready`` rather
+#: than left to wait for its whole deadline
+_NO_REPLICA_S = 2.0
 #: how long a call waits for the registry actor (a restart by Ray takes a few seconds)
 _REGISTRY_WAIT_S = 10.0
 #: how often a process looks again at an endpoint it knows as unhealthy
@@ -107,6 +111,24 @@ async def _new_handles(deployment: str, app: str, grpc: bool = True) -> Handles:
     handle = DeploymentHandle(deployment, app)
     handle._init(_run_router_in_separate_loop=False)
     return Handles(chat=handle.options(_by_reference=not grpc), stream=handle.options(_by_reference=not grpc, stream=True))
+
+
+def running_replicas(handle: Any) -> Optional[int]:
+    """How many running replicas the router of ``handle`` (made by ``_new_handles``) knows of, as
+    Serve's controller last told it; None when it cannot tell (no word from the controller yet, or a
+    Ray whose router is laid out otherwise: then nothing is concluded from it).
+
+    (Ray 2.60 has no public accessor: this reads the router of a handle made with
+    ``_run_router_in_separate_loop=False``, which ``tests/test_multinode.py`` exercises.)
+    """
+    try:
+        router = handle._router._asyncio_router
+        if not router.running_replicas_populated():  # (never had one: a fresh handle waits for its first)
+            return None
+        chooser = router._request_router
+        return len(chooser.curr_replicas if chooser is not None else router._running_replicas)
+    except Exception:  # noqa: BLE001 - Ray's private layout: unknown is None
+        return None
 
 
 @dataclass
@@ -297,7 +319,8 @@ def ray_failure(exc: BaseException, endpoint: Optional[str] = None) -> GatewayEr
     cluster itself failed: ``cluster_unavailable``.
     """
     if endpoint is not None and isinstance(exc, DeploymentUnavailableError):
-        return GatewayError("endpoint_not_ready", f"'{endpoint}' failed to deploy", retry_after=5)
+        return GatewayError("endpoint_not_ready", f"'{endpoint}' is not running: Serve gave up on it (it failed to "
+                            f"deploy or to recover); deploy it again, or try again shortly", retry_after=5)
     if endpoint is not None and isinstance(exc, _GRPC_ERROR) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return GatewayError("payload_too_large", f"the call is larger than '{endpoint}''s replicas take over gRPC "
                             f"(4 MiB by default): shorten it, or run the gateway with GATEWAY_SERVE_GRPC=0")
@@ -527,19 +550,35 @@ class Dispatcher:
         if self.cluster.lost:
             self.cluster.ensure_up()  # raises cluster_unavailable
 
-    async def _await(self, pending: Any, timeout: float, cancel: Callable[[], Any]) -> Any:
+    async def _await(self, pending: Any, timeout: float, cancel: Callable[[], Any],
+                     endpoint: Optional[Endpoint] = None) -> Any:
         """Await a Serve call, looking at the cluster's health every ``_POLL_S``; ``cancel`` it when
-        it runs out of time (``TimeoutError``), the cluster is lost or the caller gives up."""
-        deadline = time.monotonic() + timeout
+        it runs out of time (``TimeoutError``), the cluster is lost or the caller gives up.
+
+        ``endpoint`` (a call no replica has answered yet): after ``_NO_REPLICA_S``, while its router
+        knows no running replica, the call ends ``endpoint_not_ready`` (a node lost with all of its
+        workers would otherwise hold every caller for the whole deadline).
+        """
+        began = time.monotonic()
+        deadline = began + timeout
         task = asyncio.ensure_future(pending)
         try:
             while True:
-                done, _ = await asyncio.wait((task,), timeout=min(_POLL_S, max(0.01, deadline - time.monotonic())))
+                wait = min(_POLL_S, max(0.01, deadline - time.monotonic()))
+                if endpoint is not None:
+                    wait = min(wait, max(0.01, began + _NO_REPLICA_S - time.monotonic()))
+                done, _ = await asyncio.wait((task,), timeout=wait)
                 if done:
                     return task.result()
                 self._up()
                 if time.monotonic() >= deadline:
                     raise TimeoutError
+                if endpoint is not None and time.monotonic() - began >= _NO_REPLICA_S \
+                        and running_replicas(endpoint.handle.chat) == 0:
+                    raise GatewayError(
+                        "endpoint_not_ready", f"no worker of '{endpoint.name}' is running (its node may be gone, or "
+                        f"no node has what its workers need): GET /deployments/{endpoint.name} says which are "
+                        f"missing and why; try again shortly", retry_after=5)
         finally:
             if not task.done():
                 cancel()
@@ -549,7 +588,10 @@ class Dispatcher:
 
     def _call(self, endpoint: Endpoint, call: ChatCall) -> ChatResult:
         providers.get(endpoint.provider).check_call(call)
-        reply = self.loop.run(self._ask(endpoint, call, _deadline(endpoint)))
+        try:
+            reply = self.loop.run(self._ask(endpoint, call, _deadline(endpoint)))
+        except DeploymentUnavailableError as exc:
+            raise self._gone(endpoint, exc) from None
         if isinstance(reply, ErrorInfo):
             raise GatewayError.from_info(reply)
         return reply
@@ -559,12 +601,12 @@ class Dispatcher:
             self._up()
             response = endpoint.handle.chat.chat.remote(call)
             try:
-                return await self._await(response, timeout, response.cancel)
+                return await self._await(response, timeout, response.cancel, endpoint)
             except TimeoutError:
                 raise GatewayError("upstream_timeout", f"'{endpoint.name}' did not answer within {timeout:.0f}s") from None
-            except DeploymentUnavailableError as exc:
+            except DeploymentUnavailableError:
                 self._cache.pop(endpoint.name, None)  # (forget it without the lock: never wait on a lock on the loop)
-                raise ray_failure(exc, endpoint.name) from None
+                raise  # (``_gone``, in the caller's thread, asks the registry why)
             except _REPLICA_GONE + (_GRPC_ERROR,) as exc:
                 if attempt + 1 < _RAY_ATTEMPTS and _never_started(exc):
                     await asyncio.sleep(0.05 * 2 ** attempt)
@@ -678,7 +720,18 @@ class Dispatcher:
 
     def _open_stream(self, endpoint: Endpoint, call: ChatCall) -> tuple[StreamEvent, Any]:
         providers.get(endpoint.provider).check_call(call)
-        return self.loop.run(self._open(endpoint, call, _deadline(endpoint)))
+        try:
+            return self.loop.run(self._open(endpoint, call, _deadline(endpoint)))
+        except DeploymentUnavailableError as exc:
+            raise self._gone(endpoint, exc) from None
+
+    def _gone(self, endpoint: Endpoint, exc: DeploymentUnavailableError) -> GatewayError:
+        """Serve no longer has ``endpoint``'s application: the registry says why. Undeployed (here or
+        through another gateway host, within this process's ``endpoint_cache_s``): ``not_found``,
+        raised by ``resolve``; being deployed again: ``endpoint_not_ready``; still registered: Serve
+        gave up on it (``ray_failure``)."""
+        self.resolve(endpoint.name, fresh=True)
+        return ray_failure(exc, endpoint.name)
 
     async def _open(self, endpoint: Endpoint, call: ChatCall, timeout: float) -> tuple[StreamEvent, Any]:
         """The replica's stream and its first event (the rest is pulled on the loop by ``Stream``)."""
@@ -686,13 +739,13 @@ class Dispatcher:
             self._up()
             gen = endpoint.handle.stream.stream.remote(call)
             try:
-                first = await self._await(gen.__anext__(), timeout, gen.cancel)
+                first = await self._await(gen.__anext__(), timeout, gen.cancel, endpoint)
             except TimeoutError:
                 raise GatewayError("upstream_timeout", f"'{endpoint.name}' did not start its stream within "
                                    f"{timeout:.0f}s; try again") from None
-            except DeploymentUnavailableError as exc:
+            except DeploymentUnavailableError:
                 self._cache.pop(endpoint.name, None)
-                raise ray_failure(exc, endpoint.name) from None
+                raise
             except _REPLICA_GONE + (_GRPC_ERROR,) as exc:
                 if attempt + 1 < _RAY_ATTEMPTS and _never_started(exc):
                     await asyncio.sleep(0.05 * 2 ** attempt)
