@@ -5,11 +5,16 @@ manifests make (the gateway's Deployment and each group of the RayCluster) runs 
 read-only root filesystem, no capabilities, no privilege escalation, seccomp RuntimeDefault, no
 service-account token, and an emptyDir for every path written at run time; NetworkPolicies let only the
 cluster's own pods reach Ray's ports and only the ingress namespace reach the gateway's; the gateway
-serves HTTPS with a certificate from a Secret. The schema check of the same files is
-``test_manifests_validate_against_the_kubernetes_schemas`` in tests/test_security.py.
+serves HTTPS with a certificate from a Secret. More than one machine: the RayCluster's worker groups
+carry the custom resources deploys pin endpoints with (``cpu_pool`` on CPU pods, ``gpu_pool`` on GPU
+pods), quoted so that bash, KubeRay and Ray's autoscaler all read them; two gateway pods join it, spread
+over nodes and kept through a drain by a PodDisruptionBudget; docs/operations.md names those resources.
+The schema check of the same files is ``test_manifests_validate_against_the_kubernetes_schemas`` in
+tests/test_security.py.
 """
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import PurePosixPath
@@ -17,12 +22,16 @@ from pathlib import PurePosixPath
 import pytest
 import yaml
 
+from providers.base import check_resources
 from tests.procs import ROOT
 
 pytestmark = pytest.mark.fast
 
 KUBE = ROOT / "deploy" / "kubernetes"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+OPERATIONS = ROOT / "docs" / "operations.md"
+#: the custom Ray resources of the RayCluster's CPU and GPU worker groups, which deploys name in ``resources``
+CPU_POOL, GPU_POOL = "cpu_pool", "gpu_pool"
 GATEWAY_PORT = 8099
 #: Ray's ports between nodes (the low and high ends of each range): GCS, dashboard, Ray Client, metrics export
 #: (KubeRay's 8080), dashboard agent, the worker range (every worker's and driver's gRPC server), and the
@@ -325,3 +334,120 @@ def test_network_policies_let_only_the_cluster_reach_ray_and_the_ingress_reach_t
     assert any(port_allowed(r, GATEWAY_PORT, names) and any(not is_cluster_peer(p, cluster) for p in r["from"])
                for p in policies if selects(p["spec"]["podSelector"], gateway_labels) for r in p["spec"].get("ingress") or []), \
         "nothing outside the cluster can reach the gateway's port"
+
+
+# -- more than one machine ----------------------------------------------------------------------
+def group_resources(group: dict) -> dict[str, int]:
+    """The custom resources each pod of a RayCluster group carries: its rayStartParams ``resources``, read
+    the three ways it is read, which must agree. Bash: KubeRay pastes ``--resources=VALUE`` into the Ray
+    container's command line (``convertParamMap``, ray-operator/controllers/ray/common/pod.go), so the
+    JSON must survive the shell. KubeRay: ``getResourcesMap`` there trims quotes and parses JSON, before
+    it adds ``num-gpus`` from the GPU limit. Ray's autoscaler (``_get_custom_resources``), once it is on.
+    """
+    params = group.get("rayStartParams") or {}
+    if "resources" not in params:
+        return {}
+    value = params["resources"]
+    where = f"group {group.get('groupName', 'head')}: rayStartParams resources {value!r}"
+    assert isinstance(value, str), f"{where}: rayStartParams values are strings"
+    words = shlex.split(f"--resources={value}")
+    assert len(words) == 1, f"{where}: bash makes {words} of it"
+    try:
+        by_bash = json.loads(words[0].partition("=")[2])
+        by_kuberay = json.loads(value.strip("'\"` "))
+    except ValueError as exc:
+        pytest.fail(f"{where}: not JSON once bash or KubeRay has read it ({exc}); give the JSON in single quotes")
+    assert isinstance(by_bash, dict) and all(type(v) is int for v in by_bash.values()), \
+        f"{where}: a JSON object of whole numbers (Ray's autoscaler takes no other)"
+    check_resources(by_bash, whole=True)  # custom names only (CPUs, GPUs, memory have flags of their own)
+    from ray.autoscaler._private.kuberay.autoscaling_config import _get_custom_resources
+
+    by_autoscaler = _get_custom_resources({}, params, group.get("groupName", "headgroup"))
+    assert by_bash == by_kuberay == by_autoscaler, f"{where}: bash {by_bash}, KubeRay {by_kuberay}, autoscaler {by_autoscaler}"
+    return by_bash
+
+
+def gpu_limit(group: dict) -> float:
+    return sum(quantity((c.get("resources") or {}).get("limits", {}).get("nvidia.com/gpu", 0))
+               for c in group["template"]["spec"]["containers"])
+
+
+def spreads_over_nodes(spec: dict, labels: dict) -> bool:
+    """The pod spec keeps pods with these labels on different Kubernetes nodes (preferred or required)."""
+    anti = (spec.get("affinity") or {}).get("podAntiAffinity") or {}
+    terms = [t.get("podAffinityTerm") or {} for t in anti.get("preferredDuringSchedulingIgnoredDuringExecution") or []]
+    terms += list(anti.get("requiredDuringSchedulingIgnoredDuringExecution") or [])
+    return any(t.get("topologyKey") == "kubernetes.io/hostname" and "labelSelector" in t
+               and selects(t["labelSelector"] or {}, labels) for t in terms)
+
+
+def test_the_ray_cluster_has_a_cpu_pool_group_and_a_gpu_pool_group():
+    spec = load("raycluster.yaml")[0]["spec"]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    carries = {name: group_resources(group) for name, group in groups.items()}
+    group_resources(spec["headGroupSpec"])  # (the head's, if any, are read the same way)
+    cpu = [name for name, has in carries.items() if has.get(CPU_POOL)]
+    gpu = [name for name, has in carries.items() if has.get(GPU_POOL)]
+    assert cpu, f"no worker group carries {CPU_POOL}: a deploy with resources {{{CPU_POOL}: ...}} never runs ({carries})"
+    assert gpu, f"no worker group carries {GPU_POOL}: a deploy with resources {{{GPU_POOL}: ...}} never runs ({carries})"
+    for name in cpu:
+        group = groups[name]
+        assert not gpu_limit(group) and GPU_POOL not in carries[name], f"{name}: endpoints pinned to {CPU_POOL} land on GPUs"
+        # a lost pod leaves the endpoints pinned to the group another node carrying the resource
+        assert min(group["replicas"], group["minReplicas"]) >= 2, f"{name}: one pod carries {CPU_POOL}"
+        labels = next(labels for n, labels, _ in pods() if n == f"ray-{name}")
+        assert spreads_over_nodes(group["template"]["spec"], labels), f"{name}: its pods may share one Kubernetes node"
+    for name in gpu:
+        group = groups[name]
+        assert gpu_limit(group) >= 1, f"{name} carries {GPU_POOL} without an nvidia.com/gpu limit"
+        assert carries[name][GPU_POOL] == gpu_limit(group), f"{name}: one {GPU_POOL} per GPU ({carries[name]})"
+        assert CPU_POOL not in carries[name], f"{name}: endpoints pinned to {CPU_POOL} land on GPU nodes"
+        assert group["replicas"] == group["minReplicas"] == 0, f"{name}: GPU pods run (and cost) before anyone scales the group"
+
+
+def test_two_gateway_pods_join_the_cluster_on_different_nodes_and_a_drain_keeps_one():
+    (deployment,) = [d for d in load("gateway.yaml") if d["kind"] == "Deployment"]
+    replicas = deployment["spec"].get("replicas", 1)
+    assert replicas >= 2, f"the gateway runs {replicas} pod(s): one lost pod is an outage"
+    labels, spec = pod("gateway")
+    container = next(c for c in spec["containers"] if c["name"] == "gateway")
+    # every pod joins the same RayCluster: its head Service (KubeRay names it <cluster>-head-svc), GCS port
+    cluster = load("raycluster.yaml")[0]
+    head = f"{cluster['metadata']['name']}-head-svc:{cluster['spec']['headGroupSpec']['rayStartParams'].get('port', '6379')}"
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert env.get("RAY_ADDRESS") == head, f"RAY_ADDRESS {env.get('RAY_ADDRESS')}, not the RayCluster's head {head}"
+    joins = re.findall(r"ray start --address=(\S+)", " ".join(container.get("command", []) + container.get("args", [])))
+    assert joins == [head], f"the pod's Ray node joins {joins}, not {head}"
+    assert spreads_over_nodes(spec, labels), "the gateway's pods may all run on one Kubernetes node"
+    budgets = [d for d in all_docs() if d["kind"] == "PodDisruptionBudget" and selects(d["spec"]["selector"], labels)]
+    assert budgets, "no PodDisruptionBudget selects the gateway's pods: a drain may evict them all at once"
+    ray_pods = [(n, lab) for n, lab, _ in pods() if n != "gateway"]
+    for budget in budgets:
+        keeps = budget["spec"].get("minAvailable")
+        if keeps is None:  # (maxUnavailable)
+            keeps = replicas - budget["spec"]["maxUnavailable"]
+        assert isinstance(keeps, int) and 1 <= keeps < replicas, \
+            f"PodDisruptionBudget {budget['metadata']['name']}: keeps {keeps} of {replicas} (at least one, and a drain must go on)"
+        assert not [n for n, lab in ray_pods if selects(budget["spec"]["selector"], lab)], \
+            f"PodDisruptionBudget {budget['metadata']['name']} selects Ray pods too"
+
+
+def test_the_docs_name_the_resources_the_nodes_carry():
+    text = OPERATIONS.read_text()
+    found = re.search(r"^## More than one machine\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert found, "docs/operations.md has no section '## More than one machine'"
+    section = found.group(1)
+    assert "(#more-than-one-machine)" in text.split("\n## ", 1)[0], "the file's opening lines do not link the section"
+    spec = load("raycluster.yaml")[0]["spec"]
+    carried = set().union(*(group_resources(g) for g in spec["workerGroupSpecs"]))
+    for name in sorted(carried | {CPU_POOL, GPU_POOL}):
+        assert f"`{name}`" in section or f'"{name}"' in section, f"the section never names {name}"
+    # only commands that exist: make targets of the Makefile, subcommands of python -m gateway
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+    main = (ROOT / "gateway" / "__main__.py").read_text()
+    subcommands = set(re.findall(r'add_parser\("(\w+)"', main)) | set(re.findall(r'argv\[:1\] == \["(\w+)"\]', main))
+    for target in re.findall(r"\bmake ([\w-]+)", section):
+        assert target in targets, f"the section runs make {target}: no such target"
+    for sub in re.findall(r"python -m gateway (\w+)", section):
+        assert sub in subcommands, f"the section runs python -m gateway {sub}: no such command ({sorted(subcommands)})"
+
