@@ -277,8 +277,13 @@ def stop_tree(root: Optional[subprocess.Popen], pids: set[int], grace: float = 1
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench", description="gateway benchmarks (see module doc)")
-    ap.add_argument("command", nargs="?", default="run", choices=["run"])
+    if sys.argv[1:2] == ["hosts"]:  # two gateway hosts against one: its own options (bench/hosts.py)
+        from .hosts import main as hosts_main
+
+        return hosts_main(sys.argv[2:])
+    ap = argparse.ArgumentParser(prog="python -m bench", description="gateway benchmarks (see module doc; "
+                                 "python -m bench hosts --help: two gateway hosts against one)")
+    ap.add_argument("command", nargs="?", default="run", choices=["run", "hosts"])
     ap.add_argument("--seconds", type=float, default=None, help="length of each load run (default 8; --quick 2)")
     ap.add_argument("--concurrency", default=None, help="levels, comma-separated (default 1,8,32,128,512; --quick 1,32)")
     ap.add_argument("--repeats", type=int, default=None, help="runs of every cell, interleaved (default 3; --quick 1)")
