@@ -258,6 +258,11 @@ def export_embedded_env(address: str) -> None:
     ray_on_loopback()
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (of a ``host:port``) names this machine's loopback interface."""
+    return host.startswith("127.") or host in ("localhost", "::1", "[::1]")
+
+
 def ray_on_loopback() -> None:
     """Let this process (and those it forks or starts) reach a head that listens on loopback only.
 
@@ -490,6 +495,9 @@ class Cluster:
                                    f"a running head), then try again", retry_after=2)
             quiet_ray_noise()
             take_answers_of_any_size()
+            hp = _host_port(address)
+            if hp is not None and is_loopback(hp[0]) and LOOPBACK_SWITCH not in os.environ:
+                ray_on_loopback()  # (a head on loopback: else Ray rewrites the address to this host's and never connects)
             try:
                 if not ray.is_initialized():
                     ship = self.settings.ship_code if self.settings.ship_code is not None else True

@@ -35,7 +35,6 @@ EXIT_NO_ANSWER = 4
 DEFAULT_TIMEOUT_S = 15.0
 
 _ROOT = Path(__file__).resolve().parent.parent
-_LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
 
 
 # -- where to look, and how -----------------------------------------------------------------
@@ -50,10 +49,6 @@ def target(env: Mapping[str, str]) -> tuple[str, str, str]:
     return settings.ray_address, "RAY_ADDRESS", settings.ray_namespace
 
 
-def _is_loopback(host: str) -> bool:
-    return host.startswith("127.") or host in _LOOPBACK_HOSTS
-
-
 def probe_env(env: Mapping[str, str], address: str, embedded: bool) -> dict[str, str]:
     """The child's environment: as a gateway process connects, without the gateway's settings.
 
@@ -61,14 +56,14 @@ def probe_env(env: Mapping[str, str], address: str, embedded: bool) -> dict[str,
     joining ``RAY_ADDRESS``), and Ray's loopback switch for a head on loopback (see
     ``gateway.cluster.LOOPBACK_SWITCH``): the user sets neither.
     """
-    from .cluster import LOOPBACK_SWITCH, _host_port
+    from .cluster import LOOPBACK_SWITCH, _host_port, is_loopback
 
     out = {k: v for k, v in env.items() if not k.startswith("GATEWAY_")}
     out.pop("RAY_ADDRESS", None)  # given as an argument
     if embedded:
         out.setdefault("RAY_AUTH_MODE", "token")
     hp = _host_port(address)
-    if hp is not None and _is_loopback(hp[0]):
+    if hp is not None and is_loopback(hp[0]):
         out[LOOPBACK_SWITCH] = "0"
     out["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
     out.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -268,3 +268,24 @@ def test_a_client_hanging_up_mid_stream_cancels_the_upstream_call(gunicorn_joine
         sent = fake_openai.abandoned_after(key)
         assert sent is not None and sent < 60, fake_openai.abandoned
         http.post("/openai/undeploy", json={"chat_name": chat_name})
+
+
+def test_a_gateway_joining_a_head_on_loopback_needs_no_ray_switch_set(ray_head, tmp_path):
+    """``RAY_ADDRESS=127.0.0.1:port`` is all a user sets to run a second gateway host next to a head on
+    loopback: without Ray's loopback switch (``gateway.cluster.LOOPBACK_SWITCH``) a Ray driver rewrote the
+    address to the host's own and never connected, and /readyz said "starting" for ever (seen by the
+    two-hosts bench of issue 27)."""
+    from gateway.cluster import LOOPBACK_SWITCH
+    from tests.procs import ROOT
+
+    assert ray_head.address.startswith("127.0.0.1:")
+    port = free_port()
+    log_path = tmp_path / "gunicorn.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != LOOPBACK_SWITCH}
+    env.update({"RAY_ADDRESS": ray_head.address, "GATEWAY_BIND": f"127.0.0.1:{port}", "GATEWAY_WORKERS": "1"})
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT, env=env,
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert wait_ready(f"http://127.0.0.1:{port}", proc, log_path, limit=90)["status"] == "ready"
+    finally:
+        stop(proc)
