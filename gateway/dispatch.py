@@ -131,6 +131,15 @@ def running_replicas(handle: Any) -> Optional[int]:
         return None
 
 
+def _unassigned(response: Any) -> bool:
+    """Whether Serve's router still holds ``response``'s call (no replica took it yet). A call a replica
+    took (running, or finishing on a replica that is being stopped) is never cut short by ``_await``."""
+    try:
+        return not response._replica_result_future.done()
+    except Exception:  # noqa: BLE001 - Ray's private layout: unknown is "taken"
+        return False
+
+
 @dataclass
 class Endpoint:
     record: dict
@@ -551,13 +560,13 @@ class Dispatcher:
             self.cluster.ensure_up()  # raises cluster_unavailable
 
     async def _await(self, pending: Any, timeout: float, cancel: Callable[[], Any],
-                     endpoint: Optional[Endpoint] = None) -> Any:
+                     endpoint: Optional[Endpoint] = None, response: Any = None) -> Any:
         """Await a Serve call, looking at the cluster's health every ``_POLL_S``; ``cancel`` it when
         it runs out of time (``TimeoutError``), the cluster is lost or the caller gives up.
 
-        ``endpoint`` (a call no replica has answered yet): after ``_NO_REPLICA_S``, while its router
-        knows no running replica, the call ends ``endpoint_not_ready`` (a node lost with all of its
-        workers would otherwise hold every caller for the whole deadline).
+        ``endpoint`` and its Serve ``response``: a call that no replica took within ``_NO_REPLICA_S``,
+        while the endpoint's router knows no running replica, ends ``endpoint_not_ready`` (a node lost
+        with all of its workers would otherwise hold every caller for the whole deadline).
         """
         began = time.monotonic()
         deadline = began + timeout
@@ -573,7 +582,7 @@ class Dispatcher:
                 self._up()
                 if time.monotonic() >= deadline:
                     raise TimeoutError
-                if endpoint is not None and time.monotonic() - began >= _NO_REPLICA_S \
+                if endpoint is not None and time.monotonic() - began >= _NO_REPLICA_S and _unassigned(response) \
                         and running_replicas(endpoint.handle.chat) == 0:
                     raise GatewayError(
                         "endpoint_not_ready", f"no worker of '{endpoint.name}' is running (its node may be gone, or "
@@ -601,7 +610,7 @@ class Dispatcher:
             self._up()
             response = endpoint.handle.chat.chat.remote(call)
             try:
-                return await self._await(response, timeout, response.cancel, endpoint)
+                return await self._await(response, timeout, response.cancel, endpoint, response)
             except TimeoutError:
                 raise GatewayError("upstream_timeout", f"'{endpoint.name}' did not answer within {timeout:.0f}s") from None
             except DeploymentUnavailableError:
@@ -739,7 +748,7 @@ class Dispatcher:
             self._up()
             gen = endpoint.handle.stream.stream.remote(call)
             try:
-                first = await self._await(gen.__anext__(), timeout, gen.cancel, endpoint)
+                first = await self._await(gen.__anext__(), timeout, gen.cancel, endpoint, gen)
             except TimeoutError:
                 raise GatewayError("upstream_timeout", f"'{endpoint.name}' did not start its stream within "
                                    f"{timeout:.0f}s; try again") from None

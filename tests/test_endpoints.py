@@ -316,3 +316,29 @@ def test_workers_run_where_their_resources_are_and_the_listing_shows_their_nodes
         for thread in threading.enumerate():
             if thread.name == f"deploy-{waiting}":
                 thread.join(10)
+
+
+def test_a_call_in_flight_when_its_endpoint_is_undeployed_still_gets_its_answer(client, deploy, fake_openai, name):
+    """Undeploy stops replicas gracefully: a call a replica already took is answered, never cut off by the
+    dispatcher's "no worker is running" answer (which is only for calls no replica took)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.fakes.upstreams import Reply
+
+    chat_name, key = name(), "sk-inflight-undeploy-0001"
+    assert deploy(chat_name, key, max_retries=0).status_code == 200
+    fake_openai.script(key, Reply(delay=5.0))
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(client.application.test_client().post, "/chat",
+                              json={"chat_name": chat_name, "content": "slow"})
+        def asked() -> bool:
+            return any(r["path"].endswith("/chat/completions") for r in fake_openai.requests_for(key))
+
+        deadline = time.monotonic() + 10
+        while not asked() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert asked(), "the call never reached the upstream"
+        assert client.post("/openai/undeploy", json={"chat_name": chat_name}).status_code == 200
+        answer = pending.result(30)
+    assert answer.status_code == 200 and answer.get_json()["output"] == "echo: slow", answer.get_json()
+    assert client.post("/chat", json={"chat_name": chat_name, "content": "x"}).status_code == 404
