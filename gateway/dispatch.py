@@ -113,30 +113,25 @@ async def _new_handles(deployment: str, app: str, grpc: bool = True) -> Handles:
     return Handles(chat=handle.options(_by_reference=not grpc), stream=handle.options(_by_reference=not grpc, stream=True))
 
 
-def running_replicas(handle: Any) -> Optional[int]:
-    """How many running replicas the router of ``handle`` (made by ``_new_handles``) knows of, as
-    Serve's controller last told it; None when it cannot tell (no word from the controller yet, or a
-    Ray whose router is laid out otherwise: then nothing is concluded from it).
+def no_replica_for(handle: Any) -> bool:
+    """Whether calls through ``handle`` (made by ``_new_handles``) wait in its router for a replica while
+    the router knows of none running (Serve's controller said so: a node lost with every worker of
+    the endpoint, workers no node can take). False when it cannot tell: no word from the controller
+    yet, no call waiting (the calls in flight were taken by replicas, which finish them, as on an
+    undeploy), or a Ray whose router is laid out otherwise.
 
     (Ray 2.60 has no public accessor: this reads the router of a handle made with
-    ``_run_router_in_separate_loop=False``, which ``tests/test_multinode.py`` exercises.)
+    ``_run_router_in_separate_loop=False``; ``tests/test_multinode.py`` and ``tests/test_endpoints.py``
+    exercise both sides.)
     """
     try:
         router = handle._router._asyncio_router
         if not router.running_replicas_populated():  # (never had one: a fresh handle waits for its first)
-            return None
+            return False
         chooser = router._request_router
-        return len(chooser.curr_replicas if chooser is not None else router._running_replicas)
-    except Exception:  # noqa: BLE001 - Ray's private layout: unknown is None
-        return None
-
-
-def _unassigned(response: Any) -> bool:
-    """Whether Serve's router still holds ``response``'s call (no replica took it yet). A call a replica
-    took (running, or finishing on a replica that is being stopped) is never cut short by ``_await``."""
-    try:
-        return not response._replica_result_future.done()
-    except Exception:  # noqa: BLE001 - Ray's private layout: unknown is "taken"
+        running = len(chooser.curr_replicas if chooser is not None else router._running_replicas)
+        return running == 0 and router._metrics_manager.num_queued_requests > 0
+    except Exception:  # noqa: BLE001 - Ray's private layout: unknown is "no"
         return False
 
 
@@ -560,13 +555,14 @@ class Dispatcher:
             self.cluster.ensure_up()  # raises cluster_unavailable
 
     async def _await(self, pending: Any, timeout: float, cancel: Callable[[], Any],
-                     endpoint: Optional[Endpoint] = None, response: Any = None) -> Any:
+                     endpoint: Optional[Endpoint] = None) -> Any:
         """Await a Serve call, looking at the cluster's health every ``_POLL_S``; ``cancel`` it when
         it runs out of time (``TimeoutError``), the cluster is lost or the caller gives up.
 
-        ``endpoint`` and its Serve ``response``: a call that no replica took within ``_NO_REPLICA_S``,
-        while the endpoint's router knows no running replica, ends ``endpoint_not_ready`` (a node lost
-        with all of its workers would otherwise hold every caller for the whole deadline).
+        ``endpoint``: a call not answered within ``_NO_REPLICA_S`` while calls wait in the endpoint's
+        router and it knows no running replica (``no_replica_for``) ends ``endpoint_not_ready`` (a node
+        lost with all of its workers would otherwise hold every caller for the whole deadline). A call a
+        replica took is never cut short: on an undeploy its replica finishes it.
         """
         began = time.monotonic()
         deadline = began + timeout
@@ -582,8 +578,8 @@ class Dispatcher:
                 self._up()
                 if time.monotonic() >= deadline:
                     raise TimeoutError
-                if endpoint is not None and time.monotonic() - began >= _NO_REPLICA_S and _unassigned(response) \
-                        and running_replicas(endpoint.handle.chat) == 0:
+                if endpoint is not None and time.monotonic() - began >= _NO_REPLICA_S \
+                        and no_replica_for(endpoint.handle.chat):
                     raise GatewayError(
                         "endpoint_not_ready", f"no worker of '{endpoint.name}' is running (its node may be gone, or "
                         f"no node has what its workers need): GET /deployments/{endpoint.name} says which are "
@@ -610,7 +606,7 @@ class Dispatcher:
             self._up()
             response = endpoint.handle.chat.chat.remote(call)
             try:
-                return await self._await(response, timeout, response.cancel, endpoint, response)
+                return await self._await(response, timeout, response.cancel, endpoint)
             except TimeoutError:
                 raise GatewayError("upstream_timeout", f"'{endpoint.name}' did not answer within {timeout:.0f}s") from None
             except DeploymentUnavailableError:
@@ -748,7 +744,7 @@ class Dispatcher:
             self._up()
             gen = endpoint.handle.stream.stream.remote(call)
             try:
-                first = await self._await(gen.__anext__(), timeout, gen.cancel, endpoint, gen)
+                first = await self._await(gen.__anext__(), timeout, gen.cancel, endpoint)
             except TimeoutError:
                 raise GatewayError("upstream_timeout", f"'{endpoint.name}' did not start its stream within "
                                    f"{timeout:.0f}s; try again") from None
