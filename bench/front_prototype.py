@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 import uuid
+from typing import Optional
 from pathlib import Path
 
 from .__main__ import cpu_s
@@ -220,14 +221,7 @@ def main() -> None:
     procs.append(fake)
     try:
         url = fake.stdout.readline().strip()
-        ctx = ray.init(address="local", num_cpus=2, object_store_memory=80 * 1024 * 1024, include_dashboard=False,
-                       log_to_driver=False, logging_level="ERROR",
-                       runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # (the replicas import gateway, providers)
-        address = ctx.address_info["gcs_address"]
-        try:
-            raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-        except Exception:  # noqa: BLE001 - private API: then every ServeReplica:proto on the machine counts
-            raylet = None
+        address, raylet = local_cluster()
         provider = providers.get(PROVIDER)
         spec = validate(provider.spec_class, {"chat_name": APP, "model_name": "gpt-4o-mini", "api_key": KEY,
                                               "base_url": url, "workers": 2, "max_retries": 0})  # a deploy body
@@ -283,20 +277,43 @@ def main() -> None:
               "(net of idle) | replica CPU ms/call (net of idle) | errors | load avg |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     finally:
-        for proc in reversed(procs):  # the fronts first (they are drivers of the cluster), the fake last
-            proc.terminate()
-        for proc in reversed(procs):
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if ray.is_initialized():
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
-        log.close()
+        stop_all(procs, log)
+
+
+def local_cluster() -> tuple[str, Optional[int]]:
+    """A local Ray cluster for a run (2 CPUs, the checkout on the replicas' path: they import gateway,
+    providers): (its GCS address, its raylet's pid, or None when Ray's private layout hides it)."""
+    import ray
+
+    ctx = ray.init(address="local", num_cpus=2, object_store_memory=80 * 1024 * 1024, include_dashboard=False,
+                   log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    except Exception:  # noqa: BLE001 - private API: then every ServeReplica:proto on the machine counts
+        raylet = None
+    return ctx.address_info["gcs_address"], raylet
+
+
+def stop_all(procs: list, log) -> None:
+    """Stop what a run started: the fronts first (they are drivers of the cluster), the fake last; then
+    Serve and this driver's Ray; close the run's log."""
+    import ray
+    from ray import serve
+
+    for proc in reversed(procs):
+        proc.terminate()
+    for proc in reversed(procs):
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    log.close()
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 from .__main__ import RESULTS, cpu_s, process_table, pss_kib
-from .front_prototype import APP, KEY, PROVIDER, ROOT, Front, _env, _free_port, _replica_pids
+from .front_prototype import APP, KEY, PROVIDER, ROOT, Front, _env, _free_port, _replica_pids, local_cluster, stop_all
 from .loadgen import have_wrk, load
 
 RAY_ENV = "FRONT_WORKERS_RAY_ADDRESS"  # the cluster the workers join (set by the parent)
@@ -417,13 +417,7 @@ def main() -> None:
 
     try:
         url, slow_url = fake(0.05), fake(slow_upstream)
-        ctx = ray.init(address="local", num_cpus=2, object_store_memory=80 * 1024 * 1024, include_dashboard=False,
-                       log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-        address = ctx.address_info["gcs_address"]
-        try:
-            raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-        except Exception:  # noqa: BLE001 - private API: then every ServeReplica:proto on the machine counts
-            raylet = None
+        address, raylet = local_cluster()
         provider = providers.get(PROVIDER)
         replicas = deploy(url, Settings())
         body = {"chat_name": APP, "content": "hi"}
@@ -470,20 +464,7 @@ def main() -> None:
                 server.stop()
         out["run_seconds"] = round(time.monotonic() - started)
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in reversed(procs):
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if ray.is_initialized():
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
-        log.close()
+        stop_all(procs, log)
     path = RESULTS / "front-workers.json"
     runs = json.loads(path.read_text()).get("runs", []) if args.append and path.exists() else []
     runs.append(out)
