@@ -690,19 +690,6 @@ def serve_answers(timeout: float) -> None:
     ray.get(client._controller.check_alive.remote(), timeout=timeout)
 
 
-def serve_status(timeout: float):
-    """``serve.status()`` within ``timeout`` (``GetTimeoutError`` when Serve's controller does not answer)."""
-    import ray
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeInstanceDetails, ServeStatus
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:  # (Serve is not started: as ``serve.status()``)
-        return ServeStatus()
-    details = ray.get(client._controller.get_serve_instance_details.remote(), timeout=timeout)
-    return ServeInstanceDetails(**details)._get_status()
-
-
 def _local_versions() -> dict:
     return {"ray": _ray_version(), "python": platform.python_version()}
 

@@ -14,7 +14,7 @@ from ray import serve
 
 from providers.base import DeployFailure, DeploySpec, Provider, construction_failure, indefinite
 
-from .cluster import Cluster, SharedAnswer, serve_status
+from .cluster import Cluster, SharedAnswer
 from .config import Settings
 from .errors import GatewayError
 from .registry import Lease, endpoint_lease
@@ -40,14 +40,14 @@ _CLEANUP_WAIT_S = 120.0
 
 
 def _app_statuses() -> dict:
-    return serve_status(_CONTROLLER_WAIT_S).applications
+    return serve_state()[0]
 
 
 def serve_state(timeout: float = _CONTROLLER_WAIT_S) -> tuple[dict, dict[str, list[dict]]]:
     """(Serve's application statuses, as ``serve.status()`` has them; each application's replicas).
 
     One call to Serve's controller, within ``timeout`` (``GetTimeoutError`` when it does not answer):
-    the call ``serve_status`` makes, whose details hold every replica. A replica is
+    ``serve.status()``'s own, whose details hold every replica too. A replica is
     ``{"state", "node_ip", "node_id"}`` (the full Ray node id; both None while it is not placed on a
     node). No Serve controller running is no applications. The listing and ``python -m gateway status``
     both read it here.
