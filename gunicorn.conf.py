@@ -1,9 +1,14 @@
-"""gunicorn settings: threaded workers, Ray connected after fork, the embedded head in the master.
+"""gunicorn settings: ASGI workers (uvicorn's, with the gateway's deadlines), Ray connected after fork,
+the embedded head in the master.
 
-Start with ``gunicorn -c gunicorn.conf.py app:app`` (or ``make start``). Settings come
-from the environment (see ``gateway/config.py``): GATEWAY_BIND, GATEWAY_WORKERS,
-GATEWAY_THREADS, RAY_ADDRESS, ...
+Start with ``gunicorn -c gunicorn.conf.py app:app`` (or ``make start``). Each worker runs an asyncio loop
+(``gateway.server.GatewayWorker``) serving the ASGI app ``app:app``; ``worker.wsgi`` in the hooks below is
+that app (its ``extensions`` are the Flask app's). Settings come from the environment (see
+``gateway/config.py``): GATEWAY_BIND, GATEWAY_WORKERS, GATEWAY_KEEPALIVE_S, GATEWAY_HEADER_TIMEOUT_S,
+GATEWAY_BODY_MIN_RATE, GATEWAY_MAX_CONNECTIONS, GATEWAY_TLS_HANDSHAKE_S, RAY_ADDRESS, ...
 """
+import math
+
 from gateway.config import Settings
 
 _settings = Settings.from_env()
@@ -13,12 +18,13 @@ _ready_pipe = None  # (read end, write end): each worker writes one byte once it
 
 bind = _settings.bind
 workers = _settings.workers
-worker_class = "gthread"  # many in-flight calls per worker: LLM calls take seconds
-threads = _settings.threads
+# one asyncio loop per worker: an LLM call in flight is a coroutine, not a thread; head and body deadlines,
+# the connection cap, the TLS handshake deadline and the idle keep-alive are this worker's (gateway/server.py)
+worker_class = "gateway.server.GatewayWorker"
 preload_app = False  # never fork a process that has Ray initialised
 timeout = 120
 graceful_timeout = 30  # SIGTERM: in-flight requests get this long to finish
-keepalive = 5
+keepalive = max(1, math.ceil(_settings.keepalive_s))  # (gunicorn's is whole seconds; the worker uses keepalive_s)
 if _settings.certfile:  # TLS (GATEWAY_CERTFILE / GATEWAY_KEYFILE); gunicorn's --certfile works too
     certfile, keyfile = _settings.certfile, _settings.keyfile
 accesslog = None  # the gateway writes its own access log lines
@@ -169,39 +175,12 @@ def post_worker_init(worker):
     # answers again, this worker stops gracefully and the master starts a fresh one, whose
     # startup connects and applies the file again.
     gateway.cluster.on_recovered = lambda: os.kill(os.getpid(), signal.SIGTERM)
-    gateway.start_in_background()
-    _say_what_a_stop_waits_for(worker)
+    gateway.start_in_background()  # (a thread: Ray is never started from the ASGI lifespan)
+    # (a stop says what it waits for from the worker's shutdown: "stopping: waiting for N requests in flight,
+    # up to S s", gateway.server; SIGTERM stops the worker's server gracefully, also the one just above)
     if _ready_pipe is not None:  # tell the master once connected (its ready line)
         os.close(_ready_pipe[0])
         threading.Thread(target=_connected, args=(gateway, _ready_pipe[1]), name="ready-signal", daemon=True).start()
-
-
-def _say_what_a_stop_waits_for(worker):
-    """On SIGTERM, before gunicorn's own handler: how many requests this worker still finishes, and for how long."""
-    import signal
-
-    previous = signal.getsignal(signal.SIGTERM)
-    if not callable(previous):
-        return
-
-    def on_term(sig, frame):
-        busy = _requests_in_flight(worker)
-        if busy is None:
-            worker.log.info("stopping: finishing the requests in flight, up to %d s", worker.cfg.graceful_timeout)
-        elif busy:
-            worker.log.info("stopping: waiting for %d request%s in flight, up to %d s", busy, "s" * (busy != 1),
-                            worker.cfg.graceful_timeout)
-        previous(sig, frame)
-
-    signal.signal(signal.SIGTERM, on_term)
-
-
-def _requests_in_flight(worker):
-    """Connections of a gthread worker with a request being served (not idle kept-alive or still-silent ones)."""
-    try:
-        return max(0, worker.nr_conns - len(worker.keepalived_conns) - len(worker.pending_conns))
-    except (AttributeError, TypeError):  # another worker class
-        return None
 
 
 def _connected(gateway, write_fd):

@@ -183,10 +183,13 @@ def _say(exc: BaseException) -> str:
 
 
 def create_app(settings: Optional[Settings] = None) -> "Flask":
-    """Build the WSGI app. Nothing here touches Ray: each process connects on first use."""
+    """Build the Flask app and its ASGI front (``app.extensions["front"]``, what gunicorn serves:
+    ``gateway.front``); ``app.test_client()`` goes through that front. Nothing here touches Ray:
+    each process connects on first use."""
     from flask import Flask
 
     from .auth import Auth, load_keys
+    from .front import Front, FrontClient
     from .cluster import Cluster
     from .dispatch import Dispatcher
     from .endpoints import Endpoints
@@ -225,4 +228,6 @@ def create_app(settings: Optional[Settings] = None) -> "Flask":
     if settings.endpoints_file:  # until the file is applied, an endpoint missing from the cluster is "not yet"
         dispatcher.applying = lambda: gateway.starting and not gateway.started.is_set()
     register_routes(app)
+    app.extensions["front"] = Front(app)
+    app.test_client_class = FrontClient
     return app

@@ -1,14 +1,17 @@
-"""The worker's one event loop: every Serve call of a gateway process is made on it.
+"""The worker's one event loop: every chat call and every Serve call of a gateway process runs on it.
 
-gunicorn's gthread workers run Flask views in threads; a view hands its Serve call to this
-loop (``EventLoop.run``) and waits on a future. On the loop, handles are made with Serve's
-router in the caller's loop (no second loop, no hop between them) and call replicas over
-gRPC (``_by_reference=False``); see ``Dispatcher`` for how calls, streams and cancellation use it.
+In a served process (``gateway.server.GatewayWorker``) this is the ASGI server's own loop, which
+``gateway.front`` adopts at start (``EventLoop.adopt``): the chat routes run on it from the body's
+first byte to the last SSE event, awaiting Serve's responses and the registry's answers there.
+Elsewhere (tests, ``Flask`` routes' threads, benches) the loop runs in a daemon thread this process
+owns, started on first use; threads hand it coroutines with ``run`` / ``submit``.
 
-Nothing of the gateway's blocks on the loop: Ray's ``ray.get`` (the registry, cooldowns) and
-every lock stay in the request's thread; the loop awaits Serve responses and sleeps. (Serve's
-router itself asks the cluster a few things synchronously when a handle is made and when it
-first sees a replica: once per endpoint and per replica, not per call.)
+Handles are made with Serve's router in this loop (no second loop, no hop between them) and call
+replicas over gRPC (``_by_reference=False``); see ``Dispatcher``. Nothing of the gateway's blocks
+the loop per call: the registry's and the limits keeper's answers are awaited, and what blocks once
+(connecting to Ray, a first look-up of an application) runs in a thread. (Serve's router itself asks
+the cluster a few things synchronously when a handle is made and when it first sees a replica: once
+per endpoint and per replica, not per call.)
 """
 from __future__ import annotations
 
@@ -42,6 +45,15 @@ class EventLoop:
                     self._thread.start()
                     self._loop = loop
         return self._loop
+
+    def adopt(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Use ``loop`` (running in this thread: the ASGI server's) instead of a thread of its own."""
+        with self._lock:
+            if self._loop is not None and self._loop is not loop:
+                raise RuntimeError("this process's event loop was started before the server's was adopted")
+            if self._exception_handler is not None:
+                loop.set_exception_handler(self._exception_handler)
+            self._loop, self._thread = loop, threading.current_thread()
 
     def in_loop(self) -> bool:
         return self._thread is not None and threading.current_thread() is self._thread

@@ -2,7 +2,8 @@
 
 ``POST /chat``, ``POST /<provider>/chat`` and ``POST /v1/chat/completions`` differ only in
 the body they read and the answer they write. Each validates its body into an ``Ask`` and
-calls ``run(ask, renderer)`` with its ``Renderer``; everything between is here, once:
+awaits ``run(ask, renderer)`` with its ``Renderer``; everything between is here, once, on the
+worker's event loop (``gateway.front`` runs these views there, never in a thread):
 
 1. the caller's key may use the endpoint and the fallbacks it names (403 otherwise);
 2. the endpoint is resolved once (the dispatcher is handed the resolved endpoint) and
@@ -15,16 +16,18 @@ calls ``run(ask, renderer)`` with its ``Renderer``; everything between is here, 
 5. the renderer writes the answer, or each stream event as server-sent events. The SSE
    loop is here: a stream always ends with the renderer's ``finish`` or ``failure`` (the
    dispatcher's ``Stream`` turns a cut stream into a ``Failure``), and the stream is closed
-   however the response ends (the client hung up: the upstream stream is cancelled).
+   however the response ends (the client hung up: the upstream stream is cancelled). A
+   streamed answer is an ``EventStream``: a response whose body ``gateway.front`` writes
+   from its async iterator of SSE text, then ``aclose``s.
 """
 from __future__ import annotations
 
 import abc
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional
 
-from flask import Response, current_app, g, stream_with_context
+from flask import Response, current_app, g
 
 from .auth import check_chat_names
 from .context import finish_record, gw
@@ -49,6 +52,23 @@ class Ask:
     provider: Optional[str] = None
     #: the route's validated body, for its renderer (stream options, ...)
     request: Any = None
+
+
+class EventStream(Response):
+    """A server-sent-events response whose body is ``events`` (SSE text, written by ``gateway.front``
+    as it comes); ``aclose`` ends it however the response ends, even if the body never started."""
+
+    def __init__(self, events: AsyncIterator[str], closers: list[Callable[[], Awaitable[None]]],
+                 headers: Optional[dict[str, str]] = None) -> None:
+        super().__init__(mimetype="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
+        self.events = events
+        self._closers = closers
+
+    async def aclose(self) -> None:
+        closers, self._closers = self._closers, []
+        await self.events.aclose()  # (its ``finally``, if it started)
+        for close in closers:
+            await close()
 
 
 class Renderer(abc.ABC):
@@ -80,18 +100,19 @@ class Renderer(abc.ABC):
         """SSE text of a failure after the response began (nothing follows it)."""
 
 
-def run(ask: Ask, renderer: Renderer) -> Response:
+async def run(ask: Ask, renderer: Renderer) -> Response:
     """Answer ``ask``: see the module docstring."""
     services = gw()
     key = g.client_key
     check_chat_names(key, [ask.chat_name, *(ask.fallbacks or [])])
-    primary = services.dispatcher.resolve(ask.chat_name, visible=key and key.allows)  # the one resolve of this call
+    primary = await services.dispatcher.resolve(ask.chat_name, visible=key and key.allows)  # the one resolve of this call
     g.record.endpoint(primary.name, primary.provider)
     caller = services.limits.caller(key)  # scope on the endpoints' own fallbacks, limits per upstream call
     if ask.stream:
-        stream = services.dispatcher.stream(primary, ask.call, provider=ask.provider, fallbacks=ask.fallbacks, caller=caller)
+        stream = await services.dispatcher.stream(primary, ask.call, provider=ask.provider, fallbacks=ask.fallbacks,
+                                                  caller=caller)
         return _streamed(ask, stream, renderer)
-    outcome = services.dispatcher.chat(primary, ask.call, provider=ask.provider, fallbacks=ask.fallbacks, caller=caller)
+    outcome = await services.dispatcher.chat(primary, ask.call, provider=ask.provider, fallbacks=ask.fallbacks, caller=caller)
     result = outcome.result
     g.upstream_ms = result.upstream_ms
     g.record.served(outcome.endpoint.name, outcome.endpoint.provider, result.attempts, result.usage.model_dump(),
@@ -101,38 +122,33 @@ def run(ask: Ask, renderer: Renderer) -> Response:
     return response
 
 
-def _streamed(ask: Ask, stream: Stream, renderer: Renderer) -> Response:
-    """The SSE response; ``stream`` is closed however it ends, even if the body never started.
+def _streamed(ask: Ask, stream: Stream, renderer: Renderer) -> EventStream:
+    """The SSE response; ``stream`` is closed however it ends, even if the body never started."""
+    # The upstream's time to the first event is not the gateway's: the overhead header leaves it out.
+    g.upstream_ms = stream.first_upstream_ms
+    # A stream's metrics and access-log line are written when it ends, not when it starts.
+    g.streaming = True
+    record = g.record
+    record.first_event_ms = (time.perf_counter() - g.started) * 1000
+    record.served(stream.endpoint.name, stream.endpoint.provider, None, None, None, stream.tried)
 
-    (The WSGI server closes the response when the client leaves or the body is done; a
-    generator that never ran has no ``finally`` to run.)
-    """
-    try:
-        # The upstream's time to the first event is not the gateway's: the overhead header leaves it out.
-        g.upstream_ms = stream.first_upstream_ms
-        # A stream's metrics and access-log line are written when it ends, not when it starts.
-        g.streaming = True
-        record = g.record
-        record.first_event_ms = (time.perf_counter() - g.started) * 1000
-        record.served(stream.endpoint.name, stream.endpoint.provider, None, None, None, stream.tried)
-        response = Response(stream_with_context(_events(ask, stream, renderer, record)), mimetype="text/event-stream",
-                            headers={**SSE_HEADERS, **renderer.headers(stream.endpoint)})
-    except BaseException:
-        stream.close()
-        raise
-    response.call_on_close(stream.close)
-    return response
+    async def ended() -> None:
+        finish_record(record, 200, None)
+
+    return EventStream(_events(ask, stream, renderer, record), [stream.aclose, ended], renderer.headers(stream.endpoint))
 
 
-def _events(ask: Ask, stream: Stream, renderer: Renderer, record) -> Iterator[str]:
+async def _events(ask: Ask, stream: Stream, renderer: Renderer, record) -> AsyncIterator[str]:
     """The SSE loop: every event through the renderer, to exactly one ``finish`` or ``failure``."""
     error_type = None
     try:
-        yield from renderer.stream_start(ask, stream)
-        for event in stream:
+        for text in renderer.stream_start(ask, stream):
+            yield text
+        async for event in stream:
             if isinstance(event, Finish):
                 record.attempts, record.usage, record.upstream_ms = event.attempts, event.usage.model_dump(), event.upstream_ms
-                yield from renderer.finish(ask, stream, event)
+                for text in renderer.finish(ask, stream, event):
+                    yield text
             elif isinstance(event, Failure):
                 err = GatewayError.from_info(event.error)
                 error_type = err.type
@@ -140,11 +156,11 @@ def _events(ask: Ask, stream: Stream, renderer: Renderer, record) -> Iterator[st
             else:
                 yield renderer.delta(ask, stream, event)
     finally:
-        stream.close()
+        await stream.aclose()
         finish_record(record, 200, error_type)
 
 
-def run_broadcast_stream(chat_names: list[str], make_call) -> Response:
+def run_broadcast_stream(chat_names: list[str], make_call) -> EventStream:
     """``POST /chat/broadcast`` with ``stream``: every endpoint's answer as it comes, in one SSE response.
 
     Events name their endpoint (``chat_name``): ``{"delta"}`` / ``{"tool_calls"}`` pieces, then
@@ -163,13 +179,13 @@ def run_broadcast_stream(chat_names: list[str], make_call) -> Response:
     def data(payload: dict) -> str:
         return "data: " + current_app.json.dumps(payload) + "\n\n"
 
-    def events() -> Iterator[str]:
+    async def events() -> AsyncIterator[str]:
         first: dict[str, float] = {}
         error_type = None
         try:
             yield ": open\n\n"  # (the headers go out now, whatever the upstreams take)
-            for item in merged:
-                if item is None:  # a quiet while: a comment keeps proxies from cutting, and shows a client gone
+            async for item in merged:
+                if item is None:  # a quiet while: a comment keeps proxies from cutting
                     yield ": keep-alive\n\n"
                     continue
                 name, event, endpoint = item
@@ -189,13 +205,11 @@ def run_broadcast_stream(chat_names: list[str], make_call) -> Response:
                                                       else {"delta": event.text})})
             yield "data: [DONE]\n\n"
         finally:
-            merged.close()
+            await merged.aclose()
             finish_record(record, 200, error_type)
 
-    def close() -> None:  # (also when the body never started: then events() has no finally to run)
-        merged.close()
+    async def ended() -> None:
+        await merged.aclose()
         finish_record(record, 200, None)
 
-    response = Response(stream_with_context(events()), mimetype="text/event-stream", headers=SSE_HEADERS)
-    response.call_on_close(close)
-    return response
+    return EventStream(events(), [ended])

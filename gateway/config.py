@@ -47,17 +47,35 @@ class Settings(BaseModel):
     #: /healthz fails once this host's Ray node has been gone this long while the cluster answers
     #: (a Ray driver cannot work without it; restarting the pod runs its ``ray start`` again)
     liveness_grace_s: float = Field(60.0, gt=0)
-    #: HTTP: request body limit and gunicorn worker processes x threads
+    #: HTTP: request body limit; gunicorn worker processes (each serves the chat routes on its event loop)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     workers: int = Field(2, ge=1, le=64)
+    #: threads per worker for the routes that are not chat calls (deploy, undeploy, listings, console,
+    #: /metrics): Flask, through a WSGI adapter; chat calls never take one
     threads: int = Field(32, ge=1, le=1024)
-    #: the bulkhead: calls (streams included) one endpoint may have in flight in one gateway
-    #: process; past it a call goes to the next fallback or answers 503 endpoint_busy.
-    #: Default: three quarters of ``threads`` (the rest stays free for other endpoints)
+    #: chat calls (streams and broadcasts' calls included) one gateway process holds at once: each is a
+    #: coroutine on the worker's event loop, not a thread
+    max_calls: int = Field(4096, ge=1)
+    #: the bulkhead: calls one endpoint may have in flight in one gateway process; past it a call
+    #: waits (below), then goes to the next fallback or answers 503 endpoint_busy.
+    #: Default: three quarters of ``max_calls`` (the rest stays free for other endpoints)
     endpoint_max_in_flight: Optional[int] = Field(None, ge=1)
+    #: a call that finds its endpoint's seats (or the process's calls) all taken waits this long for one,
+    #: in a queue of at most ``endpoint_queue`` calls per endpoint; a full queue refuses at once
+    endpoint_queue: int = Field(512, ge=0)
+    endpoint_queue_s: float = Field(2.0, ge=0)
+    #: slow or idle clients: open connections per worker (past it only /healthz and /readyz are
+    #: answered, the rest 503), the request head's deadline (request line and headers), the body's
+    #: least rate once its head is in (bytes per second, averaged, after the head's deadline as grace),
+    #: the TLS handshake's deadline, and how long an idle kept-alive connection stays open
+    max_connections: int = Field(8192, ge=16)
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_min_rate: int = Field(1024, ge=1)
+    tls_handshake_s: float = Field(10.0, gt=0)
+    keepalive_s: float = Field(5.0, gt=0)
     #: Serve options of SaaS replicas: I/O-bound, a sliver of a CPU, many calls each
     saas_replica_cpus: float = Field(0.05, gt=0)
-    saas_max_ongoing_requests: int = Field(256, ge=1)
+    saas_max_ongoing_requests: int = Field(2048, ge=1)
     #: how long a deploy request waits for its replicas; later it answers 202 DEPLOYING and the
     #: deploy goes on (each endpoint's ``deploy_timeout`` decides when it has failed)
     deploy_wait_s: float = Field(60.0, gt=0)
@@ -141,7 +159,7 @@ class Settings(BaseModel):
     @property
     def endpoint_seats(self) -> int:
         """Calls one endpoint may have in flight in one process (see ``endpoint_max_in_flight``)."""
-        return self.endpoint_max_in_flight or max(1, self.threads * 3 // 4)
+        return self.endpoint_max_in_flight or max(1, self.max_calls * 3 // 4)
 
     @property
     def embedded(self) -> bool:

@@ -18,24 +18,26 @@ already refused the primary and request-given fallbacks with 403, so this is wha
 an endpoint's own fallbacks), and each endpoint actually called costs one call of the
 key's limits, taken just before the call; ``rate_limited`` ends the walk.
 
-The bulkhead: every call waits on its endpoint in a gunicorn thread, so an endpoint whose
-upstream hangs would take every thread and starve healthy endpoints. Each endpoint may
-hold at most ``endpoint_max_in_flight`` calls (streams included) in one gateway process,
-by default three quarters of its threads; past that a call does not wait: it goes to the
-next fallback, or answers 503 ``endpoint_busy`` with ``Retry-After``. What is left is
-always free for the other endpoints.
+Everything here runs on the process's event loop (``gateway.aio``): a call in flight is a
+coroutine awaiting its replica, not a thread.
+
+The bulkhead counts calls: a process holds at most ``max_calls`` at once (streams included).
+An endpoint may hold at most three quarters of the seats the other endpoints leave (and at
+most ``endpoint_max_in_flight``), so endpoints whose upstreams hang, one or several, never
+take every seat: a quarter of what they leave is always there for the rest. A call that finds
+no seat waits for one, in a bounded queue, for at most ``endpoint_queue_s``; then it goes to
+the next fallback, or answers 503 ``endpoint_busy`` with ``Retry-After``.
 """
 from __future__ import annotations
 
 import asyncio
 import difflib
 import logging
-import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Optional, Union
 
 import grpc
 import ray
@@ -83,8 +85,6 @@ _NO_REPLICA_S = 2.0
 _REGISTRY_WAIT_S = 10.0
 #: how often a process looks again at an endpoint it knows as unhealthy
 _HEALTH_RECHECK_S = 0.25
-#: streams a process's streamed broadcasts may pull at once (one thread each)
-_STREAM_SEATS = 64
 #: a streamed broadcast with nothing to say this long yields None (an SSE comment goes out)
 _KEEPALIVE_S = 10.0
 
@@ -156,41 +156,98 @@ class Endpoint:
 
 
 class Bulkhead:
-    """Seats per endpoint in this process: a call takes one or does not wait at all."""
+    """Seats for calls in this process (on its event loop): ``total`` in all; an endpoint at most
+    ``seats``, and at most three quarters of what the other endpoints leave of ``total``.
 
-    def __init__(self, seats: int) -> None:
-        self.seats = seats
+    ``take`` gives a seat at once when one is free; else the call waits its turn (first come,
+    first served per endpoint) for at most ``wait_s``, with at most ``queue`` calls waiting per
+    endpoint; a full queue, or no seat in time, is a refusal (False).
+    """
+
+    def __init__(self, seats: int, total: int, queue: int = 0, wait_s: float = 0.0) -> None:
+        self.seats, self.total, self.queue, self.wait_s = seats, total, queue, wait_s
         self._taken: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._in_all = 0
+        self._waiting: dict[str, deque] = {}
 
-    def take(self, name: str) -> bool:
-        with self._lock:
-            taken = self._taken.get(name, 0)
-            if taken >= self.seats:
-                return False
-            self._taken[name] = taken + 1
+    def _free(self, name: str) -> bool:
+        taken = self._taken.get(name, 0)
+        left_by_others = self.total - (self._in_all - taken)
+        return self._in_all < self.total and taken < self.seats and taken < max(1, left_by_others * 3 // 4)
+
+    def _seat(self, name: str) -> None:
+        self._taken[name] = self._taken.get(name, 0) + 1
+        self._in_all += 1
+
+    async def take(self, name: str) -> bool:
+        if not self._waiting.get(name) and self._free(name):
+            self._seat(name)
             return True
+        waiting = self._waiting.setdefault(name, deque())
+        if len(waiting) >= self.queue or self.wait_s <= 0:
+            if not waiting:
+                self._waiting.pop(name, None)
+            return False
+        turn = asyncio.get_running_loop().create_future()
+        waiting.append(turn)
+        try:
+            await asyncio.wait_for(asyncio.shield(turn), self.wait_s)
+        except asyncio.TimeoutError:
+            pass
+        except BaseException:  # (the caller left while it waited)
+            if turn.done() and not turn.cancelled():
+                self.give_back(name)
+            turn.cancel()
+            raise
+        finally:
+            if turn in waiting:
+                waiting.remove(turn)
+            if not waiting and self._waiting.get(name) is waiting:
+                self._waiting.pop(name, None)
+        if turn.done() and not turn.cancelled():  # (seated by ``give_back``, maybe just as time ran out)
+            return True
+        turn.cancel()
+        return False
 
     def give_back(self, name: str) -> None:
-        with self._lock:
-            left = self._taken.get(name, 0) - 1
-            if left > 0:
-                self._taken[name] = left
-            else:
-                self._taken.pop(name, None)
+        left = self._taken.get(name, 0) - 1
+        if left > 0:
+            self._taken[name] = left
+        else:
+            self._taken.pop(name, None)
+        self._in_all = max(0, self._in_all - 1)
+        self._seat_waiters(name)
+
+    def _seat_waiters(self, freed: str) -> None:
+        """Seat the next waiting calls: the freed endpoint's first, then (a process seat is free) the others'."""
+        for name in [freed] + [n for n in self._waiting if n != freed]:
+            waiting = self._waiting.get(name)
+            while waiting and self._free(name):
+                turn = waiting.popleft()
+                if not turn.done():
+                    self._seat(name)
+                    turn.set_result(None)
+            if self._in_all >= self.total:
+                return
+
+    def in_flight(self, name: str) -> int:
+        return self._taken.get(name, 0)
+
+    def held(self) -> int:
+        return self._in_all
 
 
 class Stream:
-    """A streamed answer: its events (``gateway.events``), the first included; then ``close`` it.
+    """A streamed answer: its events (``gateway.events``), the first included; then ``aclose`` it.
 
-    Iterating yields ``Delta``/``ToolCallDelta`` events and ends with exactly one ``Finish``
-    or ``Failure``: a replica lost mid-way, or a stream that stops without saying why, ends
-    with a ``Failure`` (``upstream_error``) here, so renderers never see a cut stream.
+    Iterating (``async for``) yields ``Delta``/``ToolCallDelta`` events and ends with exactly one
+    ``Finish`` or ``Failure``: a replica lost mid-way, or a stream that stops without saying why,
+    ends with a ``Failure`` (``upstream_error``) here, so renderers never see a cut stream.
 
-    ``close`` (idempotent) is what ends the call, whenever the caller leaves: before the
-    first event was written, mid-way or after the end. It cancels the replica's stream
-    (which closes the upstream one), reports success or failure to the cooldown state, and
-    gives the endpoint's seat back. The chat flow registers it with ``Response.call_on_close``.
+    ``aclose`` (idempotent) is what ends the call, whenever the caller leaves: before the first
+    event was written, mid-way or after the end. It cancels the replica's stream (which closes
+    the upstream one), reports success or failure to the cooldown state, and gives the
+    endpoint's seat back. The chat flow calls it however the response ends.
     """
 
     def __init__(self, dispatcher: "Dispatcher", endpoint: "Endpoint", first: StreamEvent, gen: Any,
@@ -204,24 +261,22 @@ class Stream:
         self._failed: Optional[GatewayError] = None
         self._ended = False  # the stream reached its end (Finish or Failure)
         self._closed = False
-        self._lock = threading.Lock()
         if isinstance(first, Finish):  # the whole answer came at once: it is over, whatever the caller does next
             self._end(first)
 
-    def __iter__(self) -> "Stream":
+    def __aiter__(self) -> "Stream":
         return self
 
-    def __next__(self) -> StreamEvent:
+    async def __anext__(self) -> StreamEvent:
         if self._first is not None:
             event, self._first = self._first, None
             return event
         if self._closed or self._ended:
-            raise StopIteration
-        dispatcher = self._dispatcher
+            raise StopAsyncIteration
         try:
             # (each event within the endpoint's deadline, like the first: the replica bounds a stalled
             # upstream, this bounds a replica whose node died without a word)
-            event = dispatcher.loop.run(dispatcher._await(self._gen.__anext__(), self._timeout, self._gen.cancel))
+            event = await self._dispatcher._await(self._gen.__anext__(), self._timeout, self._gen.cancel)
         except StopAsyncIteration:
             event = Failure(ErrorInfo(type="upstream_error", message="the stream ended before it finished; try again"))
         except TimeoutError:
@@ -243,23 +298,20 @@ class Stream:
         else:
             _settle(self._caller, event)
 
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
-            # (on the loop, where the stream lives) no-op when finished; cancels the replica's
-            # (and upstream) stream otherwise
-            self._dispatcher.loop.call_soon(self._gen.cancel)
+            self._gen.cancel()  # no-op when finished; cancels the replica's (and upstream) stream otherwise
         except Exception as exc:  # noqa: BLE001 - the cluster may be gone; nothing is left to cancel then
             log.warning("cancelling the stream of %s: %s", self.endpoint.name, type(exc).__name__)
         self._dispatcher._bulkhead.give_back(self.endpoint.name)
         try:
             if self._ended:  # a caller who leaves early says nothing about the endpoint's health
-                self._dispatcher._report(self.endpoint, self._failed)
+                await self._dispatcher._report(self.endpoint, self._failed)
             else:
-                self._dispatcher._release_probe(self.endpoint)
+                await self._dispatcher._release_probe(self.endpoint)
         except Exception as exc:  # noqa: BLE001 - health is best effort; the stream itself is over
             log.warning("reporting the stream of %s: %s", self.endpoint.name, type(exc).__name__)
 
@@ -359,21 +411,41 @@ class Dispatcher:
         #: every Serve call of this process is made on this loop (``gateway.aio``)
         # (gRPC's asyncio poller reports a harmless EAGAIN now and then; Serve filters it on its own loops)
         self.loop = EventLoop(exception_handler=asyncio_grpc_exception_handler)
-        self._pool = ThreadPoolExecutor(32, thread_name_prefix="broadcast")
-        #: streamed broadcasts hold a thread per endpoint for a whole answer: their own pool, and a
-        #: seat per thread taken before a stream starts (none free: that endpoint answers busy at once)
-        self._stream_pool = ThreadPoolExecutor(_STREAM_SEATS, thread_name_prefix="broadcast-stream")
-        self._stream_seats = threading.BoundedSemaphore(_STREAM_SEATS)
-        self._bulkhead = Bulkhead(settings.endpoint_seats)
+        self._bulkhead = Bulkhead(settings.endpoint_seats, settings.max_calls, settings.endpoint_queue,
+                                  settings.endpoint_queue_s)
+        #: calls that run on their own (a success sent to the registry): held until done
+        self._background: set[asyncio.Task] = set()
         #: whether this process is still applying GATEWAY_ENDPOINTS_FILE (set by ``create_app``)
         self.applying: Callable[[], bool] = lambda: False
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- endpoints ---------------------------------------------------------------
     def known(self, chat_name: str) -> Optional[Endpoint]:
         """The endpoint as this process last resolved it, whatever its age; None when it never did (asks nothing)."""
         return self._cache.get(chat_name)
 
-    def resolve(self, chat_name: str, fresh: bool = False, visible: Optional[Callable[[str], bool]] = None) -> Endpoint:
+    async def _ensure_up(self) -> None:
+        """Connected to the cluster (connecting blocks: in a thread, never on the loop); lost: cluster_unavailable."""
+        cluster = self.cluster
+        if cluster.lost or not cluster.connected:
+            if cluster.lost:
+                cluster.ensure_up()  # raises at once
+            await asyncio.to_thread(cluster.ensure_up)
+
+    async def _registry(self, method: str, *args: Any) -> Any:
+        """The registry actor's answer to ``method(*args)``, awaited for at most ``_REGISTRY_WAIT_S``."""
+        await self._ensure_up()
+        registry = self.cluster.registry()
+        try:
+            return await asyncio.wait_for(getattr(registry, method).remote(*args), _REGISTRY_WAIT_S)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"the endpoint registry did not answer {method} within {_REGISTRY_WAIT_S:.0f}s") from None
+
+    async def resolve(self, chat_name: str, fresh: bool = False, visible: Optional[Callable[[str], bool]] = None) -> Endpoint:
         """The endpoint, from this process's cache unless it is older than ``endpoint_cache_s`` or ``fresh``.
 
         ``visible``: the names the caller may see (its client key's), for the not-found hint.
@@ -382,9 +454,9 @@ class Dispatcher:
         hit = self._cache.get(chat_name)
         if hit is not None and now - hit.fetched < self.settings.endpoint_cache_s and not fresh:
             return hit
-        self.cluster.ensure_up()
+        await self._ensure_up()
         try:
-            record = ray.get(self.cluster.registry().get.remote(chat_name), timeout=_REGISTRY_WAIT_S)
+            record = await self._registry("get", chat_name)
         except (RayError, TimeoutError):
             if hit is None:
                 raise
@@ -398,7 +470,7 @@ class Dispatcher:
             if self.applying():  # (a restarted cluster: the endpoints file brings it back shortly)
                 raise GatewayError("endpoint_not_ready", f"no endpoint named '{chat_name}' yet: this gateway process "
                                    f"is still applying its endpoints file", retry_after=2)
-            raise GatewayError("not_found", f"no endpoint named '{chat_name}'{self._did_you_mean(chat_name, visible)}; "
+            raise GatewayError("not_found", f"no endpoint named '{chat_name}'{await self._did_you_mean(chat_name, visible)}; "
                                f"GET /deployments (or GET /v1/models) lists them, POST /<provider>/deploy makes one")
         status = record.get("status", "RUNNING")
         if status == "DEPLOYING":
@@ -413,16 +485,16 @@ class Dispatcher:
         handle_key = (chat_name, record["provider"])
         handle = self._handles.get(handle_key)
         if handle is None or hit is None:  # (new to this process, or forgotten: is the application there?)
-            try:
-                ingress = serve.get_app_handle(chat_name).deployment_name  # (raises when the application is gone)
+            try:  # (asks Serve's controller, which blocks: in a thread; once per endpoint and process)
+                ingress = (await asyncio.to_thread(serve.get_app_handle, chat_name)).deployment_name  # (raises when gone)
             except RayServeException:
                 raise GatewayError("endpoint_not_ready", f"'{chat_name}' is registered but not running: try again shortly, "
                                    f"or deploy it again", retry_after=2) from None
             if handle is None:  # (made without the lock: other endpoints' calls never wait for it)
-                made = self.loop.run(_new_handles(ingress, chat_name, self.settings.serve_grpc))
+                made = await _new_handles(ingress, chat_name, self.settings.serve_grpc)
                 with self._lock:
                     handle = self._handles.setdefault(handle_key, made)
-                if handle is not made:  # another thread made one first
+                if handle is not made:  # another call made one first
                     self.loop.submit(made.chat.shutdown_async())
                 self._drop_handles(chat_name, keep=record["provider"])
         endpoint = Endpoint(record, handle, now)
@@ -430,10 +502,10 @@ class Dispatcher:
             self._cache[chat_name] = endpoint
         return endpoint
 
-    def _did_you_mean(self, chat_name: str, visible: Optional[Callable[[str], bool]]) -> str:
+    async def _did_you_mean(self, chat_name: str, visible: Optional[Callable[[str], bool]]) -> str:
         """The hint "(did you mean 'x'?)" over the deployed names the caller may use; only on the not-found path."""
         try:
-            names = [r["chat_name"] for r in ray.get(self.cluster.registry().list.remote(), timeout=_REGISTRY_WAIT_S)]
+            names = [r["chat_name"] for r in await self._registry("list")]
         except Exception:  # noqa: BLE001 - a hint only: what this process knows will do
             names = list(self._cache)
         if visible is not None:  # never name an endpoint the caller's key may not use
@@ -459,11 +531,11 @@ class Dispatcher:
         for handles in gone:  # (the chat and stream handles share one router)
             self.loop.submit(handles.chat.shutdown_async())
 
-    def _chain(self, primary: Union[Endpoint, str], provider: Optional[str], fallbacks: Optional[list[str]],
-               caller: Optional["Caller"]) -> tuple[Endpoint, list[str]]:
+    async def _chain(self, primary: Union[Endpoint, str], provider: Optional[str], fallbacks: Optional[list[str]],
+                     caller: Optional["Caller"]) -> tuple[Endpoint, list[str]]:
         """The endpoint asked for (resolved here unless the caller already did) and the names to try in order."""
         if not isinstance(primary, Endpoint):
-            primary = self.resolve(primary, visible=caller and caller.allows)
+            primary = await self.resolve(primary, visible=caller and caller.allows)
         chat_name = primary.name
         if provider is not None and primary.provider != provider:
             raise GatewayError(
@@ -474,7 +546,7 @@ class Dispatcher:
         return primary, [chat_name] + [n for n in names if n != chat_name]
 
     # -- health (cooldowns) -------------------------------------------------------
-    def _skip_reason(self, endpoint: Endpoint) -> tuple[Endpoint, Optional[GatewayError], bool]:
+    async def _skip_reason(self, endpoint: Endpoint) -> tuple[Endpoint, Optional[GatewayError], bool]:
         """(endpoint as now known, why to skip it or None, whether this call is the probe)."""
         if endpoint.health.get("state") in (None, "ok"):
             return endpoint, None, False
@@ -482,7 +554,7 @@ class Dispatcher:
         # process may have seen it recover, or it was deployed again with a new key), at most
         # every _HEALTH_RECHECK_S, so that a cooling endpoint under load costs the registry little.
         if time.monotonic() - endpoint.fetched > _HEALTH_RECHECK_S:
-            endpoint = self.resolve(endpoint.name, fresh=True)
+            endpoint = await self.resolve(endpoint.name, fresh=True)
         health = endpoint.health
         if health.get("state") in (None, "ok"):
             return endpoint, None, False
@@ -493,27 +565,27 @@ class Dispatcher:
                                           f"failures ({health.get('last_error')}); try again in {whole_seconds(until - now)}s, or "
                                           f"give it fallbacks", retry_after=until - now), False
         lease = float(endpoint.record.get("timeout", 60)) + 5
-        if ray.get(self.cluster.registry().claim_probe.remote(endpoint.name, lease), timeout=_REGISTRY_WAIT_S):
+        if await self._registry("claim_probe", endpoint.name, lease):
             return endpoint, None, True  # this request probes it
         return endpoint, GatewayError("endpoint_not_ready", f"'{endpoint.name}' is being probed after a cooldown; try "
                                       f"again in a second",
                                       retry_after=1), False
 
-    def _release_probe(self, endpoint: Endpoint) -> None:
+    async def _release_probe(self, endpoint: Endpoint) -> None:
         """A probe that ended without an upstream verdict frees the lease for the next caller."""
         if endpoint.health.get("state") in (None, "ok"):
             return
         try:
-            ray.get(self.cluster.registry().release_probe.remote(endpoint.name), timeout=_REGISTRY_WAIT_S)
+            await self._registry("release_probe", endpoint.name)
         except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
             log.warning("could not release the probe of %s: %s", endpoint.name, type(exc).__name__)
 
-    def _report(self, endpoint: Endpoint, err: Optional[GatewayError]) -> None:
+    async def _report(self, endpoint: Endpoint, err: Optional[GatewayError]) -> None:
         """Tell the shared cooldown state how a call ended (``err`` None: it succeeded). Best effort,
         never raises: an answer in hand reaches its caller whatever the registry does.
 
         A success is sent to the registry and not waited for (``_noted``): a slow or restarting
-        registry never holds an answer back nor turns it into an error. (Sent from this thread, it
+        registry never holds an answer back nor turns it into an error. (Sent from this process's loop, it
         reaches the registry before any later call of this process's: Ray runs one caller's calls
         to an actor in order.) A failure is waited for, at most ``_REGISTRY_WAIT_S``, so that this
         process's next call knows of a cooldown it started; one that cannot be recorded is logged.
@@ -526,13 +598,12 @@ class Dispatcher:
         if err is not None and err.type not in UPSTREAM_FAILURES:
             return
         try:
-            registry = self.cluster.registry()
             if err is None:
-                self.loop.submit(self._noted(endpoint, registry.record_success.remote(endpoint.name)))
+                registry = self.cluster.registry()
+                self._spawn(self._noted(endpoint, registry.record_success.remote(endpoint.name)))
                 return
-            health = ray.get(registry.record_failure.remote(
-                endpoint.name, err.type, err.type in IMMEDIATE_COOLDOWN, s.cooldown_failures, s.cooldown_window_s, s.cooldown_s,
-            ), timeout=_REGISTRY_WAIT_S)
+            health = await self._registry("record_failure", endpoint.name, err.type, err.type in IMMEDIATE_COOLDOWN,
+                                          s.cooldown_failures, s.cooldown_window_s, s.cooldown_s)
         except Exception as exc:  # noqa: BLE001 - health is best effort (the registry is restarting, the cluster lost)
             log.warning("could not record the %s of %s in the endpoint registry: %s",
                         "success" if err is None else "failure", endpoint.name, type(exc).__name__)
@@ -591,12 +662,12 @@ class Dispatcher:
                 # (Serve turns the cancellation into an exception nobody awaits: read it, or asyncio logs it)
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    def _call(self, endpoint: Endpoint, call: ChatCall) -> ChatResult:
+    async def _call(self, endpoint: Endpoint, call: ChatCall) -> ChatResult:
         providers.get(endpoint.provider).check_call(call)
         try:
-            reply = self.loop.run(self._ask(endpoint, call, _deadline(endpoint)))
+            reply = await self._ask(endpoint, call, _deadline(endpoint))
         except DeploymentUnavailableError as exc:
-            raise self._gone(endpoint, exc) from None
+            raise await self._gone(endpoint, exc) from None
         if isinstance(reply, ErrorInfo):
             raise GatewayError.from_info(reply)
         return reply
@@ -611,7 +682,7 @@ class Dispatcher:
                 raise GatewayError("upstream_timeout", f"'{endpoint.name}' did not answer within {timeout:.0f}s") from None
             except DeploymentUnavailableError:
                 self._cache.pop(endpoint.name, None)  # (forget it without the lock: never wait on a lock on the loop)
-                raise  # (``_gone``, in the caller's thread, asks the registry why)
+                raise  # (``_gone`` asks the registry why)
             except _REPLICA_GONE + (_GRPC_ERROR,) as exc:
                 if attempt + 1 < _RAY_ATTEMPTS and _never_started(exc):
                     await asyncio.sleep(0.05 * 2 ** attempt)
@@ -622,9 +693,9 @@ class Dispatcher:
         raise AssertionError("unreachable")
 
     # -- the dispatch path ----------------------------------------------------------
-    def _walk(self, asked: Union[Endpoint, str], provider: Optional[str], fallbacks: Optional[list[str]],
-              attempt: Callable[[Endpoint], Any], keep_seat: bool = False,
-              caller: Optional["Caller"] = None) -> tuple[Endpoint, Any, list[dict]]:
+    async def _walk(self, asked: Union[Endpoint, str], provider: Optional[str], fallbacks: Optional[list[str]],
+                    attempt: Callable[[Endpoint], Awaitable[Any]], keep_seat: bool = False,
+                    caller: Optional["Caller"] = None) -> tuple[Endpoint, Any, list[dict]]:
         """Try ``chat_name``, then its fallbacks, with ``attempt``; the first answer wins.
 
         Endpoints that cool down or are busy are skipped; an upstream failure moves on, a caller
@@ -638,7 +709,7 @@ class Dispatcher:
         ``forbidden`` (what the caller asked for first stays the error it gets), and each
         endpoint called costs one call of its limits, taken before its seat (given back if none is free).
         """
-        primary, chain = self._chain(asked, provider, fallbacks, caller)
+        primary, chain = await self._chain(asked, provider, fallbacks, caller)
         tried: list[dict] = []
         last: Optional[GatewayError] = None
         for name in chain:
@@ -648,94 +719,102 @@ class Dispatcher:
                 last = last or err
                 continue
             try:
-                endpoint = primary if name == primary.name else self.resolve(name, visible=caller and caller.allows)
-                endpoint, skip, probing = self._skip_reason(endpoint)
+                endpoint = primary if name == primary.name else await self.resolve(name, visible=caller and caller.allows)
+                endpoint, skip, probing = await self._skip_reason(endpoint)
             except GatewayError as err:
                 tried.append(_tried(name, err))
                 last = last or err
                 continue
             if skip is None and caller is not None:
                 try:  # (before the seat: a slow limits keeper never holds one)
-                    caller.admit()  # rate_limited (or the keeper's cluster_unavailable) is no endpoint's: the walk stops
+                    await caller.admit()  # rate_limited (or the keeper's cluster_unavailable) is no endpoint's: the walk stops
                 except GatewayError as err:
                     if probing:
-                        self._release_probe(endpoint)
+                        await self._release_probe(endpoint)
                     tried.append(_tried(name, err))
                     raise _with_tried(err, tried) from None
-            if skip is None and not self._bulkhead.take(name):
+            if skip is None and not await self._bulkhead.take(name):
                 if caller is not None:
                     caller.refund()  # (not called after all)
-                skip = GatewayError("endpoint_busy", f"'{name}' already has {self._bulkhead.seats} calls in flight "
-                                    f"in this gateway process (its upstream is slow or hanging); try "
-                                    f"again shortly, or give it fallbacks", retry_after=1)
+                skip = self._busy(name)
                 if probing:
-                    self._release_probe(endpoint)
+                    await self._release_probe(endpoint)
             if skip is not None:
                 tried.append(_tried(name, skip))
                 last = skip
                 continue
             keep = False
             try:
-                answer = attempt(endpoint)
+                answer = await attempt(endpoint)
                 keep = keep_seat
                 return endpoint, answer, tried
             except GatewayError as err:
                 if caller is not None and (err.info.attempts or 0) > 1:
                     caller.settle(err.info.attempts, 0)  # the replica's retries were upstream calls too
                 if err.type in UPSTREAM_FAILURES:
-                    self._report(endpoint, err)
+                    await self._report(endpoint, err)
                 elif probing:
-                    self._release_probe(endpoint)
+                    await self._release_probe(endpoint)
                 tried.append(_tried(name, err))
                 if err.type not in FALLBACK_ON:
                     raise _with_tried(err, tried) from None
                 last = err
-            except BaseException:
+            except BaseException:  # (the caller left: the task was cancelled)
                 if probing:
-                    self._release_probe(endpoint)
+                    self._spawn(self._release_probe(endpoint))
                 raise
             finally:
                 if not keep:
                     self._bulkhead.give_back(name)
         raise _with_tried(last, tried)
 
-    def chat(self, asked: Union[Endpoint, str], call: ChatCall, provider: Optional[str] = None,
-             fallbacks: Optional[list[str]] = None, caller: Optional["Caller"] = None) -> Outcome:
+    def _busy(self, name: str) -> GatewayError:
+        b = self._bulkhead
+        if b.held() >= b.total:
+            why = f"this gateway process already holds {b.total} calls"
+        else:
+            why = (f"'{name}' already has {b.in_flight(name)} calls in flight in this gateway process, its share "
+                   f"(its upstream is slow or hanging, or other endpoints hold the rest)")
+        return GatewayError("endpoint_busy", f"{why}, and no seat came free within {b.wait_s:g}s; try again shortly, "
+                            f"or give it fallbacks", retry_after=1)
+
+    async def chat(self, asked: Union[Endpoint, str], call: ChatCall, provider: Optional[str] = None,
+                   fallbacks: Optional[list[str]] = None, caller: Optional["Caller"] = None) -> Outcome:
         """Answer ``call`` on ``asked`` or its fallbacks; ``provider`` restricts the primary.
 
         ``asked``: the endpoint (as the chat flow resolved it once) or its name.
         ``caller``: the request's client key (scope and limits; see ``_walk``), None without keys.
         """
-        endpoint, result, tried = self._walk(asked, provider, fallbacks, lambda ep: self._call(ep, call), caller=caller)
+        endpoint, result, tried = await self._walk(asked, provider, fallbacks, lambda ep: self._call(ep, call), caller=caller)
         if caller is not None:
             caller.settle(result.attempts, result.usage.total_tokens)
-        self._report(endpoint, None)
+        await self._report(endpoint, None)
         return Outcome(endpoint, result, tried)
 
-    def stream(self, asked: Union[Endpoint, str], call: ChatCall, provider: Optional[str] = None,
-               fallbacks: Optional[list[str]] = None, caller: Optional["Caller"] = None) -> Stream:
+    async def stream(self, asked: Union[Endpoint, str], call: ChatCall, provider: Optional[str] = None,
+                     fallbacks: Optional[list[str]] = None, caller: Optional["Caller"] = None) -> Stream:
         """Like ``chat``, but retries and fallbacks only until the first event is in hand.
 
-        Answers a ``Stream`` (its first event included), which the caller must ``close``. The
+        Answers a ``Stream`` (its first event included), which the caller must ``aclose``. The
         caller's key is charged the stream's retries and tokens when its ``Finish`` arrives.
         """
-        endpoint, (first, rest), tried = self._walk(asked, provider, fallbacks,
-                                                    lambda ep: self._open_stream(ep, call), keep_seat=True, caller=caller)
+        endpoint, (first, rest), tried = await self._walk(asked, provider, fallbacks,
+                                                          lambda ep: self._open_stream(ep, call), keep_seat=True, caller=caller)
         return Stream(self, endpoint, first, rest, tried, caller=caller)
 
-    def _open_stream(self, endpoint: Endpoint, call: ChatCall) -> tuple[StreamEvent, Any]:
+    async def _open_stream(self, endpoint: Endpoint, call: ChatCall) -> tuple[StreamEvent, Any]:
         providers.get(endpoint.provider).check_call(call)
         try:
-            return self.loop.run(self._open(endpoint, call, _deadline(endpoint)))
+            return await self._open(endpoint, call, _deadline(endpoint))
         except DeploymentUnavailableError as exc:
-            raise self._gone(endpoint, exc) from None
+            raise await self._gone(endpoint, exc) from None
 
-    def _gone(self, endpoint: Endpoint, exc: DeploymentUnavailableError) -> GatewayError:
+    async def _gone(self, endpoint: Endpoint, exc: DeploymentUnavailableError) -> GatewayError:
         """Serve no longer has ``endpoint``'s application: the registry says why. Undeployed (here or
         through another gateway host, within this process's ``endpoint_cache_s``): ``not_found``,
         raised by ``resolve``; being deployed again: ``endpoint_not_ready``; still registered: Serve
         gave up on it (``ray_failure``)."""
-        self.resolve(endpoint.name, fresh=True)
+        await self.resolve(endpoint.name, fresh=True)
         return ray_failure(exc, endpoint.name)
 
     async def _open(self, endpoint: Endpoint, call: ChatCall, timeout: float) -> tuple[StreamEvent, Any]:
@@ -766,84 +845,62 @@ class Dispatcher:
         raise AssertionError("unreachable")
 
     # -- fan-out ----------------------------------------------------------------------
-    def broadcast_stream(self, chat_names: list[str], make_call, caller: Optional["Caller"] = None
-                         ) -> Iterator[Optional[tuple[str, StreamEvent, Optional[Endpoint]]]]:
+    async def broadcast_stream(self, chat_names: list[str], make_call, caller: Optional["Caller"] = None
+                               ) -> AsyncIterator[Optional[tuple[str, StreamEvent, Optional[Endpoint]]]]:
         """Stream from every endpoint at once, merged as the events come: ``(chat_name, event, endpoint)``,
         and ``None`` after ``_KEEPALIVE_S`` without any (time for the caller to write a keep-alive).
 
         Each name ends with exactly one ``Finish`` or ``Failure`` (a name that could not open its
         stream: its error as a ``Failure``, with no endpoint). Each endpoint costs the caller's
-        key a call, as in ``broadcast``. Closing the iterator (the client left) closes every
-        stream, which cancels the replicas' (and upstream) streams.
+        key a call and a seat of the bulkhead, as any call. Closing the iterator (the client
+        left) cancels every stream, which cancels the replicas' (and upstream) streams.
         """
-        merged: queue.Queue = queue.Queue()
-        streams: list[Stream] = []
-        lock = threading.Lock()
-        stopped = threading.Event()
+        merged: asyncio.Queue = asyncio.Queue()
 
-        def pump(name: str, call: ChatCall) -> None:
+        async def pump(name: str, call: ChatCall) -> None:
             stream, ended = None, False
             try:
-                if stopped.is_set():  # the client left before this stream's turn: nothing is opened
-                    return
-                stream = self.stream(name, call, caller=caller)
-                with lock:
-                    streams.append(stream)
-                if stopped.is_set():
-                    return
-                for event in stream:
+                stream = await self.stream(name, call, caller=caller)
+                async for event in stream:
                     ended = isinstance(event, (Finish, Failure))
-                    merged.put((name, event, stream.endpoint))
+                    merged.put_nowait((name, event, stream.endpoint))
             except GatewayError as err:
                 ended = True
-                merged.put((name, Failure(err.info), None))
+                merged.put_nowait((name, Failure(err.info), None))
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:  # noqa: BLE001 - one endpoint's failure ends its column, not the others
                 log.error("broadcast stream of %s failed: %s", name, type(exc).__name__)
             finally:
-                self._stream_seats.release()
                 if stream is not None:
-                    stream.close()
+                    await stream.aclose()
                 if not ended:  # (whatever happened, the column ends)
-                    merged.put((name, Failure(ErrorInfo(type="internal_error", message="the gateway failed; see its log")), None))
+                    merged.put_nowait((name, Failure(ErrorInfo(type="internal_error", message="the gateway failed; see its log")), None))
 
-        left = 0
+        pumps = [asyncio.ensure_future(pump(name, make_call(name))) for name in chat_names]
+        left = len(pumps)
         try:
-            for name in chat_names:  # (the calls are made here, in the request's thread)
-                call = make_call(name)
-                if not self._stream_seats.acquire(blocking=False):
-                    merged.put((name, Failure(ErrorInfo(
-                        type="endpoint_busy", retry_after=1,
-                        message=f"this gateway process already streams {_STREAM_SEATS} broadcast answers; try again shortly")), None))
-                else:
-                    try:
-                        self._stream_pool.submit(pump, name, call)
-                    except BaseException:
-                        self._stream_seats.release()
-                        raise
-                left += 1
             while left:
                 try:
-                    item = merged.get(timeout=_KEEPALIVE_S)
-                except queue.Empty:
-                    yield None  # nothing for a while: the caller may write a keep-alive (and notice a client gone)
+                    item = await asyncio.wait_for(merged.get(), _KEEPALIVE_S)
+                except asyncio.TimeoutError:
+                    yield None  # nothing for a while: the caller may write a keep-alive
                     continue
                 if isinstance(item[1], (Finish, Failure)):
                     left -= 1
                 yield item
         finally:
-            stopped.set()
-            with lock:
-                opened = list(streams)
-            for stream in opened:  # (a pump waiting on its next event gets a Failure and ends)
-                stream.close()
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
 
-    def broadcast(self, chat_names: list[str], make_call, caller: Optional["Caller"] = None) -> dict[str, Any]:
+    async def broadcast(self, chat_names: list[str], make_call, caller: Optional["Caller"] = None) -> dict[str, Any]:
         """Ask every endpoint at once; answers per name, in the time of the slowest (each costs the caller's key a call)."""
-        futures = {name: self._pool.submit(self.chat, name, make_call(name), caller=caller) for name in chat_names}
+        answers = await asyncio.gather(*(self.chat(name, make_call(name), caller=caller) for name in chat_names),
+                                       return_exceptions=True)
         out: dict[str, Any] = {}
-        for name, future in futures.items():
-            try:
-                out[name] = future.result()
-            except GatewayError as err:
-                out[name] = err
+        for name, answer in zip(chat_names, answers):
+            if isinstance(answer, BaseException) and not isinstance(answer, GatewayError):
+                raise answer
+            out[name] = answer
         return out

@@ -74,6 +74,8 @@ TYPES: dict[str, ErrorType] = {
     "conflict": ErrorType(409, caller=True),
     "payload_too_large": ErrorType(413, caller=True),
     "unsupported_media_type": ErrorType(415, caller=True, openai_type=_INVALID),
+    #: a request head with too many header fields (``gateway.server``)
+    "header_too_large": ErrorType(431, caller=True, openai_type=_INVALID),
     #: (not the caller's: a model that does not fit, a cluster without GPUs, a replica that died ...)
     "deploy_failed": ErrorType(422),
     "rate_limited": ErrorType(429, caller=True, openai_type="rate_limit_error"),  # the caller's own client-key limit
@@ -88,6 +90,8 @@ TYPES: dict[str, ErrorType] = {
     "cluster_unavailable": ErrorType(503),
     "endpoint_not_ready": ErrorType(503, falls_back=True),
     "endpoint_busy": ErrorType(503, falls_back=True),
+    #: the gateway process holds its most open connections (``GATEWAY_MAX_CONNECTIONS``; ``gateway.server``)
+    "server_busy": ErrorType(503),
 }
 
 #: type -> HTTP status (a view of ``TYPES``)

@@ -45,6 +45,8 @@ their limits come with each call, so it holds nothing secret and needs no config
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import logging
 import math
@@ -162,6 +164,30 @@ def keeper_actor(namespace: str):
                                resources={HEAD_NODE_RESOURCE: 0.001}).remote()
 
 
+class _Signal:
+    """Set once, from any thread; awaited on the event loop (``wait``)."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self) -> None:
+        self._future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def set(self) -> None:
+        try:
+            self._future.set_result(None)
+        except concurrent.futures.InvalidStateError:  # (set already)
+            pass
+
+    async def wait(self, timeout: float) -> bool:
+        """Whether it was set within ``timeout`` seconds."""
+        if timeout > 0 and not self._future.done():
+            try:  # (shielded: giving up on the wait never cancels the signal itself)
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._future)), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return self._future.done()
+
+
 class _Renewal:
     """One lease request of a key to the keeper, in flight (at most one per key and process)."""
 
@@ -171,7 +197,7 @@ class _Renewal:
         self.started = started  # monotonic
         self.args = args  # LimitKeeper.lease's arguments after the key id
         self.ref = None  # the request's ObjectRef (held until it is answered)
-        self.done = threading.Event()  # set once the lease holds its answer (or its failure)
+        self.done = _Signal()  # set once the lease holds its answer (or its failure)
         self.overdue_logged = False
 
 
@@ -234,7 +260,7 @@ class Limits:
         return lease
 
     # -- per call --------------------------------------------------------------------------
-    def admit(self, key: ClientKey) -> None:
+    async def admit(self, key: ClientKey) -> None:
         """Spend one call of ``key``'s limits, or raise ``rate_limited`` (with ``Retry-After``).
 
         When the lease is spent, one caller asks the keeper (``_KEEPER_WAIT_S`` at most) while the
@@ -267,7 +293,7 @@ class Limits:
                     wait = min(_WAITER_WAIT_S, renewal.started + _KEEPER_WAIT_S - now)
             if ask:
                 self._ask(key, lease, renewal)
-            if wait <= 0 or not renewal.done.wait(wait):
+            if wait <= 0 or not await renewal.done.wait(wait):
                 unanswered = time.monotonic() - renewal.started
                 if unanswered >= _KEEPER_WAIT_S and not renewal.overdue_logged:
                     renewal.overdue_logged = True
@@ -424,10 +450,10 @@ class Caller:
     def allows(self, chat_name: str) -> bool:
         return self.key.allows(chat_name)
 
-    def admit(self) -> None:
+    async def admit(self) -> None:
         """Before an endpoint is called (before its seat is taken): one call of the key's limits, or
         ``rate_limited``, or ``cluster_unavailable`` when the keeper does not answer in time."""
-        self._limits.admit(self.key)
+        await self._limits.admit(self.key)
 
     def refund(self) -> None:
         """The call ``admit`` took was not made after all (the endpoint was busy): give it back."""

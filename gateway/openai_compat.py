@@ -177,10 +177,10 @@ def _chunk(ask: chat_flow.Ask, choices: list, usage: Any = None) -> str:
 
 
 @v1.post("/chat/completions")
-def chat_completions():
+async def chat_completions():
     req = validate(CompletionRequest, json_body())
     ask = chat_flow.Ask(req.model, req.to_call(g.request_id), stream=req.stream, fallbacks=req.fallbacks, request=req)
-    return chat_flow.run(ask, _RENDERER)
+    return await chat_flow.run(ask, _RENDERER)
 
 
 def _finish_reason(reason: Optional[str], tool_calls: Any) -> str:

@@ -4,6 +4,11 @@ The chat routes hand their body to ``gateway.chat_flow`` with a renderer of this
 (``/chat``: the full JSON answer; ``/<provider>/chat``: the legacy bare answer); the
 OpenAI-compatible routes live in ``gateway.openai_compat``. What every route reads of its
 request (services, body, route kind, error shape) is ``gateway.context``.
+
+The chat views (``/chat``, ``/<provider>/chat``, ``/chat/broadcast``, ``/v1/chat/completions``)
+are coroutines: ``gateway.front`` runs them on the worker's event loop, with this app's request
+context, hooks and error handlers around them; every other route is a plain Flask view, served
+in a thread through the WSGI adapter.
 """
 from __future__ import annotations
 
@@ -187,8 +192,8 @@ def _ask(data: dict, provider=None) -> chat_flow.Ask:
 
 
 @core.post("/chat")
-def chat():
-    return chat_flow.run(_ask(json_body()), _GATEWAY)
+async def chat():
+    return await chat_flow.run(_ask(json_body()), _GATEWAY)
 
 
 def _result_body(chat_name: str, outcome: Outcome) -> dict:
@@ -221,12 +226,12 @@ def prometheus_metrics():
 
 
 @core.post("/chat/broadcast")
-def broadcast():
+async def broadcast():
     req = validate(BroadcastRequest, json_body())
     if req.stream:  # every answer as it comes (the console's Compare view)
         return chat_flow.run_broadcast_stream(req.chat_names, lambda name: req.to_call(f"{g.request_id}.{name}"))
     check_chat_names(g.client_key, req.chat_names)
-    outcomes = gw().dispatcher.broadcast(req.chat_names, lambda name: req.to_call(f"{g.request_id}.{name}"),
+    outcomes = await gw().dispatcher.broadcast(req.chat_names, lambda name: req.to_call(f"{g.request_id}.{name}"),
                                          caller=gw().limits.caller(g.client_key))  # each endpoint costs a call
     results = {}
     for name, outcome in outcomes.items():
@@ -325,8 +330,8 @@ def provider_blueprint(provider: "providers.Provider") -> Blueprint:
         return response
 
     @bp.post("/chat")
-    def chat():
-        return chat_flow.run(_ask(json_body(), provider=provider.name), _LEGACY)
+    async def chat():
+        return await chat_flow.run(_ask(json_body(), provider=provider.name), _LEGACY)
 
     @bp.post("/undeploy")
     def undeploy():

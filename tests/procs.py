@@ -54,8 +54,7 @@ def gunicorn_joined_to(head_address: str, log_path: Path, **env: str):
     port = free_port()
     proc = start(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
-        {"RAY_ADDRESS": head_address, "GATEWAY_BIND": f"127.0.0.1:{port}", "GATEWAY_WORKERS": "2", "GATEWAY_THREADS": "8",
-         **env},
+        {"RAY_ADDRESS": head_address, "GATEWAY_BIND": f"127.0.0.1:{port}", "GATEWAY_WORKERS": "2", **env},
         log_path,
     )
     base = f"http://127.0.0.1:{port}"
@@ -167,3 +166,25 @@ class TcpProxy:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def serve_front(app):
+    """Serve ``app``'s ASGI front (``gateway.front``) over HTTP on a free port, in this process, on its
+    dispatcher's event loop (where its chat calls run); yields the base URL. (uvicorn, as a worker runs it,
+    without the worker's process management.)"""
+    import uvicorn
+
+    front = app.extensions["front"]
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(front, host="127.0.0.1", port=port, lifespan="off", access_log=False,
+                                           log_level="warning"))
+    running = front.loop.submit(server.serve())
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert not running.done() and time.monotonic() < deadline, "the front did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        running.result(30)

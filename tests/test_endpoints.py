@@ -247,10 +247,12 @@ def test_with_grpc_off_calls_go_as_ray_actor_calls_and_answer_the_same(client, d
     assert plain.post("/chat", json={"chat_name": chat_name, "content": "hi"}).get_json()["output"] == "echo: hi"
     streamed = plain.post("/chat", json={"chat_name": chat_name, "content": "a b", "stream": True}).get_data(as_text=True)
     assert '"delta"' in streamed and '"finish_reason"' in streamed
-    handles = other.extensions["gateway"].dispatcher.resolve(chat_name).handle
+    dispatcher = other.extensions["gateway"].dispatcher
+    handles = dispatcher.loop.run(dispatcher.resolve(chat_name)).handle
     assert handles.chat.handle_options._by_reference is True  # (Ray actor calls, not gRPC)
     assert handles.stream.handle_options._by_reference is True
-    default = client.application.extensions["gateway"].dispatcher.resolve(chat_name).handle
+    dispatcher = client.application.extensions["gateway"].dispatcher
+    default = dispatcher.loop.run(dispatcher.resolve(chat_name)).handle
     assert default.chat.handle_options._by_reference is False and default.stream.handle_options._by_reference is False
     assert default.chat.init_options._run_router_in_separate_loop is False  # (the router runs in the process's loop)
 

@@ -28,17 +28,64 @@ from tests.test_resilience import sse_events
 
 
 # -- the bulkhead -----------------------------------------------------------------------------
-def test_a_hanging_endpoint_leaves_the_others_their_share(ray_head, tmp_path, fake_openai, client):
-    """200 callers stuck on a hanging upstream; 100 calls to a healthy endpoint all answer."""
+def test_a_gateway_on_its_defaults_holds_500_calls_on_one_endpoint(ray_head, tmp_path):
+    """The defaults (2 workers, nothing tuned): 500 callers at once on one endpoint whose upstream takes
+    3 s, half of them streaming, are all answered; none is refused (the front of issue 24's report
+    answered 48 and refused 152 of 200)."""
+    import asyncio
+
+    slow = FakeOpenAI(latency=3).start()
+    runner = gunicorn_joined_to(ray_head.address, tmp_path / "gunicorn.log")
+    base, _, _ = next(runner)
+    chat_name = f"held_{uuid.uuid4().hex[:6]}"
+    try:
+        r = httpx.post(base + "/openai/deploy", json={"api_key": key(), "chat_name": chat_name, "model_name": "m",
+                                                      "base_url": slow.base_url, "max_retries": 0}, timeout=120)
+        assert r.status_code == 200, r.text
+
+        async def one(http: httpx.AsyncClient, i: int) -> str:
+            body = {"chat_name": chat_name, "content": f"call {i}", "stream": i % 2 == 1}
+            try:
+                async with http.stream("POST", "/chat", json=body) as r:
+                    text = (await r.aread()).decode()
+            except httpx.HTTPError as exc:
+                return f"failed: {type(exc).__name__}"
+            if r.status_code != 200:
+                return f"{r.status_code} {text[:120]}"
+            done = "data: [DONE]" in text if body["stream"] else json.loads(text)["output"] == f"echo: call {i}"
+            return "ok" if done else f"incomplete: {text[-120:]}"
+
+        async def all_at_once() -> list[str]:
+            limits = httpx.Limits(max_connections=600, max_keepalive_connections=600)
+            async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
+                return await asyncio.gather(*(one(http, i) for i in range(500)))
+
+        outcomes = asyncio.run(all_at_once())
+    finally:
+        httpx.post(base + "/openai/undeploy", json={"chat_name": chat_name, "force": True}, timeout=120)
+        runner.close()
+        slow.stop()
+    counts = {o: outcomes.count(o) for o in set(outcomes)}
+    print(f"500 calls at once on one endpoint, the defaults: {counts}")
+    assert counts == {"ok": 500}, counts
+
+
+def test_hanging_endpoints_leave_the_others_their_share(ray_head, tmp_path, fake_openai, client):
+    """Two endpoints whose upstreams hang, 60 callers stuck on each, in a process of 40 seats (small, so
+    that they fill): a healthy endpoint's 100 calls all answer; the hung ones turn callers away with
+    503 endpoint_busy once their shares are taken (an endpoint holds at most three quarters of what the
+    others leave), after a bounded wait."""
     hanging = FakeOpenAI(latency=120).start()
-    runner = gunicorn_joined_to(ray_head.address, tmp_path / "gunicorn.log")  # 2 workers x 8 threads
+    runner = gunicorn_joined_to(ray_head.address, tmp_path / "gunicorn.log", GATEWAY_WORKERS="1",
+                                GATEWAY_MAX_CALLS="40", GATEWAY_ENDPOINT_QUEUE_S="0.5")
     base, _, log_path = next(runner)
-    stuck, healthy = f"stuck_{uuid.uuid4().hex[:6]}", f"healthy_{uuid.uuid4().hex[:6]}"
+    stuck = [f"stuck{i}_{uuid.uuid4().hex[:6]}" for i in (1, 2)]
+    healthy = f"healthy_{uuid.uuid4().hex[:6]}"
     stop = threading.Event()
     stuck_answers: list[tuple[int, str]] = []
     try:
         with httpx.Client(base_url=base, timeout=60) as http:
-            for chat_name, upstream in ((stuck, hanging), (healthy, fake_openai)):
+            for chat_name, upstream in ((stuck[0], hanging), (stuck[1], hanging), (healthy, fake_openai)):
                 r = http.post("/openai/deploy", json={"api_key": key(), "chat_name": chat_name, "model_name": "m",
                                                       "base_url": upstream.base_url, "max_retries": 0, "timeout": 100})
                 assert r.status_code == 200, r.text
@@ -54,11 +101,11 @@ def test_a_hanging_endpoint_leaves_the_others_their_share(ray_head, tmp_path, fa
 
             idle = [healthy_call()[1] for _ in range(20)]
 
-            def stuck_caller() -> None:
+            def stuck_caller(chat_name: str) -> None:
                 with httpx.Client(base_url=base, timeout=120) as c:
                     while not stop.is_set():
                         try:
-                            r = c.post("/chat", json={"chat_name": stuck, "content": "anyone?"})
+                            r = c.post("/chat", json={"chat_name": chat_name, "content": "anyone?"})
                         except httpx.HTTPError:
                             return
                         if stop.is_set():  # answered by the teardown (the hanging upstream stopped): not part of the test
@@ -66,31 +113,32 @@ def test_a_hanging_endpoint_leaves_the_others_their_share(ray_head, tmp_path, fa
                         stuck_answers.append((r.status_code, r.json()["error"]["type"] if r.status_code >= 400 else ""))
                         stop.wait(float(r.headers.get("Retry-After", "1")))
 
-            callers = [threading.Thread(target=stuck_caller, daemon=True) for _ in range(200)]
+            callers = [threading.Thread(target=stuck_caller, args=(stuck[i % 2],), daemon=True) for i in range(120)]
             for t in callers:
                 t.start()
-            time.sleep(3)  # every seat of the hanging endpoint is taken, the rest are turned away
-            with ThreadPoolExecutor(4) as pool:
+            time.sleep(4)  # every seat the hung endpoints may take is taken, the rest are turned away
+            with ThreadPoolExecutor(2) as pool:
                 under_hang = list(pool.map(healthy_call, range(100)))
-            # A call that names a fallback goes there at once instead of waiting for a seat.
-            r = http.post("/chat", json={"chat_name": stuck, "content": "x", "fallbacks": [healthy]})
+            # A call that names a fallback goes there once no seat comes free in time.
+            r = http.post("/chat", json={"chat_name": stuck[0], "content": "x", "fallbacks": [healthy]})
             assert r.status_code == 200 and r.json()["served_by"] == healthy, r.text
             assert r.json()["tried"][0]["type"] == "endpoint_busy"
             # Streams take seats too.
-            r = http.post("/chat", json={"chat_name": stuck, "content": "x", "stream": True})
-            assert r.status_code == 503 and r.json()["error"]["type"] == "endpoint_busy"
+            r = http.post("/chat", json={"chat_name": stuck[1], "content": "x", "stream": True})
+            assert r.status_code == 503 and r.json()["error"]["type"] == "endpoint_busy", r.text
+            assert r.headers["Retry-After"] == "1"
     finally:
         stop.set()
         hanging.stop()
         runner.close()
-        for chat_name in (stuck, healthy):
+        for chat_name in (*stuck, healthy):
             client.post("/openai/undeploy", json={"chat_name": chat_name, "force": True})
     failed = [s for s, _ in under_hang if s != 200]
     busy = [a for a in stuck_answers if a == (503, "endpoint_busy")]
     ratio = statistics.median(ms for _, ms in under_hang) / statistics.median(idle)
-    print(f"healthy endpoint: idle median {statistics.median(idle):.1f} ms, with 200 callers stuck on another "
+    print(f"healthy endpoint: idle median {statistics.median(idle):.1f} ms, with 120 callers stuck on two others "
           f"{statistics.median(ms for _, ms in under_hang):.1f} ms (x{ratio:.2f}); failed {len(failed)} of 100; "
-          f"the hanging endpoint turned away {len(busy)} calls with 503 endpoint_busy")
+          f"the hanging endpoints turned away {len(busy)} calls with 503 endpoint_busy")
     assert not failed, failed
     assert busy, stuck_answers[:20]
     assert all(a[1] == "endpoint_busy" for a in stuck_answers), {a for a in stuck_answers}

@@ -185,8 +185,8 @@ def _fail(client, chat_name: str, fake_openai) -> None:
 
 @pytest.fixture
 def slow_serve_looks(monkeypatch):
-    """Serve's controller answering late, once, in a thread named here: ``slow[thread] = (delay, when)``
-    makes that thread's next look at Serve's applications (for which ``when()`` is true) come back
+    """Serve's controller answering late, once, for a request labelled here: ``slow[label] = (delay, when)``
+    makes the next look of the request whose ``X-Test-Label`` header is ``label`` at Serve's applications (for which ``when()`` is true) come back
     ``delay`` seconds after it was taken, as from a loaded controller; ``looked`` is set when it was taken."""
     import gateway.endpoints as endpoints
 
@@ -195,8 +195,10 @@ def slow_serve_looks(monkeypatch):
     looked = threading.Event()
 
     def app_statuses():
+        from flask import has_request_context, request
+
         apps = real()
-        name = threading.current_thread().name
+        name = request.headers.get("X-Test-Label") if has_request_context() else None
         if name in slow and slow[name][1]():
             delay, _ = slow.pop(name)
             looked.set()
@@ -228,7 +230,7 @@ def test_an_undeploy_racing_a_fresh_deploy_of_a_failed_name_leaves_no_orphan(cli
 
     def call(label: str, path: str, body: dict) -> threading.Thread:
         def run() -> None:
-            r = app.test_client().post(path, json=body)
+            r = app.test_client().post(path, json=body, headers={"X-Test-Label": label})
             answers[label] = (r.status_code, r.get_json())
         thread = threading.Thread(target=run, name=label)
         thread.start()

@@ -305,20 +305,18 @@ def test_broadcast_asks_everyone_at_once(client, ep, fake_openai, fake_zhipu):
     assert columns[slow_b][0][1]["error"]["type"] == "upstream_auth" and "Incorrect API key" in columns[slow_b][0][1]["error"]["message"]
     assert columns["not_there"][0][1]["error"]["type"] == "not_found"
 
-    # Every streaming seat of this process taken (each holds a thread for a whole answer): the
-    # columns answer busy at once, with Retry-After, instead of queueing behind the others.
-    seats = client.application.extensions["gateway"].dispatcher._stream_seats
-    taken = 0
-    while seats.acquire(blocking=False):
-        taken += 1
+    # Every call seat of this process taken (a broadcast's columns are calls like any other): the
+    # columns wait their turn for GATEWAY_ENDPOINT_QUEUE_S, then answer busy, with Retry-After.
+    bulkhead = client.application.extensions["gateway"].dispatcher._bulkhead
+    bulkhead._in_all += bulkhead.total
     try:
         r = client.post("/chat/broadcast", json={"chat_names": [slow_a, fast], "content": "hi", "stream": True})
         busy = [d for k, d in sse_events(r.get_data(as_text=True)) if k == "error"]
         assert [(d["chat_name"], d["error"]["type"], d["error"]["retry_after"]) for d in busy] == [
             (slow_a, "endpoint_busy", 1.0), (fast, "endpoint_busy", 1.0)]
+        assert "this gateway process already holds" in busy[0]["error"]["message"]
     finally:
-        for _ in range(taken):
-            seats.release()
+        bulkhead._in_all -= bulkhead.total
 
     # A client that leaves mid-way: every stream is closed, the upstream one included.
     fake_openai.script(key_a, Reply(pieces=[f"w{i} " for i in range(40)], piece_delay=0.3))

@@ -50,17 +50,13 @@ WAIT_MS = 60_000
 @pytest.fixture
 def served(ray_head):
     """A gateway with an admin token on the session cluster, served over HTTP on a free port."""
-    from werkzeug.serving import make_server
+    from tests.procs import serve_front
 
     dashboard = f"http://{ray_head.settings.dashboard_host}:{ray_head.settings.dashboard_port}"
     app = create_app(Settings.from_env(ray_address=ray_head.address, admin_token=ADMIN, cooldown_s=0,
                                        dashboard_url=dashboard))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="ui-test-server", daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}", app, dashboard
-    server.shutdown()
-    thread.join(10)
+    for base in serve_front(app):
+        yield base, app, dashboard
 
 
 def shell_argv(line: str, env: dict) -> list[str]:

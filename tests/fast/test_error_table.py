@@ -40,7 +40,7 @@ def test_whose_fault_each_type_is():
     assert CALLER_ERRORS == {name for name, kind in TYPES.items() if kind.caller} == {
         "invalid_request", "content_filter", "upstream_bad_request", "invalid_key", "unauthorized", "forbidden",
         "host_not_allowed", "origin_not_allowed", "not_found", "method_not_allowed", "conflict", "payload_too_large",
-        "unsupported_media_type", "rate_limited"}
+        "unsupported_media_type", "header_too_large", "rate_limited"}
     for name in CALLER_ERRORS:  # what the caller caused fails the same everywhere: never retried, never moved on
         kind = TYPES[name]
         assert kind.status < 500 and not (kind.retried or kind.falls_back or kind.cooldown), name
