@@ -35,6 +35,8 @@ SKIPPED = {
     "endpoint_not_ready": "needs a deploy in progress or a cooldown (the session app has cooldowns off)",
     "endpoint_busy": "needs a hanging upstream holding every seat",
     "rate_limited": "needs a rate-limited client key and a call that spends it (tests/test_limits.py)",
+    "server_busy": "answered by the worker's protocol past GATEWAY_MAX_CONNECTIONS (tests/test_slow_clients.py)",
+    "header_too_large": "answered by the worker's protocol to an oversized head (tests/fast/test_server_protocol.py)",
 }
 
 _seen: set[str] = set()
