@@ -60,8 +60,8 @@ from typing import Optional
 
 import httpx
 
-from .__main__ import (RESULTS, ROOT, clean_env, cpu_s, free_port, interleaved, median_of, process_tree, settle,
-                       start_fake, wait_until)
+from .__main__ import (RESULTS, clean_env, cpu_s, free_port, interleaved, median_of, process_tree, settle,
+                       start_fake, start_gateway, wait_until)
 from .loadgen import have_wrk, load
 
 PATHS = ("one host", "two hosts", "direct")
@@ -78,9 +78,7 @@ def start_host(name: str, env_extra: dict) -> tuple[subprocess.Popen, str, Path]
     port = free_port()
     env = {**clean_env(), "GATEWAY_BIND": f"127.0.0.1:{port}", **env_extra}
     log_path = RESULTS / f"hosts-{name}.log.tmp"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_gateway(env, log_path)
     return proc, f"http://127.0.0.1:{port}", log_path
 
 

@@ -49,7 +49,7 @@ from typing import Optional
 
 import httpx
 
-from .__main__ import RESULTS, ROOT, clean_env, free_port, start_fake, wait_ready, wait_until
+from .__main__ import RESULTS, ROOT, clean_env, free_port, gateway_env, start_fake, start_gateway, wait_ready, wait_until
 
 VARIANTS = {
     "retry": "200 callers loop on the stuck endpoint: a 503 is retried after Retry-After; a seat hangs",
@@ -335,13 +335,10 @@ def main() -> None:
     callers: Optional[subprocess.Popen] = None
     port = free_port()
     # The defaults (2 workers x 32 threads, 24 seats per endpoint per worker): only where to listen.
-    env = {**clean_env(), "GATEWAY_BIND": f"127.0.0.1:{port}", "GATEWAY_RAY_PORT": str(free_port()),
-           "GATEWAY_DASHBOARD_PORT": str(free_port())}
+    env = gateway_env(port)
     base = f"http://127.0.0.1:{port}"
-    log = open(RESULTS / "isolation-gateway.log.tmp", "wb")
     t0 = time.perf_counter()
-    gw = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT, env=env,
-                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    gw = start_gateway(env, RESULTS / "isolation-gateway.log.tmp")
     out: dict = {"machine": f"{os.uname().machine}, {os.cpu_count()} cores", "command": "python -m " + " ".join(
                  ["bench.isolation"] + sys.argv[1:]), "gateway": "defaults: 2 gunicorn workers x 32 threads, "
                  "GATEWAY_ENDPOINT_MAX_IN_FLIGHT unset (24 per worker), embedded Ray head",
@@ -442,7 +439,6 @@ def main() -> None:
             gw.wait(10)
         for proc in procs:  # the hanging upstream never answers: kill, do not wait on it
             stop_proc(proc, grace=2)
-        log.close()
     report(out, levels)
 
 
