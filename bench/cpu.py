@@ -1,7 +1,7 @@
 """Where a call's CPU goes: ``python -m bench.cpu [--concurrency 32] [--seconds 10] [--profile worker|replica]``.
 
 Starts the fake OpenAI upstream (50 ms) and the gateway as ``make start`` does (gunicorn + embedded
-Ray head, the bench's settings), deploys one endpoint with 2 workers, loads ``POST /chat`` with wrk,
+Ray head, its default settings), deploys one endpoint with 2 workers, loads ``POST /chat`` with wrk,
 and prints the CPU (utime + stime from /proc) each kind of process spent per call served: the
 gunicorn workers, the endpoint's replicas, and everything else of the gateway's (the master, Ray's
 head processes). ``--profile worker`` (or ``replica``) also records one such process with py-spy
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from .__main__ import ROOT, clean_env, cpu_s, free_port, process_tree, start_fake, wait_ready
+from .__main__ import cpu_s, free_port, gateway_env, process_tree, start_fake, start_gateway, stop_gateway, wait_ready
 from .loadgen import load
 
 
@@ -33,20 +31,28 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def summarize(raw: Path, top: int = 25) -> None:
-    """py-spy's raw (collapsed) stacks: the share of samples each function is on the stack (inclusive)."""
+def summarize(raw: Path, top: int = 25) -> list[str]:
+    """py-spy's raw (collapsed) stacks: the share of samples each function is on the stack (inclusive), a line each,
+    leaving out the frames on (nearly) every stack (the process's and its event loop's own: they say nothing); then
+    the functions most often at the top of the stack (self)."""
     inclusive: collections.Counter = collections.Counter()
+    leaf: collections.Counter = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
         total += int(count)
-        names = {frame.split(" (")[0] + " " + frame.rsplit("(", 1)[-1].split(":")[0].rsplit("/", 1)[-1] for frame in stack.split(";")}
-        for name in names:
+        frames = [frame.split(" (")[0] + " " + frame.rsplit("(", 1)[-1].split(":")[0].rsplit("/", 1)[-1]
+                  for frame in stack.split(";")]
+        for name in set(frames):
             inclusive[name] += int(count)
-    for name, n in inclusive.most_common(top):
-        print(f"  {n / max(total, 1) * 100:5.1f}%  {name}")
+        leaf[frames[-1]] += int(count)
+    busiest = max(inclusive.values(), default=0)
+    shown = [(name, n) for name, n in inclusive.most_common() if n < 0.97 * busiest][:top]
+    lines = [f"  {n / max(total, 1) * 100:5.1f}%  {name}" for name, n in shown]
+    lines.append("  self (top of the stack):")
+    return lines + [f"  {n / max(total, 1) * 100:5.1f}%  {name}" for name, n in leaf.most_common(max(5, top // 3))]
 
 
 def main() -> None:
@@ -57,12 +63,8 @@ def main() -> None:
     args = ap.parse_args()
     fake, fake_url = start_fake(0.05)
     port = free_port()
-    env = {**clean_env(), "GATEWAY_BIND": f"127.0.0.1:{port}", "GATEWAY_RAY_PORT": str(free_port()),
-           "GATEWAY_DASHBOARD_PORT": str(free_port()), "GATEWAY_THREADS": "512",
-           "GATEWAY_SAAS_MAX_ONGOING_REQUESTS": "1024", "GATEWAY_ENDPOINT_MAX_IN_FLIGHT": "1024"}
     log = tempfile.NamedTemporaryFile(prefix="bench-cpu-", suffix=".log", delete=False)
-    gw = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT, env=env,
-                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    gw = start_gateway(gateway_env(port), Path(log.name))
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(timeout=120) as http:
@@ -95,14 +97,10 @@ def main() -> None:
         if spy is not None:
             spy.wait(args.seconds + 30)
             print(f"py-spy --gil, one {args.profile} process, share of samples per function (inclusive):")
-            summarize(raw)
+            print("\n".join(summarize(raw)))
             raw.unlink()
     finally:
-        gw.send_signal(signal.SIGTERM)
-        try:
-            gw.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(gw.pid, signal.SIGKILL)
+        stop_gateway(gw)
         fake.terminate()
         time.sleep(1)
 

@@ -9,7 +9,7 @@ repeat, about 1 minute; the defaults about 2.5 minutes; more on a busy machine, 
 
 1. starts a fake OpenAI upstream (50 ms) in its own process (``bench.__main__.start_fake``);
 2. starts **host 1** exactly as ``make start`` does: gunicorn + its embedded Ray head, every setting
-   at its default (2 workers x 32 threads, the per-endpoint bulkhead at 3/4 of the threads); only
+   at its default (2 workers; the per-endpoint bulkhead at its default share); only
    where it listens (``GATEWAY_BIND``, ``GATEWAY_RAY_PORT``, ``GATEWAY_DASHBOARD_PORT``) is set, as
    ``python -m bench run`` does;
 3. starts **host 2**: a second gunicorn master on another port, every setting at its default too,

@@ -8,8 +8,9 @@ and does their median stay within 2x of the idle median?
 
 What it does, all on this machine:
 1. starts a fast fake OpenAI upstream (50 ms) in its own process, and the gateway exactly as
-   ``make start`` does, with the DEFAULT settings (gunicorn 2 workers x 32 threads, so 24 seats
-   per endpoint per worker; embedded Ray head; only the bind address and ports are set);
+   ``make start`` does, with the DEFAULT settings (2 gunicorn workers, the per-endpoint bulkhead at
+   its default: 24 seats per endpoint per worker with the gthread front of before issue 24, 3/4 of
+   ``GATEWAY_MAX_CALLS`` since; embedded Ray head; only the bind address and ports are set);
 2. deploys ``healthy`` on the fast upstream; then, for each variant, a stuck endpoint on a
    fresh hanging fake upstream (it answers after 600 s, longer than the run), and:
    - idle: N calls to ``healthy`` at each concurrency (default 1 and 4), a new connection per
@@ -334,14 +335,14 @@ def main() -> None:
     procs: list[subprocess.Popen] = [fast]
     callers: Optional[subprocess.Popen] = None
     port = free_port()
-    # The defaults (2 workers x 32 threads, 24 seats per endpoint per worker): only where to listen.
+    # The defaults: only where to listen.
     env = gateway_env(port)
     base = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
     gw = start_gateway(env, RESULTS / "isolation-gateway.log.tmp")
     out: dict = {"machine": f"{os.uname().machine}, {os.cpu_count()} cores", "command": "python -m " + " ".join(
-                 ["bench.isolation"] + sys.argv[1:]), "gateway": "defaults: 2 gunicorn workers x 32 threads, "
-                 "GATEWAY_ENDPOINT_MAX_IN_FLIGHT unset (24 per worker), embedded Ray head",
+                 ["bench.isolation"] + sys.argv[1:]), "gateway": "defaults: 2 gunicorn workers, "
+                 "GATEWAY_ENDPOINT_MAX_IN_FLIGHT unset, embedded Ray head",
                  "upstream_latency_ms": args.latency * 1000, "calls": args.calls, "callers": args.callers,
                  "client_timeout_s": args.timeout, "settle_s": args.settle, "variants": {}}
     meter = CpuMeter(gw.pid, {os.getpid(): "this client (healthy calls)"})
