@@ -19,18 +19,23 @@ worker's event loop (``gateway.front`` runs these views there, never in a thread
    however the response ends (the client hung up: the upstream stream is cancelled). A
    streamed answer is an ``EventStream``: a response whose body ``gateway.front`` writes
    from its async iterator of SSE text, then ``aclose``s.
+
+``POST /chat/broadcast`` goes through the same steps (``run_broadcast``: check, dispatch to
+every endpoint at once, render) and its stream through the same SSE writer (``_sse``).
+What a request carries (its id, record, the caller's key) is the ``RequestContext`` made by
+the doors (``gateway.context``), passed in ``Ask.ctx`` to the flow and its renderer; a
+renderer is made per request, so what it remembers while a stream is written is its own.
 """
 from __future__ import annotations
 
 import abc
-import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional, Union
 
-from flask import Response, current_app, g
+from flask import Response, current_app
 
 from .auth import check_chat_names
-from .context import finish_record, gw
+from .context import RequestContext, finish, gw
 from .dispatch import Endpoint, Outcome, Stream
 from .errors import GatewayError
 from .events import Delta, Failure, Finish, ToolCallDelta
@@ -43,6 +48,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class Ask:
     """One chat request, whatever the route's body looked like."""
 
+    ctx: RequestContext
     chat_name: str
     call: ChatCall
     stream: bool = False
@@ -52,6 +58,17 @@ class Ask:
     provider: Optional[str] = None
     #: the route's validated body, for its renderer (stream options, ...)
     request: Any = None
+
+
+@dataclass
+class BroadcastAsk:
+    """``POST /chat/broadcast``: one call to every endpoint named, at once."""
+
+    ctx: RequestContext
+    chat_names: list[str]
+    #: the call for one endpoint (its own request id)
+    make_call: Callable[[str], ChatCall]
+    stream: bool = False
 
 
 class EventStream(Response):
@@ -72,8 +89,8 @@ class EventStream(Response):
 
 
 class Renderer(abc.ABC):
-    """How a route writes answers. One instance per route: what one request needs to remember
-    while its stream is written (e.g. whether tool calls were seen) lives in ``flask.g``."""
+    """How a route writes answers. One instance per request: what it remembers while a stream is
+    written (e.g. whether tool calls were seen) is its own."""
 
     @abc.abstractmethod
     def answer(self, ask: Ask, outcome: Outcome) -> Response:
@@ -100,13 +117,25 @@ class Renderer(abc.ABC):
         """SSE text of a failure after the response began (nothing follows it)."""
 
 
+class BroadcastRenderer(abc.ABC):
+    """How ``POST /chat/broadcast`` writes its answers (``gateway.web``)."""
+
+    @abc.abstractmethod
+    def answer(self, ask: BroadcastAsk, outcomes: dict[str, Union[Outcome, GatewayError]]) -> Response:
+        """Every endpoint's answer (or error), in one response."""
+
+    @abc.abstractmethod
+    def event(self, ask: BroadcastAsk, name: str, event: Any, endpoint: Optional[Endpoint], at_ms: float) -> str:
+        """SSE text of one endpoint's event (a piece, its end, or its failure)."""
+
+
 async def run(ask: Ask, renderer: Renderer) -> Response:
     """Answer ``ask``: see the module docstring."""
-    services = gw()
-    key = g.client_key
+    ctx, services = ask.ctx, gw()
+    key = ctx.client_key
     check_chat_names(key, [ask.chat_name, *(ask.fallbacks or [])])
     primary = await services.dispatcher.resolve(ask.chat_name, visible=key and key.allows)  # the one resolve of this call
-    g.record.endpoint(primary.name, primary.provider)
+    ctx.record.endpoint(primary.name, primary.provider)
     caller = services.limits.caller(key)  # scope on the endpoints' own fallbacks, limits per upstream call
     if ask.stream:
         stream = await services.dispatcher.stream(primary, ask.call, provider=ask.provider, fallbacks=ask.fallbacks,
@@ -114,102 +143,96 @@ async def run(ask: Ask, renderer: Renderer) -> Response:
         return _streamed(ask, stream, renderer)
     outcome = await services.dispatcher.chat(primary, ask.call, provider=ask.provider, fallbacks=ask.fallbacks, caller=caller)
     result = outcome.result
-    g.upstream_ms = result.upstream_ms
-    g.record.served(outcome.endpoint.name, outcome.endpoint.provider, result.attempts, result.usage.model_dump(),
-                    result.upstream_ms, outcome.tried)
+    ctx.upstream_ms = result.upstream_ms
+    ctx.record.served(outcome.endpoint.name, outcome.endpoint.provider, result.attempts, result.usage.model_dump(),
+                      result.upstream_ms, outcome.tried)
     response = renderer.answer(ask, outcome)
     response.headers.update(renderer.headers(outcome.endpoint))
     return response
 
 
 def _streamed(ask: Ask, stream: Stream, renderer: Renderer) -> EventStream:
-    """The SSE response; ``stream`` is closed however it ends, even if the body never started."""
+    """The SSE response of one endpoint's stream."""
+    ctx = ask.ctx
     # The upstream's time to the first event is not the gateway's: the overhead header leaves it out.
-    g.upstream_ms = stream.first_upstream_ms
-    # A stream's metrics and access-log line are written when it ends, not when it starts.
-    g.streaming = True
-    record = g.record
-    record.first_event_ms = (time.perf_counter() - g.started) * 1000
+    ctx.upstream_ms = stream.first_upstream_ms
+    record = ctx.record
+    record.first_event_ms = ctx.elapsed_ms()
     record.served(stream.endpoint.name, stream.endpoint.provider, None, None, None, stream.tried)
-
-    async def ended() -> None:
-        finish_record(record, 200, None)
-
-    return EventStream(_events(ask, stream, renderer, record), [stream.aclose, ended], renderer.headers(stream.endpoint))
+    return _sse(ctx, _events(ask, stream, renderer), stream.aclose, renderer.headers(stream.endpoint))
 
 
-async def _events(ask: Ask, stream: Stream, renderer: Renderer, record) -> AsyncIterator[str]:
-    """The SSE loop: every event through the renderer, to exactly one ``finish`` or ``failure``."""
-    error_type = None
-    try:
-        for text in renderer.stream_start(ask, stream):
-            yield text
-        async for event in stream:
-            if isinstance(event, Finish):
-                record.attempts, record.usage, record.upstream_ms = event.attempts, event.usage.model_dump(), event.upstream_ms
-                for text in renderer.finish(ask, stream, event):
-                    yield text
-            elif isinstance(event, Failure):
-                err = GatewayError.from_info(event.error)
-                error_type = err.type
-                yield renderer.failure(ask, err)
-            else:
-                yield renderer.delta(ask, stream, event)
-    finally:
-        await stream.aclose()
-        finish_record(record, 200, error_type)
+async def _events(ask: Ask, stream: Stream, renderer: Renderer) -> AsyncIterator[str]:
+    """Every event through the renderer, to exactly one ``finish`` or ``failure``."""
+    record = ask.ctx.record
+    for text in renderer.stream_start(ask, stream):
+        yield text
+    async for event in stream:
+        if isinstance(event, Finish):
+            record.attempts, record.usage, record.upstream_ms = event.attempts, event.usage.model_dump(), event.upstream_ms
+            for text in renderer.finish(ask, stream, event):
+                yield text
+        elif isinstance(event, Failure):
+            err = GatewayError.from_info(event.error)
+            ask.ctx.error_type = ask.ctx.error_type or err.type
+            yield renderer.failure(ask, err)
+        else:
+            yield renderer.delta(ask, stream, event)
 
 
-def run_broadcast_stream(chat_names: list[str], make_call) -> EventStream:
-    """``POST /chat/broadcast`` with ``stream``: every endpoint's answer as it comes, in one SSE response.
+def _sse(ctx: RequestContext, events: AsyncIterator[str], close: Callable[[], Awaitable[None]],
+         headers: Optional[dict[str, str]] = None) -> EventStream:
+    """The one SSE writer of every streamed route: ``events`` as they come; ``close`` (the dispatcher's
+    stream or streams) and the request's record written however the response ends, even if the
+    body never started (the client hung up: the upstream streams are cancelled)."""
+    ctx.streaming = True  # (its metrics and access-log line are written when it ends, not when it starts)
 
-    Events name their endpoint (``chat_name``): ``{"delta"}`` / ``{"tool_calls"}`` pieces, then
-    one end per endpoint, ``{"finish_reason", "usage", "served_by", "provider", "model",
-    "attempts", "first_token_ms", "latency_ms"}`` or ``event: error`` with ``{"error",
-    "latency_ms"}``; ``data: [DONE]`` once every endpoint has ended. Nothing starts before
-    the response does; when the client leaves, every stream is closed.
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for text in events:
+                yield text
+        finally:
+            await events.aclose()
+            await close()
+            finish(ctx, 200, ctx.error_type)
+
+    async def ended() -> None:  # (after ``body``'s ``finally``, or instead of it)
+        await close()
+        finish(ctx, 200, ctx.error_type)
+
+    return EventStream(body(), [ended], headers)
+
+
+async def run_broadcast(ask: BroadcastAsk, renderer: BroadcastRenderer) -> Response:
+    """``POST /chat/broadcast``: every endpoint named, at once, each call costing one of the caller's calls.
+
+    Whole: one response once every endpoint has answered or failed. Streamed: every endpoint's
+    events as they come, through the same SSE writer; a comment while all are quiet (proxies
+    cut silent streams); nothing starts before the response does; when the client leaves,
+    every stream is closed.
     """
-    services = gw()
-    key = g.client_key
-    check_chat_names(key, chat_names)
-    merged = services.dispatcher.broadcast_stream(chat_names, make_call, caller=services.limits.caller(key))
-    g.streaming = True
-    record, started = g.record, g.started
-
-    def data(payload: dict) -> str:
-        return "data: " + current_app.json.dumps(payload) + "\n\n"
+    ctx, services = ask.ctx, gw()
+    check_chat_names(ctx.client_key, ask.chat_names)
+    caller = services.limits.caller(ctx.client_key)
+    if not ask.stream:
+        return renderer.answer(ask, await services.dispatcher.broadcast(ask.chat_names, ask.make_call, caller=caller))
+    merged = services.dispatcher.broadcast_stream(ask.chat_names, ask.make_call, caller=caller)
 
     async def events() -> AsyncIterator[str]:
-        first: dict[str, float] = {}
-        error_type = None
-        try:
-            yield ": open\n\n"  # (the headers go out now, whatever the upstreams take)
-            async for item in merged:
-                if item is None:  # a quiet while: a comment keeps proxies from cutting
-                    yield ": keep-alive\n\n"
-                    continue
-                name, event, endpoint = item
-                at = round((time.perf_counter() - started) * 1000, 1)
-                if isinstance(event, Failure):
-                    error_type = error_type or event.error.type
-                    yield "event: error\n" + data({"chat_name": name, **GatewayError.from_info(event.error).body(None),
-                                                   "latency_ms": at})
-                elif isinstance(event, Finish):
-                    yield data({"chat_name": name, "finish_reason": event.reason, "usage": event.usage.model_dump(),
-                                "served_by": endpoint.name, "provider": endpoint.provider,
-                                "model": endpoint.record.get("model"), "attempts": event.attempts,
-                                "first_token_ms": first.get(name, at), "latency_ms": at})
-                else:
-                    first.setdefault(name, at)
-                    yield data({"chat_name": name, **({"tool_calls": event.tool_calls} if isinstance(event, ToolCallDelta)
-                                                      else {"delta": event.text})})
-            yield "data: [DONE]\n\n"
-        finally:
-            await merged.aclose()
-            finish_record(record, 200, error_type)
+        yield ": open\n\n"  # (the headers go out now, whatever the upstreams take)
+        async for item in merged:
+            if item is None:  # a quiet while: a comment keeps proxies from cutting
+                yield ": keep-alive\n\n"
+                continue
+            name, event, endpoint = item
+            if isinstance(event, Failure):
+                ctx.error_type = ctx.error_type or event.error.type
+            yield renderer.event(ask, name, event, endpoint, round(ctx.elapsed_ms(), 1))
+        yield "data: [DONE]\n\n"
 
-    async def ended() -> None:
-        await merged.aclose()
-        finish_record(record, 200, None)
+    return _sse(ctx, events(), merged.aclose)
 
-    return EventStream(events(), [ended])
+
+def sse_data(payload: Any) -> str:
+    """One ``data:`` event of JSON."""
+    return "data: " + current_app.json.dumps(payload) + "\n\n"

@@ -35,12 +35,12 @@ from http import HTTPStatus
 from typing import Any, Optional
 
 from a2wsgi import WSGIMiddleware
-from flask import Flask, g
+from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.datastructures import Headers
 
 from .chat_flow import EventStream
-from .context import finish_record
+from .context import current, finish
 
 log = logging.getLogger("gateway.front")
 
@@ -147,9 +147,9 @@ class Front:
                 if streamed:
                     await response.aclose()
         except asyncio.CancelledError:  # the client left before the answer was written: 499, as proxies log it
-            record = g.get("record")
-            if record is not None and not record.done:
-                finish_record(record, 499, None)
+            request = current()
+            if request is not None:
+                finish(request, 499, None)
             raise
         finally:
             ctx.pop()

@@ -14,12 +14,13 @@ import time
 from datetime import datetime
 from typing import Any, Iterable, Literal, Optional, Union
 
-from flask import Blueprint, Response, current_app, g, jsonify
+from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import chat_flow
 from .auth import check_chat_names
-from .context import error_shape, gw, json_body
+from .chat_flow import sse_data
+from .context import current, error_shape, gw, json_body
 from .dispatch import Outcome, Stream
 from .errors import GatewayError
 from .events import Finish, ToolCallDelta
@@ -98,19 +99,24 @@ def _model_card(record: dict) -> dict:
 
 @v1.get("/models")
 def list_models():
-    key = g.client_key
+    key = current().client_key
     cards = [_model_card(r) for r in gw().endpoints.listing() if r.get("provider") and r.get("status") in ("RUNNING", "UPDATING") and (key is None or key.allows(r["chat_name"]))]
     return jsonify(object="list", data=cards)
 
 
 @v1.get("/models/<model_id>")
 def get_model(model_id: str):
-    check_chat_names(g.client_key, [model_id])
+    check_chat_names(current().client_key, [model_id])
     return jsonify(_model_card(gw().endpoints.get(model_id)))
 
 
 class OpenAIRenderer(chat_flow.Renderer):
-    """OpenAI's ``chat.completion`` and ``chat.completion.chunk`` shapes; ``X-Served-By`` names who answered."""
+    """OpenAI's ``chat.completion`` and ``chat.completion.chunk`` shapes; ``X-Served-By`` names who answered.
+    A stream's chunks share one ``created``; its end says ``tool_calls`` when tool calls were seen."""
+
+    def __init__(self) -> None:
+        self.created = int(time.time())
+        self.saw_tools = False
 
     def headers(self, endpoint) -> dict[str, str]:
         return {"X-Served-By": endpoint.name}
@@ -121,9 +127,9 @@ class OpenAIRenderer(chat_flow.Renderer):
         if result.tool_calls:
             message["tool_calls"] = result.tool_calls
         return jsonify({
-            "id": _completion_id(),
+            "id": _completion_id(ask),
             "object": "chat.completion",
-            "created": int(time.time()),
+            "created": self.created,
             "model": ask.chat_name,
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": _finish_reason(result.finish_reason, result.tool_calls)}],
@@ -132,34 +138,37 @@ class OpenAIRenderer(chat_flow.Renderer):
         })
 
     def stream_start(self, ask: chat_flow.Ask, stream: Stream) -> Iterable[str]:
-        g.created = int(time.time())
-        g.saw_tools = False
-        yield _chunk(ask, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+        yield self._chunk(ask, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
 
     def delta(self, ask: chat_flow.Ask, stream: Stream, event) -> str:
         if isinstance(event, ToolCallDelta):
-            g.saw_tools = True
+            self.saw_tools = True
             delta = {"tool_calls": [{"index": i, **tc} for i, tc in enumerate(event.tool_calls)]}
         else:
             delta = {"content": event.text}
-        return _chunk(ask, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+        return self._chunk(ask, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
 
     def finish(self, ask: chat_flow.Ask, stream: Stream, event: Finish) -> Iterable[str]:
-        reason = _finish_reason(event.reason, g.saw_tools)
-        yield _chunk(ask, [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
+        reason = _finish_reason(event.reason, self.saw_tools)
+        yield self._chunk(ask, [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
         if _include_usage(ask):
-            yield _chunk(ask, [], event.usage.model_dump())
+            yield self._chunk(ask, [], event.usage.model_dump())
         yield "data: [DONE]\n\n"
 
     def failure(self, ask: chat_flow.Ask, err: GatewayError) -> str:
-        return "data: " + current_app.json.dumps(openai_error_body(err, g.request_id)) + "\n\n"
+        return sse_data(openai_error_body(err, ask.ctx.request_id))
+
+    def _chunk(self, ask: chat_flow.Ask, choices: list, usage: Any = None) -> str:
+        """One ``chat.completion.chunk``; with ``include_usage`` every chunk has ``usage`` (null but the last)."""
+        body = {"id": _completion_id(ask), "object": "chat.completion.chunk", "created": self.created,
+                "model": ask.chat_name, "system_fingerprint": None, "choices": choices}
+        if _include_usage(ask):
+            body["usage"] = usage
+        return sse_data(body)
 
 
-_RENDERER = OpenAIRenderer()
-
-
-def _completion_id() -> str:
-    return "chatcmpl-" + g.request_id
+def _completion_id(ask: chat_flow.Ask) -> str:
+    return "chatcmpl-" + ask.ctx.request_id
 
 
 def _include_usage(ask: chat_flow.Ask) -> bool:
@@ -167,20 +176,12 @@ def _include_usage(ask: chat_flow.Ask) -> bool:
     return bool(options and options.include_usage)
 
 
-def _chunk(ask: chat_flow.Ask, choices: list, usage: Any = None) -> str:
-    """One ``chat.completion.chunk``; with ``include_usage`` every chunk has ``usage`` (null but the last)."""
-    body = {"id": _completion_id(), "object": "chat.completion.chunk", "created": g.created, "model": ask.chat_name,
-            "system_fingerprint": None, "choices": choices}
-    if _include_usage(ask):
-        body["usage"] = usage
-    return "data: " + current_app.json.dumps(body) + "\n\n"
-
-
 @v1.post("/chat/completions")
 async def chat_completions():
+    ctx = current()
     req = validate(CompletionRequest, json_body())
-    ask = chat_flow.Ask(req.model, req.to_call(g.request_id), stream=req.stream, fallbacks=req.fallbacks, request=req)
-    return await chat_flow.run(ask, _RENDERER)
+    ask = chat_flow.Ask(ctx, req.model, req.to_call(ctx.request_id), stream=req.stream, fallbacks=req.fallbacks, request=req)
+    return await chat_flow.run(ask, OpenAIRenderer())
 
 
 def _finish_reason(reason: Optional[str], tool_calls: Any) -> str:

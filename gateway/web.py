@@ -15,25 +15,24 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-import time
 import traceback
 import uuid
 from typing import Iterable
 
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from ray.exceptions import RayError
 from werkzeug.exceptions import HTTPException
 
 import providers
 
 from . import chat_flow, metrics
-from .auth import check_chat_names
 from .bodies import legacy_text
-from .context import OPEN, READERS, finish_record, gw, is_admin_route, is_chat_route, json_body, render_error
+from .chat_flow import sse_data
+from .context import OPEN, READERS, RequestContext, begin, current, finish, gw, is_admin_route, json_body, render_error
 from .dispatch import Outcome, Stream, ray_failure
 from .doors import Doors
 from .errors import GatewayError
-from .events import Finish, ToolCallDelta
+from .events import Failure, Finish, ToolCallDelta
 from .openai_compat import v1
 from .schemas import BroadcastRequest, ChatRequest, UndeployRequest, validate
 from .ui import ui
@@ -47,13 +46,10 @@ core = Blueprint("core", __name__)
 
 # -- request bookkeeping and errors ------------------------------------------
 def _before() -> None:
-    g.started = time.perf_counter()
-    g.upstream_ms = None
+    """The request's context (``gateway.context.RequestContext``): the first thing made of a request."""
     rid = request.headers.get("X-Request-Id", "")
-    g.request_id = rid if _SANE_REQUEST_ID.match(rid) else uuid.uuid4().hex
-    route = request.url_rule.rule if request.url_rule is not None else "_unmatched"
-    g.record = metrics.RequestRecord(route, g.request_id)
-    metrics.IN_FLIGHT.labels(route).inc()
+    begin(rid if _SANE_REQUEST_ID.match(rid) else uuid.uuid4().hex,
+          request.url_rule.rule if request.url_rule is not None else "_unmatched", request.endpoint)
 
 
 def _doors_for(app: Flask):
@@ -70,7 +66,6 @@ def _doors_for(app: Flask):
 
 
 def _authorize() -> None:
-    g.client_key = None
     auth = gw().auth
     endpoint = request.endpoint
     if not (auth.enabled or endpoint in READERS) or endpoint is None or endpoint in OPEN:
@@ -81,20 +76,20 @@ def _authorize() -> None:
     elif is_admin_route(endpoint):
         auth.admin(header)
     else:
-        g.client_key = auth.client(header)
+        current().client_key = auth.client(header)
 
 
 def _after(response):
-    response.headers["X-Request-Id"] = g.get("request_id", "")
+    ctx = current()
+    response.headers["X-Request-Id"] = ctx.request_id if ctx is not None else ""
     # a browser never guesses another type than the one said (an error's JSON read as HTML, say)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    if g.get("started") is not None and is_chat_route(request.endpoint):
-        total = (time.perf_counter() - g.started) * 1000
-        upstream = g.get("upstream_ms") or 0.0
-        response.headers["X-Gateway-Overhead-Ms"] = f"{max(0.0, total - upstream):.2f}"
-    record = g.get("record")
-    if record is not None and not g.get("streaming"):
-        finish_record(record, response.status_code, g.get("error_type"))
+    if ctx is None:
+        return response
+    if ctx.chat_route:
+        response.headers["X-Gateway-Overhead-Ms"] = f"{max(0.0, ctx.elapsed_ms() - (ctx.upstream_ms or 0.0)):.2f}"
+    if not ctx.streaming:
+        finish(ctx, response.status_code, ctx.error_type)
     return response
 
 
@@ -146,7 +141,8 @@ def _unexpected(exc: Exception):
         return render_error(ray_failure(exc))
     # The traceback's places, not its messages: a message could carry user input.
     where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)[-4:])
-    log.error("unhandled %s request_id=%s at %s", type(exc).__name__, g.get("request_id"), where)
+    ctx = current()
+    log.error("unhandled %s request_id=%s at %s", type(exc).__name__, ctx.request_id if ctx else None, where)
     return render_error(GatewayError("internal_error", "the gateway failed; see its log"))
 
 
@@ -155,24 +151,24 @@ class GatewayRenderer(chat_flow.Renderer):
     """``POST /chat``: the gateway's full JSON answer; streams as ``data: {"delta"}``... events."""
 
     def answer(self, ask: chat_flow.Ask, outcome: Outcome) -> Response:
-        return jsonify(_result_body(ask.chat_name, outcome))
+        return jsonify(_result_body(ask.ctx, ask.chat_name, outcome))
 
     def delta(self, ask: chat_flow.Ask, stream: Stream, event) -> str:
-        return _sse_data({"tool_calls": event.tool_calls} if isinstance(event, ToolCallDelta) else {"delta": event.text})
+        return sse_data({"tool_calls": event.tool_calls} if isinstance(event, ToolCallDelta) else {"delta": event.text})
 
     def finish(self, ask: chat_flow.Ask, stream: Stream, event: Finish) -> Iterable[str]:
         endpoint = stream.endpoint
-        yield _sse_data({
+        yield sse_data({
             "finish_reason": event.reason, "usage": event.usage.model_dump(),
             "chat_name": ask.chat_name, "served_by": endpoint.name, "provider": endpoint.provider,
             "model": endpoint.record.get("model"), "attempts": event.attempts,
-            "tried": stream.tried, "request_id": g.request_id,
+            "tried": stream.tried, "request_id": ask.ctx.request_id,
         })
         yield "data: [DONE]\n\n"
 
     def failure(self, ask: chat_flow.Ask, err: GatewayError) -> str:
         """An ``event: error`` with the error object (nothing follows it)."""
-        return "event: error\n" + _sse_data(err.body(g.request_id))
+        return "event: error\n" + sse_data(err.body(ask.ctx.request_id))
 
 
 class LegacyRenderer(GatewayRenderer):
@@ -182,21 +178,48 @@ class LegacyRenderer(GatewayRenderer):
         return legacy_text(outcome.result.output) or jsonify(outcome.result.output)
 
 
-_GATEWAY, _LEGACY = GatewayRenderer(), LegacyRenderer()
+class BroadcastRenderer(chat_flow.BroadcastRenderer):
+    """``POST /chat/broadcast``: ``{"results": {chat_name: answer or error}}``; streamed, events that name
+    their endpoint (``chat_name``): ``{"delta"}`` / ``{"tool_calls"}`` pieces, then one end per endpoint,
+    ``{"finish_reason", "usage", "served_by", "provider", "model", "attempts", "first_token_ms",
+    "latency_ms"}`` or ``event: error`` with ``{"error", "latency_ms"}``; ``data: [DONE]`` once every
+    endpoint has ended."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, float] = {}  # (each endpoint's first piece, ms)
+
+    def answer(self, ask: chat_flow.BroadcastAsk, outcomes: dict) -> Response:
+        results = {name: outcome.body(None) if isinstance(outcome, GatewayError) else _result_body(ask.ctx, name, outcome)
+                   for name, outcome in outcomes.items()}
+        return jsonify(results=results, request_id=ask.ctx.request_id)
+
+    def event(self, ask: chat_flow.BroadcastAsk, name: str, event, endpoint, at_ms: float) -> str:
+        if isinstance(event, Failure):
+            return "event: error\n" + sse_data({"chat_name": name, **GatewayError.from_info(event.error).body(None),
+                                                "latency_ms": at_ms})
+        if isinstance(event, Finish):
+            return sse_data({"chat_name": name, "finish_reason": event.reason, "usage": event.usage.model_dump(),
+                             "served_by": endpoint.name, "provider": endpoint.provider,
+                             "model": endpoint.record.get("model"), "attempts": event.attempts,
+                             "first_token_ms": self.first.get(name, at_ms), "latency_ms": at_ms})
+        self.first.setdefault(name, at_ms)
+        return sse_data({"chat_name": name, **({"tool_calls": event.tool_calls} if isinstance(event, ToolCallDelta)
+                                               else {"delta": event.text})})
 
 
-def _ask(data: dict, provider=None) -> chat_flow.Ask:
+def _ask(ctx: RequestContext, data: dict, provider=None) -> chat_flow.Ask:
     req = validate(ChatRequest, data)
-    return chat_flow.Ask(req.chat_name, req.to_call(g.request_id), stream=req.stream, fallbacks=req.fallbacks,
+    return chat_flow.Ask(ctx, req.chat_name, req.to_call(ctx.request_id), stream=req.stream, fallbacks=req.fallbacks,
                          provider=provider, request=req)
 
 
 @core.post("/chat")
 async def chat():
-    return await chat_flow.run(_ask(json_body()), _GATEWAY)
+    ctx = current()
+    return await chat_flow.run(_ask(ctx, json_body()), GatewayRenderer())
 
 
-def _result_body(chat_name: str, outcome: Outcome) -> dict:
+def _result_body(ctx: RequestContext, chat_name: str, outcome: Outcome) -> dict:
     result, endpoint = outcome.result, outcome.endpoint
     return {
         "chat_name": chat_name,
@@ -206,16 +229,12 @@ def _result_body(chat_name: str, outcome: Outcome) -> dict:
         "finish_reason": result.finish_reason,
         "usage": result.usage.model_dump(),
         "attempts": result.attempts,
-        "latency_ms": round((time.perf_counter() - g.started) * 1000, 1),
-        "request_id": g.request_id,
+        "latency_ms": round(ctx.elapsed_ms(), 1),
+        "request_id": ctx.request_id,
         "served_by": endpoint.name,
         "tried": outcome.tried,
         **({"tool_calls": result.tool_calls} if result.tool_calls else {}),
     }
-
-
-def _sse_data(payload) -> str:
-    return "data: " + current_app.json.dumps(payload) + "\n\n"
 
 
 @core.get("/metrics")
@@ -227,16 +246,10 @@ def prometheus_metrics():
 
 @core.post("/chat/broadcast")
 async def broadcast():
+    ctx = current()
     req = validate(BroadcastRequest, json_body())
-    if req.stream:  # every answer as it comes (the console's Compare view)
-        return chat_flow.run_broadcast_stream(req.chat_names, lambda name: req.to_call(f"{g.request_id}.{name}"))
-    check_chat_names(g.client_key, req.chat_names)
-    outcomes = await gw().dispatcher.broadcast(req.chat_names, lambda name: req.to_call(f"{g.request_id}.{name}"),
-                                         caller=gw().limits.caller(g.client_key))  # each endpoint costs a call
-    results = {}
-    for name, outcome in outcomes.items():
-        results[name] = outcome.body(None) if isinstance(outcome, GatewayError) else _result_body(name, outcome)
-    return jsonify(results=results, request_id=g.request_id)
+    ask = chat_flow.BroadcastAsk(ctx, req.chat_names, lambda name: req.to_call(f"{ctx.request_id}.{name}"), stream=req.stream)
+    return await chat_flow.run_broadcast(ask, BroadcastRenderer())
 
 
 @core.get("/deployments")
@@ -331,7 +344,7 @@ def provider_blueprint(provider: "providers.Provider") -> Blueprint:
 
     @bp.post("/chat")
     async def chat():
-        return await chat_flow.run(_ask(json_body(), provider=provider.name), _LEGACY)
+        return await chat_flow.run(_ask(current(), json_body(), provider=provider.name), LegacyRenderer())
 
     @bp.post("/undeploy")
     def undeploy():
