@@ -23,6 +23,9 @@ Where errors come from, and the one form they take::
       └─ gateway.dispatch.ray_failure(...)       -> GatewayError (cluster_unavailable, ...)
     HTTP-level problem (no route, wrong method)     raised by Flask/werkzeug
       └─ gateway.web                             -> GatewayError (not_found, ...)
+    connection-level problem (a late or oversized   seen by the worker's protocol, before any app code
+    head, a slow body, unparsable HTTP, the cap)
+      └─ gateway.server                          -> GatewayError (request_timeout, header_too_large, ...)
 
 Messages are written for humans and never contain a key (adapters redact).
 """
@@ -74,7 +77,10 @@ TYPES: dict[str, ErrorType] = {
     "conflict": ErrorType(409, caller=True),
     "payload_too_large": ErrorType(413, caller=True),
     "unsupported_media_type": ErrorType(415, caller=True, openai_type=_INVALID),
-    #: a request head with too many header fields (``gateway.server``)
+    #: a request head, or its body, that did not arrive in time (``gateway.server``: ``GATEWAY_HEADER_TIMEOUT_S``,
+    #: ``GATEWAY_BODY_MIN_RATE``)
+    "request_timeout": ErrorType(408, caller=True, openai_type=_INVALID),
+    #: a request head with too many header fields, or too large (``gateway.server``)
     "header_too_large": ErrorType(431, caller=True, openai_type=_INVALID),
     #: (not the caller's: a model that does not fit, a cluster without GPUs, a replica that died ...)
     "deploy_failed": ErrorType(422),

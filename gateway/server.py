@@ -3,15 +3,22 @@ deadlines neither gunicorn's nor uvicorn's worker has (bench/results/front-worke
 a slow client costs a connection (a descriptor, a parser, buffers) before any app code runs, and only the
 protocol sees bytes arrive. At most one ``call_later`` timer a connection, none once it is closed:
 - head deadline (``GATEWAY_HEADER_TIMEOUT_S``) from the connection's start or the previous response's end.
-  Silent: closed without a word; a partial head: 408. Heads are bounded in size too (httptools/llhttp have
-  no limit): 431.
+  Silent: closed without a word; a partial head: 408 request_timeout. Heads are bounded in size too
+  (httptools/llhttp have no limit): 431 header_too_large.
 - body rate (``GATEWAY_BODY_MIN_RATE``): once the head is in, the body keeps up with ``rate * (t - grace)``,
-  the grace being the head deadline, or nothing more is answered: closed (the app gets ``http.disconnect``).
-  While uvicorn pauses reading (the app is not reading), the count starts over: not the client's fault.
+  the grace being the head deadline, or it is closed: 408 request_timeout if the app has not begun its answer
+  (the app gets ``http.disconnect`` either way). While uvicorn pauses reading (the app is not reading), the
+  count starts over: not the client's fault.
 - connection cap (``GATEWAY_MAX_CONNECTIONS``, this worker's ``server_state.connections``): past it only
   ``GET /healthz`` and ``GET /readyz`` reach the app; anything else gets 503 server_busy.
 - idle keep-alive: uvicorn's own ``timeout_keep_alive`` (``GATEWAY_KEEPALIVE_S``), not logged.
-Each close for a deadline or a size is logged once, at INFO on ``gateway.server``: the peer and which.
+- unparsable HTTP: 400 invalid_request (uvicorn's own answer is plain text).
+Every answer written here is a ``GatewayError`` from ``errors.TYPES``, in the shape the app writes for its
+path (``/v1/...``: OpenAI's), with ``Content-Type: application/json`` and ``Connection: close``; its message
+names settings, never the request's bytes. Such an answer is followed by a half close and up to ``linger_s`` of
+reading and dropping what the client still sends (a close with unread bytes resets the connection, and the
+client would lose the answer); a TLS connection cannot half close and closes at once.
+Each close for a deadline, a size or bad HTTP is logged once, at INFO on ``gateway.server``: the peer and which.
 """
 from __future__ import annotations
 
@@ -21,10 +28,10 @@ import logging
 import resource
 import signal
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 from gunicorn.arbiter import Arbiter
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
@@ -33,35 +40,50 @@ from .errors import GatewayError
 
 log = logging.getLogger("gateway.server")
 
-_HEAD, _BODY, _APP, _CLOSED = range(4)  # awaiting a head / reading its body / the app answers / closed
+_HEAD, _BODY, _APP, _LINGER, _CLOSED = range(5)  # awaiting a head / reading its body / the app answers /
+# answered here and half closed, dropping what still comes / closed
 _HEALTH = (b"/healthz", b"/readyz")
 
 
-def _refusal(kind: str, message: str, retry_after: Optional[float] = None):
-    """An ASGI app answering the gateway's JSON error ``kind`` (its status from ``errors.TYPES``), then
-    closing. It reads (up to 1 MiB of) the body first: a close on unread bytes resets the connection,
-    and the answer would be lost."""
-    err = GatewayError(kind, message, retry_after=retry_after)
-    status, body = err.status, json.dumps(err.body(None)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close"), *((k.lower().encode(), v.encode()) for k, v in err.headers().items())]
+def _shape(path: bytes) -> Callable[[GatewayError, Optional[str]], dict]:
+    """How the app writes an error on ``path`` when no route serves it: the shape of its blueprint whose URL
+    prefix the path is under (``/v1/...``: OpenAI's), else the gateway's own (``gateway.context``). Read from
+    ``gateway.context`` only where the app being served has loaded it (the gateway's app always has): importing
+    it here would load Flask and Ray into gunicorn's master and into workers serving another app."""
+    context = sys.modules.get("gateway.context")
+    if context is None or not path:
+        return GatewayError.body
+    return context.shape_for(path.split(b"?", 1)[0].decode("latin-1"))
+
+
+def _answer(err: GatewayError, path: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """(status, headers, body) of ``err`` on ``path``: JSON, then the connection closes."""
+    body = json.dumps(_shape(path)(err, None)).encode()
+    return err.status, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close"),
+                        *((k.lower().encode(), v.encode()) for k, v in err.headers().items())], body
+
+
+def _refusal(err: GatewayError):
+    """An ASGI app answering ``err`` (``_answer``), then closing. It reads (up to 1 MiB of) the body first:
+    a close on unread bytes resets the connection, and the answer would be lost."""
 
     async def app(scope, receive, send) -> None:
         drained, msg = 0, {"more_body": True}
         while msg.get("more_body") and drained < 1 << 20:  # (http.disconnect has no more_body)
             msg = await receive()
             drained += len(msg.get("body", b""))
+        status, headers, body = _answer(err, scope.get("raw_path") or scope["path"].encode())
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     return app
 
 
-_server_busy = _refusal("server_busy", "this gateway process has too many open connections; retry shortly",
-                        retry_after=1)
-_too_many_headers = _refusal("header_too_large", "too many request header fields")
-_408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-_431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+#: no request's bytes in these: the client's own headers are not echoed back
+_server_busy = _refusal(GatewayError(
+    "server_busy", "this gateway process holds its most open connections (GATEWAY_MAX_CONNECTIONS): try again in a "
+    "second", retry_after=1))
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
@@ -72,6 +94,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     max_connections = 8192
     max_head_bytes = 64 * 1024  # of a head spanning reads (its first read, at most 256 KiB, is not counted)
     max_headers = 100  # as gunicorn's limit_request_fields
+    linger_s = 2.0  # after an answer written here: reading and dropping what the client still sends
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -92,20 +115,45 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._phase = _HEAD
         self._arm(self.header_timeout_s, self._head_late)
 
-    def _close(self, why: str, answer: bytes = b"") -> None:
-        """Logged once; a short answer if any, then close (abort if even that cannot go out at once)."""
-        self._cancel()
-        if self.transport.is_closing():
+    def _close(self, why: str, answer: Optional[GatewayError] = None) -> None:
+        """Logged once; ``answer`` if any and if it is this request's to give (never into an answer being
+        written, nor one owed to an earlier pipelined request), then a half close and ``linger_s`` of dropping
+        what still comes; else close at once (abort if even the answer cannot go out at once)."""
+        if self._phase in (_LINGER, _CLOSED) or self.transport.is_closing():
             return
+        self._cancel()
         log.info("closed the connection of %s: %s", "%s:%s" % self.client if self.client else "a peer", why)
-        if self.cycle is None or self.cycle.response_complete:  # (never into an answer being written)
-            self.transport.write(answer)
+        cycle = self.cycle
+        if self._phase == _BODY:  # (the cycle is this request's; none queued: reading is paused while one is)
+            answerable = not self.pipeline and not cycle.response_started
+        else:
+            answerable = cycle is None or cycle.response_complete
+        if answer is not None and answerable:
+            if cycle is not None and not cycle.response_complete:  # the app hears http.disconnect; it answers no one
+                cycle.disconnected = True
+                cycle.message_event.set()
+            status, headers, body = _answer(answer, self.url if self._began or self._phase == _BODY else b"")
+            self.transport.write(b"".join([STATUS_LINE[status], *(b"%s: %s\r\n" % h for h in (
+                *self.server_state.default_headers, *headers)), b"\r\n", body]))
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+                self._phase = _LINGER
+                self.flow.resume_reading()
+                self._timer = self.loop.call_later(self.linger_s, self._end)
+                return
+        self._end()
+
+    def _end(self) -> None:
+        self._timer = None
         self.transport.abort() if self.transport.get_write_buffer_size() else self.transport.close()
 
     def _head_late(self) -> None:
         self._timer = None
-        what = "head incomplete" if self._began else "nothing sent"
-        self._close(f"head deadline ({self.header_timeout_s:g} s): {what}", _408 if self._began else b"")
+        if not self._began:
+            return self._close(f"head deadline ({self.header_timeout_s:g} s): nothing sent")
+        self._close(f"head deadline ({self.header_timeout_s:g} s): head incomplete", GatewayError(
+            "request_timeout", f"the request line and headers did not all arrive within {self.header_timeout_s:g} s "
+            "(GATEWAY_HEADER_TIMEOUT_S) of the connection opening or of the previous answer: send them at once"))
 
     def _check_body(self) -> None:
         self._timer = None
@@ -118,7 +166,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._timer = self.loop.call_at(due, self._check_body)
         else:
             self._close(f"body below {self.body_min_rate} bytes/s ({self._body_bytes} bytes in "
-                        f"{now - self._body_start:.1f} s)")
+                        f"{now - self._body_start:.1f} s)", GatewayError(
+                            "request_timeout", f"the request body came slower than {self.body_min_rate} bytes/s "
+                            f"(GATEWAY_BODY_MIN_RATE), counted after a grace of {self.header_timeout_s:g} s: send "
+                            "the body at once, as fast as the head"))
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -130,13 +181,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._phase == _LINGER:  # answered and half closed: dropped
+            return
         self._new_head = False
         super().data_received(data)  # (closing after it: _close and _arm do nothing)
         if self._phase == _HEAD and self._began:
             if not self._new_head:  # the whole read belongs to a head still incomplete
                 self._head_bytes += len(data)
-            if self._head_bytes > self.max_head_bytes or len(self.headers) > self.max_headers:
-                self._close("head too large", _431)
+            if self._head_bytes > self.max_head_bytes:
+                self._close("head too large", GatewayError(
+                    "header_too_large", f"the request head is over {self.max_head_bytes // 1024} KiB: send fewer "
+                    "or shorter header fields (data belongs in the body)"))
+            elif len(self.headers) > self.max_headers:
+                self._close("head too large", self._too_many_headers())
         elif self._phase == _BODY and self._timer is None:  # (a body-less request is _APP already)
             self._arm(self.header_timeout_s, self._check_body)
 
@@ -145,11 +202,21 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._phase = _HEAD  # (pipelined, while the previous answer is written: its deadline starts at its end)
         self._began, self._new_head, self._head_bytes = True, True, 0
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its parser refuses (``msg``: its own words, not the request's)."""
+        self._close("invalid HTTP", GatewayError(
+            "invalid_request", "the request is not valid HTTP/1.1 (its request line, a header or its chunked body "
+            "could not be parsed): send a well-formed request"))
+
+    def _too_many_headers(self) -> GatewayError:
+        return GatewayError("header_too_large", f"the request head has more than {self.max_headers} header fields: "
+                                                f"send at most {self.max_headers}")
+
     def on_headers_complete(self) -> None:
         self._cancel()
         self._phase, self._began, self._body_start, self._body_bytes = _BODY, False, self.loop.time(), 0
         if len(self.headers) > self.max_headers:
-            self.app = _too_many_headers
+            self.app = _refusal(self._too_many_headers())
         elif len(self.connections) > self.max_connections and not (
                 self.parser.get_method() == b"GET" and self.url.split(b"?", 1)[0] in _HEALTH):
             self.app = _server_busy

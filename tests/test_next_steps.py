@@ -37,6 +37,8 @@ SKIPPED = {
     "rate_limited": "needs a rate-limited client key and a call that spends it (tests/test_limits.py)",
     "server_busy": "answered by the worker's protocol past GATEWAY_MAX_CONNECTIONS (tests/test_slow_clients.py)",
     "header_too_large": "answered by the worker's protocol to an oversized head (tests/fast/test_server_protocol.py)",
+    "request_timeout": "answered by the worker's protocol to a late head or a slow body "
+                       "(tests/fast/test_server_protocol.py checks its next step; tests/test_slow_clients.py)",
 }
 
 _seen: set[str] = set()

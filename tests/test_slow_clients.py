@@ -1,6 +1,7 @@
 """Slow and idle clients against the real worker (``gateway.server.GatewayWorker``): one gunicorn process,
 real sockets, short deadlines. It serves tests/slow_clients_app.py (no Ray), so these test the worker
-alone: head deadline, body rate, connection cap, idle keep-alive, and a graceful stop."""
+alone: head deadline, body rate, head size, connection cap, idle keep-alive, and a graceful stop, and the JSON
+errors (``errors.TYPES``) the worker answers itself."""
 from __future__ import annotations
 
 import http.client
@@ -22,6 +23,7 @@ CAP = 64  # GATEWAY_MAX_CONNECTIONS
 KEEPALIVE_S = 1.5  # GATEWAY_KEEPALIVE_S: under HEAD_S, so an idle close is keep-alive's, not the head deadline's
 GRACE_S = 5  # gunicorn's graceful_timeout
 TLS_S = 1.0  # GATEWAY_TLS_HANDSHAKE_S
+SECRET = b"s3cr3t-header-value"  # sent in heads: never in an answer
 
 
 def _gunicorn(where, *args: str):
@@ -72,6 +74,30 @@ def _closed(sock: socket.socket, got: bytearray) -> bool:
         return True
 
 
+def _json_error(raw: bytes, status: int, kind: str) -> dict:
+    """``raw``, a whole answer, is ``status`` with the JSON error ``kind`` (``{"error": {"type", "message"}}``),
+    closing the connection, echoing none of the request; returns the error."""
+    head, body = raw.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith(f"HTTP/1.1 {status} "), raw[:300]
+    headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+    assert headers["content-type"] == "application/json" and headers["connection"] == "close", headers
+    assert int(headers["content-length"]) == len(body) and "date" in headers, headers
+    error = json.loads(body)["error"]
+    assert error["type"] == kind and error["message"], error
+    assert SECRET not in body and b"/upload" not in body, body
+    return error
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """Everything ``sock`` gets until the server closes it (a generous limit: a failure, not a measure)."""
+    sock.settimeout(max(30.0, 5 * HEAD_S))
+    got = bytearray()
+    while data := sock.recv(65536):
+        got += data
+    return bytes(got)
+
+
 def _log_lines(log_path, port: int, limit: float = 5.0) -> list[str]:
     """The worker's ``gateway.server`` lines about the client's local ``port`` (waits for one, briefly)."""
     deadline = time.monotonic() + limit
@@ -116,7 +142,8 @@ def test_trickling_heads_are_closed_while_health_checks_answer(server):
         assert len(health) >= 3 and set(health) == {200}, health
         assert all(sent[s] >= 1 for s in tricklers)
         for s in tricklers:  # a partial head gets a 408 at most, never the answer to the request
-            assert not got[s] or got[s].startswith(b"HTTP/1.1 408"), bytes(got[s][:100])
+            if got[s]:  # (the worker half closes and drops what still comes, so it is rarely lost to a reset)
+                _json_error(bytes(got[s]), 408, "request_timeout")
         assert all(not got[s] for s in silent)
         for s in tricklers[:20] + silent[:5]:  # each close logged once, naming the head deadline
             lines = _log_lines(log_path, s.getsockname()[1])
@@ -165,7 +192,8 @@ def test_a_trickling_body_is_closed_and_a_slow_steady_one_is_not(server):
         t.start()
     for t in threads:
         t.join(30)
-    assert trickle["answer"] == b"", trickle["answer"][:200]  # nothing more answered: closed
+    if trickle["answer"]:  # a 408, unless a reset lost it (test_late_heads_and_bodies_get_408_in_json has it surely)
+        _json_error(trickle["answer"], 408, "request_timeout")
     assert trickle["after_s"] < 3 * HEAD_S, trickle
     lines = _log_lines(log_path, trickle["port"])
     assert len(lines) == 1 and f"body below {RATE} bytes/s" in lines[0], lines
@@ -173,6 +201,46 @@ def test_a_trickling_body_is_closed_and_a_slow_steady_one_is_not(server):
     assert steady["answer"].startswith(b"HTTP/1.1 200"), steady["answer"][:200]
     assert json.loads(steady["answer"].split(b"\r\n\r\n", 1)[1])["received"] == 16_000
     assert _log_lines(log_path, steady["port"], limit=0) == []
+
+
+def test_late_heads_and_bodies_get_408_in_json(server):
+    """Part of a head, or of a body, then nothing: a 408 request_timeout each, then the close."""
+    port, _, log_path = server
+    head = socket.create_connection(("127.0.0.1", port))
+    body = socket.create_connection(("127.0.0.1", port))
+    try:
+        head.sendall(b"GET /upload HTTP/1.1\r\nHost: gateway\r\nX-Token: " + SECRET)
+        body.sendall(b"POST /upload HTTP/1.1\r\nHost: gateway\r\nX-Token: " + SECRET
+                     + b"\r\nContent-Length: 1000\r\n\r\n" + SECRET)
+        error = _json_error(_answer(head), 408, "request_timeout")
+        assert error["message"].startswith(f"the request line and headers did not all arrive within {HEAD_S:g} s")
+        error = _json_error(_answer(body), 408, "request_timeout")
+        assert error["message"].startswith(f"the request body came slower than {RATE} bytes/s")
+        assert "head incomplete" in _log_lines(log_path, head.getsockname()[1])[0]
+        assert "body below" in _log_lines(log_path, body.getsockname()[1])[0]
+    finally:
+        head.close()
+        body.close()
+
+
+def test_oversized_heads_get_431_in_json(server):
+    """Over 64 KiB (here far over: the head's first read, up to 256 KiB, is not counted), or over 100 fields."""
+    port, _, _ = server
+    big = socket.create_connection(("127.0.0.1", port))
+    try:
+        big.sendall(b"GET /upload HTTP/1.1\r\nX-Big: " + SECRET * (640 * 1024 // len(SECRET)))  # (all read, dropped)
+        error = _json_error(_answer(big), 431, "header_too_large")
+        assert error["message"].startswith("the request head is over 64 KiB")
+    finally:
+        big.close()
+    many = socket.create_connection(("127.0.0.1", port))
+    try:
+        many.sendall(b"GET /upload HTTP/1.1\r\nHost: gateway\r\n"
+                     + b"".join(b"X-F%d: %s\r\n" % (i, SECRET) for i in range(101)) + b"\r\n")
+        error = _json_error(_answer(many), 431, "header_too_large")
+        assert error["message"] == "the request head has more than 100 header fields: send at most 100"
+    finally:
+        many.close()
 
 
 def test_past_the_connection_cap_only_health_checks_are_answered(server):

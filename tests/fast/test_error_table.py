@@ -1,6 +1,8 @@
 """The one table of error types (``gateway.errors.TYPES``) and what reads it."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from gateway import dispatch, retry
@@ -40,7 +42,7 @@ def test_whose_fault_each_type_is():
     assert CALLER_ERRORS == {name for name, kind in TYPES.items() if kind.caller} == {
         "invalid_request", "content_filter", "upstream_bad_request", "invalid_key", "unauthorized", "forbidden",
         "host_not_allowed", "origin_not_allowed", "not_found", "method_not_allowed", "conflict", "payload_too_large",
-        "unsupported_media_type", "header_too_large", "rate_limited"}
+        "unsupported_media_type", "request_timeout", "header_too_large", "rate_limited"}
     for name in CALLER_ERRORS:  # what the caller caused fails the same everywhere: never retried, never moved on
         kind = TYPES[name]
         assert kind.status < 500 and not (kind.retried or kind.falls_back or kind.cooldown), name
@@ -51,6 +53,20 @@ def test_whose_fault_each_type_is():
     assert {fault(name) for name in set(TYPES) - CALLER_ERRORS} == {"endpoint"}
     assert fault("upstream_rate_limited") == "endpoint" and fault("rate_limited") == "caller"
     assert fault("no_such_type") == "endpoint"  # (whatever is not known to be the caller's counts against the endpoint)
+
+
+def test_the_workers_protocol_answers_from_the_table():
+    """gateway.server writes its own answers (a late head or body, an oversized head, bad HTTP, the cap): types of
+    the table, no hand-written bodies or status lines."""
+    import inspect
+
+    from gateway import server
+
+    source = inspect.getsource(server)
+    assert {"request_timeout", "header_too_large", "invalid_request", "server_busy"} <= set(
+        re.findall(r'GatewayError\(\s*"([a-z_]+)"', source)) <= set(TYPES)
+    assert not re.search(r'b"HTTP/1\.1 \d{3}|"error":', source)  # (status lines: uvicorn's table; bodies: GatewayError)
+    assert STATUS["request_timeout"] == 408 and STATUS["header_too_large"] == 431 and STATUS["server_busy"] == 503
 
 
 def test_a_type_outside_the_table_is_refused():
