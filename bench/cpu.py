@@ -1,4 +1,4 @@
-"""Where a call's CPU goes: ``python -m bench.cpu [--concurrency 32] [--seconds 10] [--profile worker|replica]``.
+"""Where a call's CPU goes: ``python -m bench.cpu [--concurrency 32] [--seconds 10] [--profile worker|replica] [--direct] [--tree DIR]``.
 
 Starts the fake OpenAI upstream (50 ms) and the gateway as ``make start`` does (gunicorn + embedded
 Ray head, its default settings), deploys one endpoint with 2 workers, loads ``POST /chat`` with wrk,
@@ -6,7 +6,10 @@ and prints the CPU (utime + stime from /proc) each kind of process spent per cal
 gunicorn workers, the endpoint's replicas, and everything else of the gateway's (the master, Ray's
 head processes). ``--profile worker`` (or ``replica``) also records one such process with py-spy
 (``--gil``: only time holding the GIL) and prints the functions it spent it in; py-spy slows the
-process it watches, so its run's req/s and CPU are not the plain run's. No test asserts any of it.
+process it watches, so its run's req/s and CPU are not the plain run's. ``--direct`` also loads the fake
+upstream itself at the same concurrency, before and after the gateway's run, and prints the latency the
+gateway adds (p50, p99) over the better of the two. ``--tree DIR`` runs the gateway from another checkout
+(``git archive HEAD | tar -x -C DIR``: a before-and-after with this same harness). No test asserts any of it.
 """
 from __future__ import annotations
 
@@ -60,11 +63,14 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--profile", choices=["worker", "replica"], default=None)
+    ap.add_argument("--direct", action="store_true", help="also load the fake upstream directly: the latency the gateway adds")
+    ap.add_argument("--top", type=int, default=25, help="functions listed by the profile")
+    ap.add_argument("--tree", type=Path, default=None, help="run the gateway from this checkout (default: this one)")
     args = ap.parse_args()
     fake, fake_url = start_fake(0.05)
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="bench-cpu-", suffix=".log", delete=False)
-    gw = start_gateway(gateway_env(port), Path(log.name))
+    gw = start_gateway(gateway_env(port), Path(log.name), **({"tree": args.tree.resolve()} if args.tree else {}))
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(timeout=120) as http:
@@ -85,19 +91,28 @@ def main() -> None:
             spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--gil", "-r", "100", "-d",
                                     f"{args.seconds:g}", "-f", "raw", "-o", str(raw), "--pid", str(target)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        direct_args = (fake_url + "/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                       args.concurrency, args.seconds, {"Authorization": "Bearer sk-bench"})
+        directs = [load(*direct_args)] if args.direct and not spy else []
         before = [cpu_s(group) for group in (workers, replicas, others)]
         res = load(base + "/chat", body, args.concurrency, args.seconds)
         after = [cpu_s(group) for group in (workers, replicas, others)]
+        if directs:
+            directs.append(load(*direct_args))
         calls = max(res["requests"], 1)
         print(f"concurrency {args.concurrency}, {args.seconds:g} s: {res['rps']:.0f} calls/s, p50 {res['p50']:.1f} ms, "
               f"p99 {res['p99']:.1f} ms, {res['errors']} errors")
         for label, b, a, n in zip(("gunicorn workers", "replicas", "the rest (master, Ray head)"), before, after,
                                   (len(workers), len(replicas), len(others))):
             print(f"  {label} ({n} processes): {(a - b) / calls * 1000:.2f} ms CPU per call")
+        if directs:
+            d50, d99 = min(d["p50"] for d in directs), min(d["p99"] for d in directs)
+            print(f"direct to the fake upstream: p50 {d50:.1f} ms, p99 {d99:.1f} ms; the gateway adds "
+                  f"p50 {res['p50'] - d50:+.1f} ms, p99 {res['p99'] - d99:+.1f} ms")
         if spy is not None:
             spy.wait(args.seconds + 30)
             print(f"py-spy --gil, one {args.profile} process, share of samples per function (inclusive):")
-            print("\n".join(summarize(raw)))
+            print("\n".join(summarize(raw, args.top)))
             raw.unlink()
     finally:
         stop_gateway(gw)

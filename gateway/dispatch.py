@@ -31,6 +31,7 @@ the next fallback, or answers 503 ``endpoint_busy`` with ``Retry-After``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import difflib
 import logging
 import threading
@@ -132,6 +133,33 @@ def no_replica_for(handle: Any) -> bool:
         return running == 0 and router._metrics_manager.num_queued_requests > 0
     except Exception:  # noqa: BLE001 - Ray's private layout: unknown is "no"
         return False
+
+
+@dataclass
+class _Flight:
+    """One look-up of an endpoint in flight (``Dispatcher.resolve``): shared by every call that waits for it."""
+
+    #: when it began (monotonic)
+    began: float
+    task: "Optional[asyncio.Task[Endpoint | _Missing]]" = None
+    #: the name was forgotten (``Dispatcher.forget``: a deploy changed it) after it began: no call joins it
+    #: any more, and its answer is not cached
+    stale: bool = False
+
+
+@dataclass(frozen=True)
+class _Missing:
+    """A look-up's answer for a name the registry does not have: the deployed names (None: not looked up)."""
+
+    names: Optional[list[str]]
+
+
+def _did_you_mean(chat_name: str, names: list[str], visible: Optional[Callable[[str], bool]]) -> str:
+    """The hint "(did you mean 'x'?)" over the deployed ``names`` the caller may use; only on the not-found path."""
+    if visible is not None:  # never name an endpoint the caller's key may not use
+        names = [n for n in names if visible(n)]
+    close = difflib.get_close_matches(chat_name, names, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(n) for n in close)}?)" if close else ""
 
 
 @dataclass
@@ -406,6 +434,11 @@ class Dispatcher:
         self.settings = settings
         self._cache: dict[str, Endpoint] = {}
         self._handles: dict[tuple[str, str], Any] = {}
+        #: the look-up of each name in flight (``resolve``: single-flight); changed on the loop only
+        self._flights: dict[str, _Flight] = {}
+        #: round trips and handles made by ``resolve`` in this process: ``registry`` (reads of a record),
+        #: ``controller`` (Serve's look-up of an application), ``handles`` (Serve handles, each a router)
+        self.lookups: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
         #: every Serve call of this process is made on this loop (``gateway.aio``)
         # (gRPC's asyncio poller reports a harmless EAGAIN now and then; Serve filters it on its own loops)
@@ -448,13 +481,60 @@ class Dispatcher:
         """The endpoint, from this process's cache unless it is older than ``endpoint_cache_s`` or ``fresh``.
 
         ``visible``: the names the caller may see (its client key's), for the not-found hint.
+
+        Single-flight per name: the calls that find no fresh entry at once (a burst on a cold endpoint,
+        or on one whose entry just expired) share one look-up (``_refresh``: one registry round trip,
+        and at most one Serve handle made). Its failure reaches every call that waited for it, and is
+        not kept: the next call looks again. A caller that leaves while it waits leaves the look-up
+        running for the others. A ``fresh`` call joins a look-up begun at most ``_HEALTH_RECHECK_S`` ago;
+        one begun before a ``forget`` of the name is never joined.
         """
         now = time.monotonic()
         hit = self._cache.get(chat_name)
         if hit is not None and now - hit.fetched < self.settings.endpoint_cache_s and not fresh:
             return hit
+        loop = asyncio.get_running_loop()
+        flight = self._flights.get(chat_name)
+        if flight is None or flight.stale or flight.task.get_loop() is not loop \
+                or (fresh and now - flight.began > _HEALTH_RECHECK_S):
+            flight = self._take_off(chat_name, loop, now)
+        try:
+            endpoint = await asyncio.shield(flight.task)
+        except GatewayError as err:  # (each waiter raises its own copy: one exception raised in many tasks grows their tracebacks)
+            raise GatewayError.from_info(err.info) from None
+        if isinstance(endpoint, _Missing):  # (the registry has no such name: the hint is this caller's, over the names it may see)
+            if self.applying():  # (a restarted cluster: the endpoints file brings it back shortly)
+                raise GatewayError("endpoint_not_ready", f"no endpoint named '{chat_name}' yet: this gateway process "
+                                   f"is still applying its endpoints file", retry_after=2)
+            names = endpoint.names if endpoint.names is not None else await self._names()
+            raise GatewayError("not_found", f"no endpoint named '{chat_name}'{_did_you_mean(chat_name, names, visible)}; "
+                               f"GET /deployments (or GET /v1/models) lists them, POST /<provider>/deploy makes one")
+        return endpoint
+
+    def _take_off(self, chat_name: str, loop: asyncio.AbstractEventLoop, now: float) -> "_Flight":
+        """Start the one look-up of ``chat_name`` that the calls arriving while it runs share."""
+        flight = _Flight(now)
+        flight.task = loop.create_task(self._refresh(chat_name, flight))
+        self._flights[chat_name] = flight
+
+        def landed(task: asyncio.Task) -> None:
+            if self._flights.get(chat_name) is flight:
+                del self._flights[chat_name]
+            if not task.cancelled():
+                task.exception()  # (read: when every waiter left, asyncio would log it as never retrieved)
+
+        flight.task.add_done_callback(landed)
+        return flight
+
+    async def _refresh(self, chat_name: str, flight: _Flight) -> "Endpoint | _Missing":
+        """(one flight of ``resolve``) The registry's record of ``chat_name`` with its handles, now in the
+        cache; ``_Missing`` (with the deployed names, for the hint) when the registry has no such name; what
+        this process knew when the registry does not answer."""
+        now = time.monotonic()
+        hit = self._cache.get(chat_name)
         await self._ensure_up()
         try:
+            self.lookups["registry"] += 1
             record = await self._registry("get", chat_name)
         except (RayError, TimeoutError):
             if hit is None:
@@ -464,13 +544,10 @@ class Dispatcher:
             log.warning("the endpoint registry did not answer; %s is served from this process's cache", chat_name)
             return hit
         if record is None:
-            self.forget(chat_name)
+            with self._lock:  # (not ``forget``: this look-up stays the one that the calls arriving now join)
+                self._cache.pop(chat_name, None)
             self._drop_handles(chat_name)
-            if self.applying():  # (a restarted cluster: the endpoints file brings it back shortly)
-                raise GatewayError("endpoint_not_ready", f"no endpoint named '{chat_name}' yet: this gateway process "
-                                   f"is still applying its endpoints file", retry_after=2)
-            raise GatewayError("not_found", f"no endpoint named '{chat_name}'{await self._did_you_mean(chat_name, visible)}; "
-                               f"GET /deployments (or GET /v1/models) lists them, POST /<provider>/deploy makes one")
+            return _Missing(None if self.applying() else await self._names())
         status = record.get("status", "RUNNING")
         if status == "DEPLOYING":
             raise GatewayError("endpoint_not_ready", f"'{chat_name}' is still deploying (loading its model); "
@@ -485,32 +562,32 @@ class Dispatcher:
         handle = self._handles.get(handle_key)
         if handle is None or hit is None:  # (new to this process, or forgotten: is the application there?)
             try:  # (asks Serve's controller, which blocks: in a thread; once per endpoint and process)
+                self.lookups["controller"] += 1
                 ingress = (await asyncio.to_thread(serve.get_app_handle, chat_name)).deployment_name  # (raises when gone)
             except RayServeException:
                 raise GatewayError("endpoint_not_ready", f"'{chat_name}' is registered but not running: try again shortly, "
                                    f"or deploy it again", retry_after=2) from None
             if handle is None:  # (made without the lock: other endpoints' calls never wait for it)
+                self.lookups["handles"] += 1
                 made = await _new_handles(ingress, chat_name, self.settings.serve_grpc)
                 with self._lock:
                     handle = self._handles.setdefault(handle_key, made)
-                if handle is not made:  # another call made one first
+                if handle is not made:  # another look-up made one first (one begun after a ``forget``)
                     self.loop.submit(made.chat.shutdown_async())
                 self._drop_handles(chat_name, keep=record["provider"])
         endpoint = Endpoint(record, handle, now)
         with self._lock:
-            self._cache[chat_name] = endpoint
+            if not flight.stale:  # (forgotten meanwhile: a deploy changed it; the next call reads it again)
+                self._cache[chat_name] = endpoint
         return endpoint
 
-    async def _did_you_mean(self, chat_name: str, visible: Optional[Callable[[str], bool]]) -> str:
-        """The hint "(did you mean 'x'?)" over the deployed names the caller may use; only on the not-found path."""
+    async def _names(self) -> list[str]:
+        """The deployed names, for the not-found hint (``_did_you_mean``): one look-up per flight of a missing name."""
         try:
-            names = [r["chat_name"] for r in await self._registry("list")]
+            self.lookups["names"] += 1
+            return [r["chat_name"] for r in await self._registry("list")]
         except Exception:  # noqa: BLE001 - a hint only: what this process knows will do
-            names = list(self._cache)
-        if visible is not None:  # never name an endpoint the caller's key may not use
-            names = [n for n in names if visible(n)]
-        close = difflib.get_close_matches(chat_name, names, n=3, cutoff=0.6)
-        return f" (did you mean {' or '.join(repr(n) for n in close)}?)" if close else ""
+            return list(self._cache)
 
     def forget(self, chat_name: str) -> None:
         """Read the endpoint's record again on its next call.
@@ -521,6 +598,9 @@ class Dispatcher:
         """
         with self._lock:
             self._cache.pop(chat_name, None)
+            flight = self._flights.get(chat_name)  # (a look-up begun before is neither joined nor cached: ``_Flight.stale``)
+            if flight is not None:
+                flight.stale = True
 
     def _drop_handles(self, chat_name: str, keep: Optional[str] = None) -> None:
         """Shut down the routers of an endpoint that is gone (or moved to another provider than ``keep``):
