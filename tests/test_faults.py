@@ -85,10 +85,15 @@ def test_hanging_endpoints_leave_the_others_their_share(ray_head, tmp_path, fake
     stuck_answers: list[tuple[int, str]] = []
     try:
         with httpx.Client(base_url=base, timeout=60) as http:
-            for chat_name, upstream in ((stuck[0], hanging), (stuck[1], hanging), (healthy, fake_openai)):
-                r = http.post("/openai/deploy", json={"api_key": key(), "chat_name": chat_name, "model_name": "m",
-                                                      "base_url": upstream.base_url, "max_retries": 0, "timeout": 100})
-                assert r.status_code == 200, r.text
+            def deploy(job) -> httpx.Response:  # (the three at once: each waits for its worker)
+                chat_name, upstream = job
+                with httpx.Client(base_url=base, timeout=60) as c:
+                    return c.post("/openai/deploy", json={"api_key": key(), "chat_name": chat_name, "model_name": "m",
+                                                          "base_url": upstream.base_url, "max_retries": 0, "timeout": 100})
+
+            with ThreadPoolExecutor(3) as pool:
+                for r in pool.map(deploy, ((stuck[0], hanging), (stuck[1], hanging), (healthy, fake_openai))):
+                    assert r.status_code == 200, r.text
 
             def healthy_call(_=None) -> tuple[int, float]:
                 t = time.perf_counter()
@@ -111,12 +116,19 @@ def test_hanging_endpoints_leave_the_others_their_share(ray_head, tmp_path, fake
                         if stop.is_set():  # answered by the teardown (the hanging upstream stopped): not part of the test
                             return
                         stuck_answers.append((r.status_code, r.json()["error"]["type"] if r.status_code >= 400 else ""))
+                        turned_away[chat_name] += r.status_code == 503
                         stop.wait(float(r.headers.get("Retry-After", "1")))
 
+            turned_away = {name: 0 for name in stuck}
             callers = [threading.Thread(target=stuck_caller, args=(stuck[i % 2],), daemon=True) for i in range(120)]
             for t in callers:
                 t.start()
-            time.sleep(4)  # every seat the hung endpoints may take is taken, the rest are turned away
+            # every seat the hung endpoints may take is taken, the rest are turned away: each has turned
+            # callers away (after the bounded wait) a few times over
+            deadline = time.monotonic() + 30
+            while min(turned_away.values()) < 5:
+                assert time.monotonic() < deadline, (turned_away, stuck_answers[:20])
+                time.sleep(0.1)
             with ThreadPoolExecutor(2) as pool:
                 under_hang = list(pool.map(healthy_call, range(100)))
             # A call that names a fallback goes there once no seat comes free in time.

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -33,10 +34,30 @@ def peek(pids: list[int]) -> dict:
     return seen
 
 
-@pytest.fixture
-def gunicorn_joined(ray_head, tmp_path):
-    yield from gunicorn_joined_to(ray_head.address, tmp_path / "gunicorn.log")
+@pytest.fixture(scope="module")
+def gunicorn_joined(ray_head, tmp_path_factory):
+    """One gunicorn joined to the session's cluster for the module's tests that need one (a start costs seconds):
+    the hang-up test first, then the user session's, which stops it (SIGTERM) as its last step."""
+    yield from gunicorn_joined_to(ray_head.address, tmp_path_factory.mktemp("gunicorn_joined") / "gunicorn.log")
 
+
+def test_a_client_hanging_up_mid_stream_cancels_the_upstream_call(gunicorn_joined, fake_openai):
+    base, _, _ = gunicorn_joined
+    chat_name, key = f"hangup_{uuid.uuid4().hex[:8]}", f"sk-hangup-{uuid.uuid4().hex}"
+    with httpx.Client(base_url=base, timeout=60) as http:
+        r = http.post("/openai/deploy", json={"api_key": key, "chat_name": chat_name, "model_name": "m",
+                                              "base_url": fake_openai.base_url})
+        assert r.status_code == 200, r.text
+        fake_openai.script(key, Reply(pieces=[f"p{i} " for i in range(60)], piece_delay=0.2))
+        with http.stream("POST", "/chat", json={"chat_name": chat_name, "content": "x", "stream": True}) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            got = [line for line in (next(lines) for _ in range(4)) if line.startswith("data: ")]
+            assert got and '"delta"' in got[0]
+        # The caller is gone: the replica's upstream stream must be closed, long before its 12 s end.
+        sent = fake_openai.abandoned_after(key)
+        assert sent is not None and sent < 60, fake_openai.abandoned
+        http.post("/openai/undeploy", json={"chat_name": chat_name})
 
 
 def test_gunicorn_serves_the_user_session_and_stops_gracefully(gunicorn_joined, fake_openai):
@@ -132,13 +153,17 @@ def test_gunicorn_with_its_embedded_head_starts_and_stops_it(tmp_path, fake_open
                                                   "model_name": "gpt-4o-mini", "http_proxy": fake_openai.base_url})
             assert r.status_code == 200, r.text
             assert http.post("/openai/chat", json={"chat_name": "openai_chat", "content": "hi"}).json() == "echo: hi"
-            names = ["openai_chat"]
-            for i in range(3):
-                names.append(f"embedded_{i}")
-                r = http.post("/openai/deploy", json={"api_key": f"sk-embedded-{i:04d}-{uuid.uuid4().hex}",
-                                                      "chat_name": names[-1], "model_name": "m",
-                                                      "base_url": fake_openai.base_url})
-                assert r.status_code == 200, r.text
+            names = ["openai_chat", *(f"embedded_{i}" for i in range(3))]
+
+            def deploy(i: int) -> httpx.Response:  # (the three at once: each waits for its worker)
+                with httpx.Client(base_url=base, timeout=60) as one:
+                    return one.post("/openai/deploy", json={"api_key": f"sk-embedded-{i:04d}-{uuid.uuid4().hex}",
+                                                            "chat_name": names[1 + i], "model_name": "m",
+                                                            "base_url": fake_openai.base_url})
+
+            with ThreadPoolExecutor(3) as pool:
+                for r in pool.map(deploy, range(3)):
+                    assert r.status_code == 200, r.text
             answers: list[int] = []
 
             def call(i: int) -> None:
@@ -211,6 +236,9 @@ def test_joining_a_foreign_cluster_ships_the_gateway_code(tmp_path, fake_openai)
     ray_port, dash_port, port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
     env["RAY_AUTH_MODE"] = "token"
+    # On SIGTERM ``ray start --block`` drains its node for up to 30 s (for a multi-node cluster to move
+    # replicas away); this one-node cluster has nothing to move, and its stop is no part of the test.
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     head = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={ray_port}", f"--dashboard-port={dash_port}", "--num-cpus=1", f"--ray-client-server-port={free_port()}",
@@ -249,25 +277,6 @@ def test_joining_a_foreign_cluster_ships_the_gateway_code(tmp_path, fake_openai)
             stop(gw)
         head.send_signal(signal.SIGTERM)
         head.wait(60)
-
-
-def test_a_client_hanging_up_mid_stream_cancels_the_upstream_call(gunicorn_joined, fake_openai):
-    base, _, _ = gunicorn_joined
-    chat_name, key = f"hangup_{uuid.uuid4().hex[:8]}", f"sk-hangup-{uuid.uuid4().hex}"
-    with httpx.Client(base_url=base, timeout=60) as http:
-        r = http.post("/openai/deploy", json={"api_key": key, "chat_name": chat_name, "model_name": "m",
-                                              "base_url": fake_openai.base_url})
-        assert r.status_code == 200, r.text
-        fake_openai.script(key, Reply(pieces=[f"p{i} " for i in range(60)], piece_delay=0.2))
-        with http.stream("POST", "/chat", json={"chat_name": chat_name, "content": "x", "stream": True}) as resp:
-            assert resp.status_code == 200
-            lines = resp.iter_lines()
-            got = [line for line in (next(lines) for _ in range(4)) if line.startswith("data: ")]
-            assert got and '"delta"' in got[0]
-        # The caller is gone: the replica's upstream stream must be closed, long before its 12 s end.
-        sent = fake_openai.abandoned_after(key)
-        assert sent is not None and sent < 60, fake_openai.abandoned
-        http.post("/openai/undeploy", json={"chat_name": chat_name})
 
 
 def test_a_gateway_joining_a_head_on_loopback_needs_no_ray_switch_set(ray_head, tmp_path):
