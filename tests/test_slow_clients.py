@@ -98,12 +98,21 @@ def _answer(sock: socket.socket) -> bytes:
     return bytes(got)
 
 
-def _log_lines(log_path, port: int, limit: float = 5.0) -> list[str]:
-    """The worker's ``gateway.server`` lines about the client's local ``port`` (waits for one, briefly)."""
+def _log_mark(log_path) -> int:
+    """Where the log ends now: ``_log_lines`` reads only what a test wrote after it (a client port is reused:
+    an earlier test's connection from the same port is not this one's)."""
+    return log_path.stat().st_size
+
+
+def _log_lines(log_path, port: int, since: int, limit: float = 5.0) -> list[str]:
+    """The worker's ``gateway.server`` lines about the client's local ``port`` written after ``since``
+    (``_log_mark``; waits for one, briefly)."""
     deadline = time.monotonic() + limit
     while True:
-        lines = [line for line in log_path.read_text().splitlines()
-                 if "gateway.server" in line and f"127.0.0.1:{port}:" in line]
+        with open(log_path, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        lines = [line for line in text.splitlines() if "gateway.server" in line and f"127.0.0.1:{port}:" in line]
         if lines or time.monotonic() > deadline:
             return lines
         time.sleep(0.1)
@@ -111,6 +120,7 @@ def _log_lines(log_path, port: int, limit: float = 5.0) -> list[str]:
 
 def test_trickling_heads_are_closed_while_health_checks_answer(server):
     port, _, log_path = server
+    since = _log_mark(log_path)
     head = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n"
     tricklers = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
     silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
@@ -146,7 +156,7 @@ def test_trickling_heads_are_closed_while_health_checks_answer(server):
                 _json_error(bytes(got[s]), 408, "request_timeout")
         assert all(not got[s] for s in silent)
         for s in tricklers[:20] + silent[:5]:  # each close logged once, naming the head deadline
-            lines = _log_lines(log_path, s.getsockname()[1])
+            lines = _log_lines(log_path, s.getsockname()[1], since)
             assert len(lines) == 1 and "head deadline" in lines[0], lines
     finally:
         for s in got:
@@ -185,6 +195,7 @@ def _post_at(port: int, size: int, chunk: int, every_s: float, out: dict) -> Non
 
 def test_a_trickling_body_is_closed_and_a_slow_steady_one_is_not(server):
     port, _, log_path = server
+    since = _log_mark(log_path)
     trickle, steady = {}, {}
     threads = [threading.Thread(target=_post_at, args=(port, 100_000, 1, 0.1, trickle)),  # 10 bytes/s
                threading.Thread(target=_post_at, args=(port, 16_000, 400, 0.1, steady))]  # ~4000 bytes/s, 4 s
@@ -195,17 +206,18 @@ def test_a_trickling_body_is_closed_and_a_slow_steady_one_is_not(server):
     if trickle["answer"]:  # a 408, unless a reset lost it (test_late_heads_and_bodies_get_408_in_json has it surely)
         _json_error(trickle["answer"], 408, "request_timeout")
     assert trickle["after_s"] < 3 * HEAD_S, trickle
-    lines = _log_lines(log_path, trickle["port"])
+    lines = _log_lines(log_path, trickle["port"], since)
     assert len(lines) == 1 and f"body below {RATE} bytes/s" in lines[0], lines
     # longer than the grace, above the least rate: answered whole
     assert steady["answer"].startswith(b"HTTP/1.1 200"), steady["answer"][:200]
     assert json.loads(steady["answer"].split(b"\r\n\r\n", 1)[1])["received"] == 16_000
-    assert _log_lines(log_path, steady["port"], limit=0) == []
+    assert _log_lines(log_path, steady["port"], since, limit=0) == []
 
 
 def test_late_heads_and_bodies_get_408_in_json(server):
     """Part of a head, or of a body, then nothing: a 408 request_timeout each, then the close."""
     port, _, log_path = server
+    since = _log_mark(log_path)
     head = socket.create_connection(("127.0.0.1", port))
     body = socket.create_connection(("127.0.0.1", port))
     try:
@@ -216,8 +228,8 @@ def test_late_heads_and_bodies_get_408_in_json(server):
         assert error["message"].startswith(f"the request line and headers did not all arrive within {HEAD_S:g} s")
         error = _json_error(_answer(body), 408, "request_timeout")
         assert error["message"].startswith(f"the request body came slower than {RATE} bytes/s")
-        assert "head incomplete" in _log_lines(log_path, head.getsockname()[1])[0]
-        assert "body below" in _log_lines(log_path, body.getsockname()[1])[0]
+        assert "head incomplete" in _log_lines(log_path, head.getsockname()[1], since)[0]
+        assert "body below" in _log_lines(log_path, body.getsockname()[1], since)[0]
     finally:
         head.close()
         body.close()
@@ -266,6 +278,7 @@ def test_past_the_connection_cap_only_health_checks_are_answered(server):
 
 def test_an_idle_kept_alive_connection_is_closed_after_keepalive(server):
     port, _, log_path = server
+    since = _log_mark(log_path)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         assert _get(port, "/healthz", conn=conn)[0] == 200
@@ -275,7 +288,7 @@ def test_an_idle_kept_alive_connection_is_closed_after_keepalive(server):
         sock.settimeout(3 * KEEPALIVE_S)
         assert sock.recv(1) == b""  # closed by the server (a timeout would raise)
         # keep-alive's close, not the head deadline's (which would be logged)
-        assert _log_lines(log_path, sock.getsockname()[1], limit=0.5) == []
+        assert _log_lines(log_path, sock.getsockname()[1], since, limit=0.5) == []
     finally:
         conn.close()
 
