@@ -182,25 +182,17 @@ async def _events(ask: Ask, stream: Stream, renderer: Renderer) -> AsyncIterator
 
 def _sse(ctx: RequestContext, events: AsyncIterator[str], close: Callable[[], Awaitable[None]],
          headers: Optional[dict[str, str]] = None) -> EventStream:
-    """The one SSE writer of every streamed route: ``events`` as they come; ``close`` (the dispatcher's
-    stream or streams) and the request's record written however the response ends, even if the
-    body never started (the client hung up: the upstream streams are cancelled)."""
+    """The one SSE writer of every streamed route: ``events`` as they come; when the response ends,
+    however it ends (``EventStream.aclose``, which ``gateway.front`` always awaits; even if the body
+    never started), ``close`` (the dispatcher's stream or streams: a client that hung up cancels
+    the upstream) and the request's record is written."""
     ctx.streaming = True  # (its metrics and access-log line are written when it ends, not when it starts)
 
-    async def body() -> AsyncIterator[str]:
-        try:
-            async for text in events:
-                yield text
-        finally:
-            await events.aclose()
-            await close()
-            finish(ctx, 200, ctx.error_type)
-
-    async def ended() -> None:  # (after ``body``'s ``finally``, or instead of it)
+    async def ended() -> None:
         await close()
         finish(ctx, 200, ctx.error_type)
 
-    return EventStream(body(), [ended], headers)
+    return EventStream(events, [ended], headers)
 
 
 async def run_broadcast(ask: BroadcastAsk, renderer: BroadcastRenderer) -> Response:

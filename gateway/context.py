@@ -61,10 +61,6 @@ class RequestContext:
     #: the type of the error answered (or, in a stream, of its first failure)
     error_type: Optional[str] = None
 
-    @property
-    def started(self) -> float:
-        return self.record.started
-
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.record.started) * 1000
 
