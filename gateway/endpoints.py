@@ -6,17 +6,19 @@ import re
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Callable, Optional
 
 import ray
 from ray import serve
 
-from providers.base import DeployFailure, DeploySpec, Provider, construction_failure, indefinite
+from providers.base import DeployFailure, DeploySpec, Provider, construction_failure, indefinite, key_fingerprint
 
 from .cluster import Cluster, SharedAnswer
 from .config import Settings
 from .errors import GatewayError
+from .pool_keeper import KeyPools, generation_of
 from .registry import Lease, endpoint_lease
 
 log = logging.getLogger("gateway.endpoints")
@@ -132,6 +134,8 @@ class Endpoints:
 
         self._on_change = changed
         self._digest_secret: Optional[bytes] = None  # the cluster's, fetched once (see ``_digest``)
+        #: the endpoints' key pools, shared by the cluster (``gateway.pool_keeper``)
+        self.key_pools = KeyPools(cluster, settings)
 
     # -- deploy -------------------------------------------------------------
     def deploy(self, provider: Provider, spec: DeploySpec) -> dict:
@@ -159,7 +163,7 @@ class Endpoints:
         # applies the endpoints file again), only for what is about to be deployed; a wrong key
         # fails here, not at the first caller's chat
         if getattr(spec, "verify_key", False):
-            self._check(provider, spec, provider.verify_key)
+            self._check_keys(provider, spec)
         # The name's lease, renewed while this deploy holds it: the records and Serve's applications
         # are read again under it (a deploy or undeploy may have changed them since the looks above).
         lease = Lease(registry, endpoint_lease(name))
@@ -238,13 +242,17 @@ class Endpoints:
         else:  # (no record: an application the registry forgot, e.g. after the registry restarted)
             record = {**(existing or {"chat_name": name, **public, "config_digest": "", "status": "RUNNING",
                                       "created_at": now, "updated_at": now}), "pending": pending}
+        pooled = hasattr(spec, "pool")  # (a hosted provider's keys: a pool in the keeper, one generation per deploy)
+        generation = generation_of(digest) if pooled else None
         try:
-            app = bind_endpoint(provider, spec, self.settings, options)
+            app = bind_endpoint(provider, spec, self.settings, options, generation)
             if fresh and name in apps:  # what a failed deploy left: start from nothing
                 _delete_app(name)
             # Nothing starts without the lease: renewed (for its whole TTL from now) just before.
             held = lease.renew()
             if held:
+                if pooled:
+                    self.key_pools.put(spec, generation)  # (before its replicas start: they find it there)
                 serve._run(app, name=name, route_prefix=None, _blocking=False)
         except BaseException as exc:
             if fresh:  # nothing half-deploys: no application runs without its record (and with its key)
@@ -253,6 +261,8 @@ class Endpoints:
                         serve.delete(name, _blocking=False)
                 except Exception as cleanup:  # noqa: BLE001
                     log.error("cleanup of failed deploy %s: %s", name, type(cleanup).__name__)
+                if pooled:
+                    self.key_pools.drop(name)
             lease.stop()
             ray.get(registry.finish.remote(name, existing if not fresh else None, lease.owner))
             self._on_change(name)
@@ -267,7 +277,38 @@ class Endpoints:
         self._on_change(name)
         return deploy_id, pending["deadline"]
 
-    def _check(self, provider: Provider, spec: DeploySpec, check: Callable[[DeploySpec], Optional[str]]) -> None:
+    def _check_keys(self, provider: Provider, spec: DeploySpec) -> None:
+        """The deploy-time key check of every key of the spec's pool (at most 8 at a time).
+
+        One key (``api_key``) fails as it always did; a key of ``api_keys`` the provider refuses fails
+        the deploy naming its entry number and fingerprint (never the key).
+        """
+        keys = [key for key, _ in spec.pool()] if getattr(spec, "api_keys", None) else None
+        if keys is None:
+            self._check(provider, spec, provider.verify_key)
+            return
+
+        def check(numbered: tuple[int, str]) -> Optional[GatewayError]:
+            number, key = numbered
+            try:
+                self._check(provider, spec.for_key(key), provider.verify_key)
+            except GatewayError as err:
+                said = spec.scrub(f"api_keys entry {number} ({key_fingerprint(key)}): {err.info.message}")
+                fields = ["api_keys" if f == "api_key" else f for f in err.info.fields or []] or None
+                return GatewayError.from_info(err.info.model_copy(update={"message": said, "fields": fields}))
+            return None
+
+        with ThreadPoolExecutor(max_workers=min(8, len(keys)), thread_name_prefix="key-check") as pool:
+            failures = [f for f in pool.map(check, enumerate(keys, 1)) if f is not None]
+        if failures:
+            raise failures[0]
+
+    def check_key(self, provider: Provider, spec: DeploySpec) -> Optional[str]:
+        """A key added to a pool (``gateway.key_routes``): the deploy-time check of ``spec``'s one key; the
+        warning of a check that could not tell, or None."""
+        return self._check(provider, spec, provider.verify_key)
+
+    def _check(self, provider: Provider, spec: DeploySpec, check: Callable[[DeploySpec], Optional[str]]) -> Optional[str]:
         """Run a deploy-time ``check(spec)`` of the provider; its failures without the spec's secrets.
 
         ``provider.check_deploy`` builds a SaaS adapter, so an SDK constructor that puts the key
@@ -287,7 +328,9 @@ class Endpoints:
         if failure is not None:
             raise failure from None  # outside the except block: the original is not chained to it
         if warning:
-            log.warning("deploy of %s: %s", spec.chat_name, spec.scrub(warning))
+            warning = spec.scrub(warning)
+            log.warning("deploy of %s: %s", spec.chat_name, warning)
+        return warning
 
     def _digest(self, spec: DeploySpec) -> str:
         """``spec``'s ``config_digest``: an HMAC keyed with the cluster's secret, read once per process.
@@ -465,6 +508,8 @@ class Endpoints:
             lease.stop()
             forgotten = ray.get(registry.finish.remote(name, None, lease.owner))
             self._on_change(name)
+            if forgotten:
+                self.key_pools.drop(name)  # (its keys leave the cluster's memory with it)
         if not forgotten:  # this process stalled past its lease and another deploy or undeploy took the name
             raise GatewayError("conflict", f"another deploy or undeploy of '{name}' took it over while this undeploy "
                                            f"waited; GET /deployments/{name} shows what runs now")
@@ -509,6 +554,7 @@ class Endpoints:
                 if record and record.get("status") == "DEPLOY_FAILED" and not record.get("pending") \
                         and name in _app_statuses():
                     serve.delete(name, _blocking=False)
+                    self.key_pools.drop(name)
             finally:
                 lease.release()
         except Exception as exc:  # noqa: BLE001
@@ -521,8 +567,19 @@ class Endpoints:
         apps, replicas = serve_state()
         for name, record in list(records.items()):
             records[name], apps, replicas = self._settled(name, record, apps, replicas)
-        return [self._view(records.get(name), apps.get(name), name, replicas.get(name))
-                for name in sorted(set(records) | set(apps))]
+        views = [self._view(records.get(name), apps.get(name), name, replicas.get(name))
+                 for name in sorted(set(records) | set(apps))]
+        return self._with_keys(views)
+
+    def _with_keys(self, views: list[dict]) -> list[dict]:
+        """Each hosted endpoint's ``keys`` as its pool's keys (``KeyPool`` views: fingerprint, weight, state,
+        reason, times, calls); where the keeper does not answer within 2 s, ``keys`` stays their number."""
+        pooled = [v["chat_name"] for v in views if "key_fingerprint" in v]
+        found = self.key_pools.views(pooled) if pooled else {}
+        for view in views:
+            if view["chat_name"] in found:
+                view["keys"] = found[view["chat_name"]]
+        return views
 
     def listing(self) -> list[dict]:
         """``list()`` as this process saw it within about a second (read-only: shared by every caller).
@@ -584,7 +641,7 @@ class Endpoints:
             raise GatewayError("not_found", f"no endpoint named '{name}'; GET /deployments lists them")
         if record is not None:
             record, apps, replicas = self._settled(name, record, apps, replicas)
-        return self._view(record, apps.get(name), name, replicas.get(name))
+        return self._with_keys([self._view(record, apps.get(name), name, replicas.get(name))])[0]
 
 
 #: the states of a replica that is on its way to running
@@ -712,11 +769,13 @@ def placement_options(provider: Provider, spec: DeploySpec, settings: Settings,
     return options
 
 
-def bind_endpoint(provider: Provider, spec: DeploySpec, settings: Settings, options: Optional[dict] = None):
+def bind_endpoint(provider: Provider, spec: DeploySpec, settings: Settings, options: Optional[dict] = None,
+                  generation: Optional[str] = None):
     """The bound Serve application of one endpoint: the key travels only in ``bind`` args.
 
     ``options``: its Serve options (``placement_options``, as the deploy checked them); default: the
-    provider's with the deploy's ``resources``.
+    provider's with the deploy's ``resources``. ``generation``: its key pool's in the keeper
+    (``gateway.pool_keeper``); None: each replica keeps a pool of its own.
     """
     from .replica import ChatDeployment
     from .retry import RetryPolicy
@@ -724,4 +783,5 @@ def bind_endpoint(provider: Provider, spec: DeploySpec, settings: Settings, opti
     policy = RetryPolicy(max_retries=spec.max_retries, deadline_s=spec.timeout, retry_after_cap_s=settings.retry_after_cap_s)
     if options is None:
         options = placement_options(provider, spec, settings)
-    return ChatDeployment.options(name=provider.name, **options).bind(provider, spec, policy)
+    pool = {"generation": generation, "namespace": settings.ray_namespace} if generation else None
+    return ChatDeployment.options(name=provider.name, **options).bind(provider, spec, policy, pool)

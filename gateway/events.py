@@ -56,6 +56,8 @@ class Finish:
     attempts: int = 1
     #: set by the replica: the whole stream's upstream time (ms)
     upstream_ms: Optional[float] = None
+    #: set by the replica: the fingerprint of the key that answered (``gateway.keypool``), never the key
+    key: Optional[str] = None
 
 
 @dataclass(slots=True)

@@ -12,6 +12,10 @@ or an ``ErrorInfo`` value; ``stream`` yields the typed events of ``gateway.event
 ends with ``Finish``, or with a ``Failure`` event when it fails. Retries (``gateway.retry``) happen here, next to the
 upstream, and for streams only until the first event.
 
+A hosted provider's replica holds an adapter per key of the endpoint's pool (``gateway.pool_keeper.PoolMember``):
+each attempt goes to the pool's best key, and on to the next at once when a key answers 429, quota or auth
+(``gateway.keypool``); answers and errors name the key that answered by its fingerprint (``key``).
+
 On a loopback node (the embedded head) the constructor keeps the replica's Serve gRPC server on
 loopback too: ``gateway.loopback``.
 """
@@ -20,15 +24,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Union
+from typing import AsyncIterator, Optional, Union
 
 from ray import serve
 from ray.util import metrics as ray_metrics
 
-from providers.base import DeploySpec, Provider, construction_failure
+from providers.base import DeploySpec, Provider, SaaSDeploySpec, construction_failure
 from gateway.errors import ErrorInfo, GatewayError
 from gateway.events import Failure, Finish, StreamEvent
+from gateway.keypool import keyed
 from gateway.loopback import keep_replica_grpc_on_loopback
+from gateway.pool_keeper import PoolMember
 from gateway.retry import RetryPolicy, call_with_retries
 from gateway.schemas import ChatCall, ChatResult
 
@@ -36,21 +42,30 @@ log = logging.getLogger("ray.serve")
 
 
 class ChatEndpoint:
-    def __init__(self, provider: "Provider", spec: "DeploySpec", policy: RetryPolicy) -> None:
+    def __init__(self, provider: "Provider", spec: "DeploySpec", policy: RetryPolicy,
+                 pool: Optional[dict] = None) -> None:
+        """``pool``: ``{"generation", "namespace"}`` of the endpoint's key pool in the keeper
+        (``gateway.pool_keeper``); None: the pool of this replica alone."""
         # Before Serve starts this replica's gRPC server (right after this constructor): on a
         # loopback node (the embedded head) it listens on loopback, not on all interfaces.
         keep_replica_grpc_on_loopback()
         self._provider = provider
         self._adapter = None
+        self._keys: Optional[PoolMember] = None
         failure = None
         try:
-            self._adapter = provider.create_adapter(spec)
+            if isinstance(spec, SaaSDeploySpec):
+                self._keys = PoolMember(provider, spec, **(pool or {}))
+            else:
+                self._adapter = provider.create_adapter(spec)
         except Exception as exc:  # noqa: BLE001 - an SDK's constructor may put the key in its error
             failure = construction_failure(exc, spec, provider.name)
         if failure is not None:
             # Raised here, not in the except block: Serve's status, dashboard and controller log
             # show this traceback, and the original error is not even chained to it.
             raise failure from None
+        if self._keys is not None:
+            self._keys.start()  # (its sync with the keeper, on this replica's event loop)
         self._chat_name = spec.chat_name
         self._policy = policy
         # Ray's own metrics (dashboard, Prometheus via Ray): per endpoint, no user input in tags.
@@ -89,10 +104,18 @@ class ChatEndpoint:
     def _info(self, err: GatewayError) -> ErrorInfo:
         return err.info if err.info.provider else err.info.model_copy(update={"provider": self._provider.name})
 
+    async def _chat_once(self, call: ChatCall) -> ChatResult:
+        """One attempt: the adapter's, or the key pool's (on to the next key at once on 429, quota, auth)."""
+        if self._keys is None:
+            return await self._adapter.chat(call)
+        result, key = await self._keys.call(lambda adapter: adapter.chat(call))
+        result.key = key
+        return result
+
     async def chat(self, call: ChatCall) -> Union[ChatResult, ErrorInfo]:
         started = time.perf_counter()
         try:
-            result, attempts = await call_with_retries(self._policy, lambda: self._adapter.chat(call))
+            result, attempts = await call_with_retries(self._policy, lambda: self._chat_once(call))
         except GatewayError as err:
             info = self._info(err)
             self._observe(started, info.attempts or 1, info)
@@ -115,13 +138,22 @@ class ChatEndpoint:
         """
         started = time.perf_counter()
         stream = None
+        key: Optional[str] = None  # (the pool's key the stream came from)
 
-        async def first_event():
+        async def open_on(adapter):
             nonlocal stream
             if stream is not None:
                 await stream.aclose()
-            stream = self._adapter.stream(call).__aiter__()
+                stream = None
+            stream = adapter.stream(call).__aiter__()
             return await stream.__anext__()
+
+        async def first_event():
+            nonlocal key
+            if self._keys is None:
+                return await open_on(self._adapter)
+            event, key = await self._keys.call(open_on)
+            return event
 
         try:
             try:
@@ -144,6 +176,7 @@ class ChatEndpoint:
                 if isinstance(event, Finish):
                     self._observe(started, attempts)
                     event.attempts = attempts
+                    event.key = key
                     event.upstream_ms = (time.perf_counter() - started) * 1000
                     log.info("stream ok request_id=%s chat_name=%s attempts=%d upstream_ms=%.1f",
                              call.request_id, self._chat_name, attempts, event.upstream_ms)
@@ -158,7 +191,9 @@ class ChatEndpoint:
                     yield Failure(info)
                     break
                 except GatewayError as err:  # after the first byte: reported in the stream, no retry
-                    info = self._info(err)
+                    if key is not None:
+                        self._keys.ledger.failed(key, err.info, counted=False)  # (what it says of the key)
+                    info = self._info(keyed(err, key) if key is not None else err)
                     self._log_failure("stream", call, info)
                     yield Failure(info)
                     break
@@ -180,6 +215,8 @@ class ChatEndpoint:
     async def __del__(self) -> None:
         if self._adapter is not None:  # (None: the constructor failed)
             await self._adapter.aclose()
+        if self._keys is not None:
+            await self._keys.aclose()
 
 
 #: the Serve deployment; per-endpoint options are set with ``.options`` at deploy time

@@ -28,7 +28,7 @@ _REQUIRED = {
     "chat_names": "a list of endpoint names (GET /v1/models lists the ones you may use)",
     "model": "the endpoint's chat_name (GET /v1/models lists them)",
     "model_name": "the provider's model, e.g. gpt-4o-mini",
-    "api_key": "the provider's API key",
+    "api_key": "the provider's API key (or api_keys: a list of keys)",
     "messages": "a list of {\"role\", \"content\"}",
     "role": "one of system, user, assistant, tool",
 }
@@ -177,6 +177,8 @@ class ChatResult(BaseModel):
     provider_request_id: Optional[str] = None
     attempts: int = 1
     upstream_ms: float = 0.0
+    #: the fingerprint of the key that answered (an endpoint's key pool: ``gateway.keypool``), never the key
+    key: Optional[str] = None
 
 
 def validate(model: type[BaseModel], data: Any) -> Any:

@@ -42,6 +42,29 @@ def field_title(name: str, _info: Any = None) -> str:
     return " ".join([words[0][:1].upper() + words[0][1:], *words[1:]])
 
 
+class Price(BaseModel):
+    """What a provider charges, in the deploy's currency per million tokens (both required: half a price
+    would count the other half as free)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, field_title_generator=field_title)
+
+    input_per_mtok: float = Field(ge=0, le=1e6, allow_inf_nan=False)
+    output_per_mtok: float = Field(ge=0, le=1e6, allow_inf_nan=False)
+
+
+class PoolKey(BaseModel):
+    """One key of an endpoint's pool (``api_keys``): calls go to the usable keys by ``weight``; 0 drains it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, field_title_generator=field_title)
+
+    key: SecretStr = Field(min_length=1, max_length=512)
+    weight: int = Field(1, ge=0, le=100)
+
+
+#: the most keys one endpoint's pool holds
+MAX_POOL_KEYS = 32
+
+
 class DeploySpec(BaseModel):
     """Fields every endpoint has. Unknown fields are refused (a typo must not deploy)."""
 
@@ -70,6 +93,11 @@ class DeploySpec(BaseModel):
                     'node started with them (ray start --resources, a KubeRay group\'s rayStartParams), the Ray way to '
                     'pin workers to nodes. Given, SaaS workers are no longer kept off GPU nodes by default. CPUs and '
                     'GPUs have their own fields.')
+    #: what the provider charges, for the budgets of client keys (``gateway.limits``): given at deploy, never
+    #: fetched from anywhere
+    price: Optional[Price] = Field(
+        None, description='What the provider charges per million tokens, e.g. {"input_per_mtok": 0.15, '
+                          '"output_per_mtok": 0.6}: the spend of client keys with a spend_per_month is counted at it')
 
     @field_validator("model_type")
     @classmethod
@@ -91,10 +119,15 @@ class DeploySpec(BaseModel):
         return value
 
     def secret_values(self) -> Iterator[str]:
-        """The values of this spec's ``SecretStr`` fields (keys, tokens): what no message may show."""
+        """The values of this spec's ``SecretStr`` fields (keys, tokens, every key of a pool): what no message may show."""
+        seen = set()
         for _, value in self:
-            if isinstance(value, SecretStr) and value.get_secret_value():
-                yield value.get_secret_value()
+            values = [value] if isinstance(value, SecretStr) else \
+                [item.key for item in value if isinstance(item, PoolKey)] if isinstance(value, list) else []
+            for secret in values:
+                if secret.get_secret_value() and secret.get_secret_value() not in seen:
+                    seen.add(secret.get_secret_value())
+                    yield secret.get_secret_value()
 
     def scrub(self, text: str) -> str:
         """``text`` with every secret of this spec redacted (see ``redact``)."""
@@ -112,18 +145,25 @@ class DeploySpec(BaseModel):
         if len(cluster_secret) < 16:
             raise ValueError("the digest secret must be at least 16 bytes")
         data = self.model_dump(mode="json")
-        if not data.get("resources"):  # (no resources: the digest of a spec from before the field existed)
-            data.pop("resources", None)
+        # (fields left at their empty default: the digest of a spec from before the field existed)
+        for name in ("resources", "api_keys", "price"):
+            if not data.get(name):
+                data.pop(name, None)
         for name, value in self:
             if isinstance(value, SecretStr):
                 data[name] = value.get_secret_value()
+            elif isinstance(value, list) and value and isinstance(value[0], PoolKey):
+                data[name] = [{"key": item.key.get_secret_value(), "weight": item.weight} for item in value]
         message = json.dumps(data, sort_keys=True).encode()
         return hmac.new(cluster_secret, message, hashlib.sha256).hexdigest()[:16]
 
     def public(self) -> dict[str, Any]:
         """What may be shown about this endpoint (listing, logs): never a secret."""
-        return {"model": self.model_name, "workers": self.workers, "timeout": self.timeout,
-                "max_retries": self.max_retries, "fallbacks": list(self.fallbacks), "resources": dict(self.resources)}
+        out = {"model": self.model_name, "workers": self.workers, "timeout": self.timeout,
+               "max_retries": self.max_retries, "fallbacks": list(self.fallbacks), "resources": dict(self.resources)}
+        if self.price is not None:  # (what the budgets read: ``Endpoint.record["price"]``)
+            out["price"] = self.price.model_dump()
+        return out
 
 
 #: Ray's own resources, which have fields of their own (``cpus_per_worker``, ``gpus_per_worker``) or are
@@ -168,9 +208,20 @@ def _http_url(value: Optional[str], field: str) -> Optional[str]:
 
 
 class SaaSDeploySpec(DeploySpec):
-    """A hosted provider reached with the user's key."""
+    """A hosted provider reached with the user's key, or with a pool of keys (``api_keys``).
+
+    ``api_key`` is always set: to the one key given, or to the first key of ``api_keys``, so
+    that what builds one adapter (``create_adapter``, ``verify_key``, ``check_deploy``) keeps
+    reading one key. A replica builds one adapter per key of the pool, each from ``for_key``.
+    """
 
     api_key: SecretStr = Field(min_length=1, max_length=512)
+    #: several keys (``"sk-..."`` or ``{"key": "sk-...", "weight": N}``), instead of ``api_key``
+    api_keys: Optional[list[PoolKey]] = Field(
+        None, min_length=1, max_length=MAX_POOL_KEYS,
+        description='Several keys instead of api_key: ["sk-...", {"key": "sk-...", "weight": 2}]. Calls go to the '
+                    'healthy keys by weight (0 drains a key); a key the provider refuses (auth, quota) is disabled and '
+                    'checked again by itself, one that is rate limited cools down.')
     #: ``http_proxy`` is accepted as an alias: the user's old requests name the relay so
     base_url: Optional[str] = Field(None, validation_alias=AliasChoices("base_url", "http_proxy"))
     #: a real HTTP(S) proxy between the replica and the provider
@@ -186,6 +237,65 @@ class SaaSDeploySpec(DeploySpec):
             raise ValueError("give base_url or its alias http_proxy, not both")
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_key_field(cls, data: Any) -> Any:
+        """``api_key`` or ``api_keys``, not both; with ``api_keys``, ``api_key`` is its first key."""
+        if not isinstance(data, dict) or data.get("api_keys") is None:
+            return data
+        if data.get("api_key") not in (None, ""):
+            raise ValueError("give api_key (one key) or api_keys (a list of keys), not both")
+        keys = data["api_keys"]
+        if isinstance(keys, list):
+            keys = [{"key": item} if isinstance(item, (str, SecretStr)) else item for item in keys]
+            first = keys[0].get("key") if keys and isinstance(keys[0], dict) else None
+            data = {**data, "api_keys": keys}
+            if isinstance(first, (str, SecretStr)):
+                data["api_key"] = first
+        return data
+
+    @field_validator("api_keys")
+    @classmethod
+    def _pool(cls, value: Optional[list[PoolKey]]) -> Optional[list[PoolKey]]:
+        """Each key valid for this provider (its ``api_key`` rules); no key twice, no fingerprint twice; one in use.
+
+        Entries are named by their number (1 is the first), never by their key.
+        """
+        if value is None:
+            return value
+        seen: dict[str, int] = {}
+        prints: dict[str, int] = {}
+        for number, item in enumerate(value, 1):
+            key = item.key.get_secret_value()
+            problem = cls.key_problem(key)
+            if problem:
+                raise ValueError(f"entry {number}: {problem}")
+            if key in seen:
+                raise ValueError(f"entries {seen[key]} and {number} are the same key")
+            fingerprint = key_fingerprint(key)
+            if fingerprint in prints:
+                raise ValueError(f"entries {prints[fingerprint]} and {number} have the same fingerprint "
+                                 f"({fingerprint}), so they could not be told apart in listings and edits")
+            seen[key], prints[fingerprint] = number, number
+        if not any(item.weight > 0 for item in value):
+            raise ValueError("every key has weight 0: give at least one a weight above 0")
+        return value
+
+    @classmethod
+    def key_problem(cls, key: str) -> Optional[str]:
+        """What this provider's ``api_key`` rules say of ``key`` (e.g. Zhipu's ``id.secret`` form), or None.
+
+        Runs the ``api_key`` field's own validators (a provider's ``field_validator("api_key")``), so
+        every key of a pool, and a key added later (``POST /deployments/<chat_name>/keys``), meets
+        the same rules as the one key of ``api_key``. Never says the key.
+        """
+        try:
+            cls.__pydantic_validator__.validate_assignment(cls.model_construct(), "api_key", key)
+        except ValidationError as exc:
+            said = [e["msg"].removeprefix("Value error, ") for e in exc.errors(include_input=False, include_url=False)]
+            return "; ".join(said) or "not a valid key"
+        return None
+
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, value: Optional[str]) -> Optional[str]:
@@ -196,10 +306,21 @@ class SaaSDeploySpec(DeploySpec):
     def _proxy(cls, value: Optional[str]) -> Optional[str]:
         return _http_url(value, "proxy")
 
+    def pool(self) -> list[tuple[str, int]]:
+        """The endpoint's keys with their weights: ``api_keys``, or the one ``api_key`` (weight 1)."""
+        if self.api_keys:
+            return [(item.key.get_secret_value(), item.weight) for item in self.api_keys]
+        return [(self.api_key.get_secret_value(), 1)]
+
+    def for_key(self, key: str) -> "SaaSDeploySpec":
+        """This spec with ``key`` as its one key: what an adapter and a key check of that key are given."""
+        return self.model_copy(update={"api_key": SecretStr(key), "api_keys": None})
+
     def public(self) -> dict[str, Any]:
         out = super().public()
         out["base_url_host"] = urlsplit(self.base_url).hostname if self.base_url else None
         out["key_fingerprint"] = key_fingerprint(self.api_key.get_secret_value())
+        out["keys"] = len(self.api_keys) if self.api_keys else 1
         return out
 
 

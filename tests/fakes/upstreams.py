@@ -14,6 +14,9 @@ Each also answers the free model list the gateway checks a key with at deploy
 ``{"output": {"models": [...]}, ...}``). Any key is accepted unless ``reject(key)`` was called (then
 the model list and chat answer the provider's own invalid-key error), or ``script_models(key, ...)``
 scripted that key's model-list answers (e.g. ``Reply(404)`` for a relay without the route).
+``exhaust(key)`` spends a key's balance: its chat calls get the provider's own quota error (OpenAI's
+``insufficient_quota`` 429, Zhipu's 1113, DashScope's ``Arrearage``) while its model list still answers,
+as the providers' do; ``accept(key)`` makes a rejected or spent key good again.
 Model-list requests are kept apart (``model_requests``): ``requests`` holds chat calls only.
 A request without a key gets the provider's missing-key error, unless the fake was made with
 ``allow_no_key=True`` (a local server started without a key: Ollama, vLLM ...; its script key is ``""``).
@@ -84,6 +87,8 @@ class FakeUpstream:
         self._model_scripts: dict[str, deque] = defaultdict(deque)
         #: keys the provider refuses everywhere (``reject``)
         self.rejected: set[str] = set()
+        #: keys whose balance is spent (``exhaust``): chat calls only
+        self.spent: set[str] = set()
         #: ``GET /models`` requests: path, headers, query
         self.model_requests: list[dict] = []
         self._loop = asyncio.new_event_loop()
@@ -114,6 +119,15 @@ class FakeUpstream:
     def reject(self, key: str) -> None:
         """Refuse ``key`` from now on, as the provider refuses a wrong key (model list and chat)."""
         self.rejected.add(key)
+
+    def exhaust(self, key: str) -> None:
+        """Spend ``key``'s balance from now on: its chat calls get the provider's quota error."""
+        self.spent.add(key)
+
+    def accept(self, key: str) -> None:
+        """Make a rejected (``reject``) or spent (``exhaust``) key good again."""
+        self.rejected.discard(key)
+        self.spent.discard(key)
 
     def script_models(self, key: str, *replies: Reply) -> None:
         """Answer the next model-list requests made with ``key`` with ``replies``, in order."""
@@ -161,6 +175,8 @@ class FakeUpstream:
         key, refusal = self._authenticate(request)
         if refusal is not None:
             return refusal
+        if key in self.spent:
+            return self._send(self.quota_spent())
         queue = self._scripts.get(key)
         reply = queue.popleft() if queue else Reply()
         await asyncio.sleep(reply.delay or self.latency)
@@ -280,6 +296,9 @@ class FakeUpstream:
     def invalid_key(self, key: str) -> Reply:
         raise NotImplementedError
 
+    def quota_spent(self) -> Reply:
+        raise NotImplementedError
+
     def model_list(self, request) -> dict:
         """OpenAI's (and Zhipu's) model list; DashScope overrides."""
         return {"object": "list", "data": [{"id": m, "object": "model", "created": 1715367049, "owned_by": self.owner}
@@ -310,6 +329,10 @@ class FakeOpenAI(FakeUpstream):
         return openai_error(401, f"Incorrect API key provided: {masked}. You can find your API key at "
                                  "https://platform.openai.com/account/api-keys.", "invalid_request_error", "invalid_api_key",
                             self.reply_headers())
+
+    def quota_spent(self) -> Reply:
+        return openai_error(429, "You exceeded your current quota, please check your plan and billing details.",
+                            "insufficient_quota", "insufficient_quota", self.reply_headers())
 
     def completion(self, body, text, prompt_tokens, completion_tokens):
         return {
@@ -363,6 +386,9 @@ class FakeZhipu(FakeUpstream):
     def invalid_key(self, key: str) -> Reply:
         return zhipu_error(401, "1002", "Authorization Token非法，请确认Authorization Token正确传递。")
 
+    def quota_spent(self) -> Reply:
+        return zhipu_error(429, "1113", "余额不足或无可用资源包，请充值后重试。")
+
     def completion(self, body, text, prompt_tokens, completion_tokens):
         rid = str(int(time.time() * 1e6))
         return {
@@ -401,6 +427,9 @@ class FakeDashScope(FakeUpstream):
 
     def invalid_key(self, key: str) -> Reply:
         return dashscope_error(401, "InvalidApiKey", "Invalid API-key provided.")
+
+    def quota_spent(self) -> Reply:
+        return dashscope_error(400, "Arrearage", "Access denied, please make sure your account is in good standing.")
 
     def model_list(self, request) -> dict:
         """``GET /api/v1/models?page_no=&page_size=``: a page of the native model list."""
