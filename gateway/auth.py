@@ -1,14 +1,16 @@
-"""Who may do what: the admin token, client keys (scoped to chat_names, rate limited).
+"""Who may do what: the admin token, client keys (scoped to chat_names, rate limited, budgeted).
 
 - ``GATEWAY_ADMIN_TOKEN``: when set, deploy, undeploy, the listings and ``/metrics`` need
   ``Authorization: Bearer <token>``; the admin token is also accepted on chat routes.
 - ``GATEWAY_METRICS_TOKEN``: read-only, for Prometheus: ``/metrics`` and the details of
   ``/readyz`` (without either token ``/readyz`` says only ready or not, and why in general).
 - ``GATEWAY_API_KEYS`` (``key1,key2``) or ``GATEWAY_API_KEYS_FILE`` (YAML/JSON list of
-  ``{key, name, chat_names, rate_per_minute, tokens_per_minute}``): when set, chat routes
-  need one of them. A key limited to chat_names cannot reach others (403 ``forbidden``;
-  an endpoint's own fallbacks outside them are skipped, see ``dispatch``). Its limits are
-  kept for the whole cluster and charged per upstream call (see ``gateway.limits``).
+  ``{key, name, chat_names, rate_per_minute, tokens_per_minute, tokens_per_day, tokens_per_month,
+  spend_per_month}``): when set, chat routes need one of them. A key limited to chat_names cannot
+  reach others (403 ``forbidden``; an endpoint's own fallbacks outside them are skipped, see
+  ``dispatch``). Its limits and budgets are kept for the whole cluster and charged per upstream
+  call (see ``gateway.limits``): budgets reset at the start of each UTC day or month, spend is
+  counted at the endpoints' ``price`` (per million tokens, in the operator's currency).
 
 Tokens are compared in constant time (``hmac.compare_digest`` of their SHA-256) and never
 logged; keys are named in logs by their ``name`` only, and in the cluster by ``ClientKey.id``.
@@ -47,8 +49,13 @@ class KeySpec(BaseModel):
     chat_names: Optional[list[str]] = None
     #: upstream calls a minute (fractions work: 0.5 is one call every two minutes)
     rate_per_minute: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
-    #: tokens (usage.total_tokens of answered calls) a minute, charged after each answer
+    #: tokens a minute: each call reserves its most before it is made, settled with its usage after
     tokens_per_minute: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
+    #: budgets, reserved and settled the same way: tokens a UTC day, tokens a UTC month, and spend a UTC
+    #: month at the endpoints' prices (``price``, per million tokens)
+    tokens_per_day: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
+    tokens_per_month: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
+    spend_per_month: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,9 @@ class ClientKey:
     chat_names: Optional[frozenset]
     rate_per_minute: Optional[float] = None
     tokens_per_minute: Optional[float] = None
+    tokens_per_day: Optional[float] = None
+    tokens_per_month: Optional[float] = None
+    spend_per_month: Optional[float] = None
     #: the key's name in the cluster (``key_id``)
     id: str = field(default="", repr=False)
 
@@ -67,7 +77,18 @@ class ClientKey:
 
     @property
     def limited(self) -> bool:
-        return self.rate_per_minute is not None or self.tokens_per_minute is not None
+        return self.rate_per_minute is not None or self.budgeted
+
+    @property
+    def budgeted(self) -> bool:
+        """Has a token limit or a budget: its calls reserve and settle (``gateway.reservations``)."""
+        return (self.tokens_per_minute is not None or self.tokens_per_day is not None or self.tokens_per_month is not None
+                or self.spend_per_month is not None)
+
+    def limits(self) -> dict:
+        """Its token limit and budgets, as the limits keeper takes them (``budgets.LIMITS``; None: none)."""
+        return {"tokens_per_minute": self.tokens_per_minute, "tokens_per_day": self.tokens_per_day,
+                "tokens_per_month": self.tokens_per_month, "spend_per_month": self.spend_per_month}
 
     def allows(self, chat_name: str) -> bool:
         return self.chat_names is None or chat_name in self.chat_names
@@ -116,7 +137,7 @@ def load_keys(inline: Optional[str], path: Optional[str]) -> list[ClientKey]:
             raise SystemExit(f"GATEWAY_API_KEYS_FILE {path} is not valid YAML/JSON{line}") from None
         if not isinstance(raw, list):
             raise SystemExit(f"GATEWAY_API_KEYS_FILE {path} must be a list of {{key, name, chat_names, rate_per_minute, "
-                             f"tokens_per_minute}}")
+                             f"tokens_per_minute, tokens_per_day, tokens_per_month, spend_per_month}}")
         specs += [(_spec(item, f"GATEWAY_API_KEYS_FILE {path} entry #{i}"), f"GATEWAY_API_KEYS_FILE {path} entry #{i}")
                   for i, item in enumerate(raw, 1)]
     # the same key twice would keep only the last entry's name, names and limits, silently: refused
@@ -129,7 +150,8 @@ def load_keys(inline: Optional[str], path: Optional[str]) -> list[ClientKey]:
                              f"or merge the two entries")
     specs = [spec for spec, _ in specs]
     return [ClientKey(_digest(s.key), s.name or f"key#{i + 1}", frozenset(s.chat_names) if s.chat_names is not None else None,
-                      s.rate_per_minute, s.tokens_per_minute) for i, s in enumerate(specs)]
+                      s.rate_per_minute, s.tokens_per_minute, s.tokens_per_day, s.tokens_per_month, s.spend_per_month)
+            for i, s in enumerate(specs)]
 
 
 def bearer(header: Optional[str]) -> Optional[str]:

@@ -115,6 +115,12 @@ class Settings(BaseModel):
     allow_open_chat: bool = False
     #: endpoints to deploy on start (and again after a cluster restart); keys come from env vars
     endpoints_file: Optional[str] = None
+    #: where the client-key limits keeper keeps its ledger of usage and budgets (``usage.sqlite3``), on the
+    #: head node: resolved there, by the keeper's process (default ``~/.local/state/llm_gateway``; on
+    #: Kubernetes, a persistent volume of the head pod). The first gateway process that makes the keeper decides
+    state_dir: Optional[str] = None
+    #: what a call to a budgeted client key reserves for its answer when it sets no ``max_tokens``
+    budget_default_max_tokens: int = Field(1024, ge=1, le=1_000_000)
 
     @field_validator("ray_resources", mode="before")
     @classmethod

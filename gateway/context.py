@@ -37,7 +37,8 @@ _PREFIXES: list[tuple[str, ErrorBody]] = []
 
 #: routes anyone may call; admin routes; readers of /metrics; everything else is a chat (client) route
 OPEN = frozenset({"core.healthz", "core.readyz", "ui.index", "ui.asset", "ui.config"})  # (the console's page holds no data)
-ADMIN = frozenset({"core.deployments", "core.deployment", "core.provider_list"})
+ADMIN = frozenset({"core.deployments", "core.deployment", "core.provider_list", "key_pools.list_keys", "key_pools.add_key",
+                   "key_pools.edit_key", "key_pools.remove_key", "usage.usage_report"})
 READERS = frozenset({"core.prometheus_metrics"})
 
 

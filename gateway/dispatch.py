@@ -16,7 +16,11 @@ With client keys, the route passes the request's ``Caller`` (``gateway.limits``)
 endpoint outside the key's chat_names is skipped (``forbidden`` in ``tried``; the route has
 already refused the primary and request-given fallbacks with 403, so this is what stops
 an endpoint's own fallbacks), and each endpoint actually called costs one call of the
-key's limits, taken just before the call; ``rate_limited`` ends the walk.
+key's rate and reserves what it may cost of its tokens and budgets, just before the call
+(before its seat); ``rate_limited`` and ``budget_exceeded`` end the walk. The reservation is
+settled with the answer's usage before the answer is returned (a stream's: when its ``Finish``
+arrives, before it is handed on), charged what was streamed when a stream ends without it,
+and given back when the call fails or is not made.
 
 Everything here runs on the process's event loop (``gateway.aio``): a call in flight is a
 coroutine awaiting its replica, not a thread.
@@ -59,6 +63,7 @@ from .schemas import ChatCall, ChatResult
 
 if TYPE_CHECKING:
     from .limits import Caller
+    from .reservations import Reservation
 
 #: failures that move on to the next fallback (``errors.TYPES``); caller errors never do
 FALLBACK_ON = frozenset(name for name, kind in TYPES.items() if kind.falls_back)
@@ -275,17 +280,23 @@ class Stream:
     event was written, mid-way or after the end. It cancels the replica's stream (which closes
     the upstream one), reports success or failure to the cooldown state, and gives the
     endpoint's seat back. The chat flow calls it however the response ends.
+
+    The caller's reservation (``reservation``: a key with tokens or budgets) is settled with the
+    ``Finish``'s usage before the ``Finish`` is handed on; a stream that ends otherwise (a
+    ``Failure`` mid-way, or ``aclose`` before its end) is charged its input estimate and what
+    was streamed (``Reservation.charge_streamed``), or nothing when nothing was streamed and it failed.
     """
 
     def __init__(self, dispatcher: "Dispatcher", endpoint: "Endpoint", first: StreamEvent, gen: Any,
-                 tried: list[dict], caller: Optional["Caller"] = None) -> None:
+                 tried: list[dict], caller: Optional["Caller"] = None, reservation: Optional["Reservation"] = None) -> None:
         self.endpoint, self.tried = endpoint, tried
         #: the upstream's time to the first event (ms): the part of the time to first byte that is not the gateway's
         self.first_upstream_ms = first.upstream_ms or 0.0
-        self._dispatcher, self._gen, self._caller = dispatcher, gen, caller
+        self._dispatcher, self._gen, self._caller, self._reservation = dispatcher, gen, caller, reservation
         self._timeout = _deadline(endpoint)
         self._first: Optional[StreamEvent] = first
         self._failed: Optional[GatewayError] = None
+        self._finish: Optional[Finish] = None
         self._ended = False  # the stream reached its end (Finish or Failure)
         self._closed = False
         if isinstance(first, Finish):  # the whole answer came at once: it is over, whatever the caller does next
@@ -297,9 +308,15 @@ class Stream:
     async def __anext__(self) -> StreamEvent:
         if self._first is not None:
             event, self._first = self._first, None
-            return event
-        if self._closed or self._ended:
+        elif self._closed or self._ended:
             raise StopAsyncIteration
+        else:
+            event = await self._next()
+        if self._reservation is not None:
+            await self._account(event)
+        return event
+
+    async def _next(self) -> StreamEvent:
         try:
             # (each event within the endpoint's deadline, like the first: the replica bounds a stalled
             # upstream, this bounds a replica whose node died without a word)
@@ -318,11 +335,25 @@ class Stream:
             self._end(event)
         return event
 
+    async def _account(self, event: StreamEvent) -> None:
+        """The caller's reservation, as each event passes: pieces counted, settled at the ``Finish``."""
+        held = self._reservation
+        if isinstance(event, Finish):
+            await held.settle(event.usage)  # (written before the caller sees the end)
+        elif isinstance(event, Failure):
+            if held.pieces:  # (cut mid-way: what was streamed was billed upstream)
+                held.charge_streamed()
+            else:
+                held.release()
+        else:
+            held.count(event)
+
     def _end(self, event: "Finish | Failure") -> None:
         self._ended = True
         if isinstance(event, Failure):
             self._failed = GatewayError.from_info(event.error)
         else:
+            self._finish = event
             _settle(self._caller, event)
 
     async def aclose(self) -> None:
@@ -334,6 +365,12 @@ class Stream:
         except Exception as exc:  # noqa: BLE001 - the cluster may be gone; nothing is left to cancel then
             log.warning("cancelling the stream of %s: %s", self.endpoint.name, type(exc).__name__)
         self._dispatcher._bulkhead.give_back(self.endpoint.name)
+        held = self._reservation
+        if held is not None and not held.ended:
+            if self._finish is not None:  # (the whole answer came first, and the caller left before reading it)
+                self._dispatcher._spawn(held.settle(self._finish.usage))
+            else:  # abandoned (or cut) before its end: charged its input estimate and what was streamed
+                held.charge_streamed()
         try:
             if self._ended:  # a caller who leaves early says nothing about the endpoint's health
                 await self._dispatcher._report(self.endpoint, self._failed)
@@ -776,7 +813,8 @@ class Dispatcher:
     # -- the dispatch path ----------------------------------------------------------
     async def _walk(self, asked: Union[Endpoint, str], provider: Optional[str], fallbacks: Optional[list[str]],
                     attempt: Callable[[Endpoint], Awaitable[Any]], keep_seat: bool = False,
-                    caller: Optional["Caller"] = None) -> tuple[Endpoint, Any, list[dict]]:
+                    caller: Optional["Caller"] = None, call: Optional[ChatCall] = None
+                    ) -> tuple[Endpoint, Any, list[dict], Optional["Reservation"]]:
         """Try ``chat_name``, then its fallbacks, with ``attempt``; the first answer wins.
 
         Endpoints that cool down or are busy are skipped; an upstream failure moves on, a caller
@@ -788,7 +826,9 @@ class Dispatcher:
 
         ``caller`` (a client key's): endpoints outside its chat_names are skipped as
         ``forbidden`` (what the caller asked for first stays the error it gets), and each
-        endpoint called costs one call of its limits, taken before its seat (given back if none is free).
+        endpoint called costs one call of its rate and reserves what ``call`` may cost of its tokens
+        and budgets, both taken before its seat (given back if none is free, or the call fails).
+        Answers the reservation of the endpoint that answered (None without one), for the caller to settle.
         """
         primary, chain = await self._chain(asked, provider, fallbacks, caller)
         tried: list[dict] = []
@@ -806,20 +846,35 @@ class Dispatcher:
                 tried.append(_tried(name, err))
                 last = last or err
                 continue
+            held: Optional["Reservation"] = None
             if skip is None and caller is not None:
                 try:  # (before the seat: a slow limits keeper never holds one)
                     await caller.admit()  # rate_limited (or the keeper's cluster_unavailable) is no endpoint's: the walk stops
+                    try:  # budget_exceeded (or rate_limited: tokens_per_minute) likewise
+                        held = await caller.reserve(endpoint, call, stream=keep_seat) if call is not None else None
+                    except BaseException:
+                        caller.refund()  # (the call admit took is not made)
+                        raise
                 except GatewayError as err:
                     if probing:
                         await self._release_probe(endpoint)
                     tried.append(_tried(name, err))
                     raise _with_tried(err, tried) from None
-            if skip is None and not await self._bulkhead.take(name):
-                if caller is not None:
-                    caller.refund()  # (not called after all)
-                skip = self._busy(name)
-                if probing:
-                    await self._release_probe(endpoint)
+            if skip is None:
+                try:
+                    seated = await self._bulkhead.take(name)
+                except BaseException:  # (the caller left while it waited for a seat)
+                    if held is not None:
+                        held.release()
+                    raise
+                if not seated:
+                    if caller is not None:
+                        caller.refund()  # (not called after all)
+                    if held is not None:
+                        held.release()
+                    skip = self._busy(name)
+                    if probing:
+                        await self._release_probe(endpoint)
             if skip is not None:
                 tried.append(_tried(name, skip))
                 last = skip
@@ -828,8 +883,10 @@ class Dispatcher:
             try:
                 answer = await attempt(endpoint)
                 keep = keep_seat
-                return endpoint, answer, tried
+                return endpoint, answer, tried, held
             except GatewayError as err:
+                if held is not None:
+                    held.release()  # a failed call: no usage, nothing charged
                 if caller is not None and (err.info.attempts or 0) > 1:
                     caller.settle(err.info.attempts, 0)  # the replica's retries were upstream calls too
                 if err.type in UPSTREAM_FAILURES:
@@ -841,6 +898,8 @@ class Dispatcher:
                     raise _with_tried(err, tried) from None
                 last = err
             except BaseException:  # (the caller left: the task was cancelled)
+                if held is not None:
+                    held.charge_streamed()  # (the upstream had the call: its input estimate is charged)
                 if probing:
                     self._spawn(self._release_probe(endpoint))
                 raise
@@ -866,9 +925,12 @@ class Dispatcher:
         ``asked``: the endpoint (as the chat flow resolved it once) or its name.
         ``caller``: the request's client key (scope and limits; see ``_walk``), None without keys.
         """
-        endpoint, result, tried = await self._walk(asked, provider, fallbacks, lambda ep: self._call(ep, call), caller=caller)
+        endpoint, result, tried, held = await self._walk(asked, provider, fallbacks, lambda ep: self._call(ep, call),
+                                                         caller=caller, call=call)
         if caller is not None:
             caller.settle(result.attempts, result.usage.total_tokens)
+        if held is not None:
+            await held.settle(result.usage, result.output)  # (written before the answer is returned)
         await self._report(endpoint, None)
         return Outcome(endpoint, result, tried)
 
@@ -879,9 +941,10 @@ class Dispatcher:
         Answers a ``Stream`` (its first event included), which the caller must ``aclose``. The
         caller's key is charged the stream's retries and tokens when its ``Finish`` arrives.
         """
-        endpoint, (first, rest), tried = await self._walk(asked, provider, fallbacks,
-                                                          lambda ep: self._open_stream(ep, call), keep_seat=True, caller=caller)
-        return Stream(self, endpoint, first, rest, tried, caller=caller)
+        endpoint, (first, rest), tried, held = await self._walk(asked, provider, fallbacks,
+                                                                lambda ep: self._open_stream(ep, call), keep_seat=True,
+                                                                caller=caller, call=call)
+        return Stream(self, endpoint, first, rest, tried, caller=caller, reservation=held)
 
     async def _open_stream(self, endpoint: Endpoint, call: ChatCall) -> tuple[StreamEvent, Any]:
         providers.get(endpoint.provider).check_call(call)

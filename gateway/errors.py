@@ -85,6 +85,9 @@ TYPES: dict[str, ErrorType] = {
     #: (not the caller's: a model that does not fit, a cluster without GPUs, a replica that died ...)
     "deploy_failed": ErrorType(422),
     "rate_limited": ErrorType(429, caller=True, openai_type="rate_limit_error"),  # the caller's own client-key limit
+    #: the caller's client key is over a budget (tokens_per_day, tokens_per_month, spend_per_month: ``gateway.budgets``),
+    #: until its reset; OpenAI's code for a spent quota, so that its clients stop rather than retry
+    "budget_exceeded": ErrorType(429, caller=True, openai_type="rate_limit_error", openai_code="insufficient_quota"),
     # the upstream provider, after the replica's retries
     "upstream_rate_limited": ErrorType(429, retried=True, falls_back=True, cooldown="count", openai_type="rate_limit_error"),
     "upstream_auth": ErrorType(502, falls_back=True, cooldown="at_once"),
@@ -133,11 +136,17 @@ class ErrorInfo(BaseModel):
     reason: Optional[str] = None
     #: the endpoints tried before giving up, and why (fallbacks)
     tried: Optional[list[dict]] = None
+    #: the fingerprint of the endpoint's key (of its key pool) that answered this error, when one did
+    key: Optional[str] = None
 
     @field_serializer("retry_after")
     def _whole_seconds(self, value: Optional[float]) -> Optional[int]:
         """Shown as the ``Retry-After`` header says it: whole seconds, rounded up (kept exact for retries)."""
         return None if value is None else whole_seconds(value)
+
+
+#: OpenAI's SDKs wait out a Retry-After of up to this and try again; a budget spent for longer tells them not to
+_SDK_RETRY_AFTER_S = 60.0
 
 
 def whole_seconds(seconds: float) -> int:
@@ -176,7 +185,10 @@ class GatewayError(Exception):
 
     def headers(self) -> dict[str, str]:
         if self.info.retry_after is not None and self.status in (429, 503):
-            return {"Retry-After": str(whole_seconds(self.info.retry_after))}
+            headers = {"Retry-After": str(whole_seconds(self.info.retry_after))}
+            if self.info.type == "budget_exceeded" and self.info.retry_after > _SDK_RETRY_AFTER_S:
+                headers["x-should-retry"] = "false"  # (OpenAI's SDKs would retry a spent budget: they read this)
+            return headers
         return {}
 
     def body(self, request_id: Optional[str] = None) -> dict:

@@ -1,34 +1,48 @@
-"""Client-key limits that hold for the whole cluster: upstream calls and tokens a minute per key.
+"""Client-key limits that hold for the whole cluster: upstream calls a minute, tokens, budgets and spend per key.
 
-A key's ``rate_per_minute`` and ``tokens_per_minute`` are token buckets kept by one small
-detached actor (``LimitKeeper``) that every gateway process shares, so W gunicorn workers
-in P pods give a caller the rate once, not W x P times, and a restarted worker does not
-start with a full bucket. The buckets are written through to the GCS key-value store (as
-the endpoint registry's records are), so a restart of the keeper itself refills nothing.
+Everything is kept by one small detached actor (``gateway.keeper``, on the head node) that every
+gateway process shares, so W gunicorn workers in P pods give a caller its limits once, not
+W x P times, and a restarted worker does not start afresh. Two mechanisms:
 
-What costs what (``Caller``, used by ``Dispatcher._walk``):
+**The request rate** (``rate_per_minute``): a token bucket written through to the GCS key-value
+store (as the endpoint registry's records are), so a restart of the keeper refills nothing.
 
 - every endpoint the dispatcher actually calls (the primary, each fallback tried, each
   target of a broadcast) takes one request just before the call; a replica's own retries
   (``attempts - 1``) are charged after the answer, as debt; routes that call no endpoint
   (``GET /v1/models``) cost nothing;
-- the answer's ``usage.total_tokens`` is charged after the answer; a key is refused while
-  its token balance is used up (at or past ``tokens_per_minute``), so one call can
-  overshoot by its own usage;
 - a bucket holds ``max(rate, 1)``, so a fractional rate works: 0.5 a minute admits one
   call, then one every two minutes.
 
 Off the hot path: a process takes a *lease* of about one second of the rate (at least one
 call) from the keeper and spends it locally, asking again when it is spent or after
 ``LEASE_TTL_S`` (unspent calls go back then). A refusal is remembered locally until the
-bucket refills, so a caller hammering past its rate costs the keeper nothing. What answers
-cost after the fact (retries, tokens) is counted in the process at once and sent to the
-keeper with the next lease, or within ``FLUSH_S`` without waiting for it: one actor call
-per answer would queue up under load. Keys without limits cost nothing at all. Leases never admit more than the cluster's bucket
-gave out; what one idle process holds (at most a second of the rate) waits for it. A key
-with only ``tokens_per_minute`` leases time instead: calls for up to ``LEASE_TTL_S`` while
-its balance lasts, as known at the lease and counting this process's own charges since,
-so other processes' charges are seen within that time.
+bucket refills, so a caller hammering past its rate costs the keeper nothing. Retries are
+counted in the process at once and sent to the keeper with the next lease, or within
+``FLUSH_S`` without waiting for it: one actor call per answer would queue up under load.
+Leases never admit more than the cluster's bucket gave out; what one idle process holds (at
+most a second of the rate) waits for it.
+
+**Tokens and budgets** (``tokens_per_minute``, ``tokens_per_day``, ``tokens_per_month``,
+``spend_per_month``): each endpoint call *reserves* what it may cost at most before it is made
+(``Caller.reserve``: its input estimate plus its ``max_tokens``, at the endpoint's price; see
+``gateway.budgets``, and ``gateway.reservations`` for this process's part) and is *settled* with
+its real usage after it: a whole answer before it is returned, a stream when its ``Finish``
+arrives (before the caller sees it). The keeper admits a
+call only while used + reserved by calls in flight is under each limit, so concurrency cannot
+overshoot: what is charged ends at most one call's usage past a limit. A stream the caller
+abandons is charged its input estimate and the output it streamed (``budgets.counted``: the
+pieces received or the text's bytes / 4, whichever is more); a stream cut mid-way, the same; a
+call that failed, or was never made (its endpoint busy), gives its reservation back; a whole
+call whose caller left mid-way is charged its input estimate. Over ``tokens_per_minute``:
+``rate_limited``; over a budget: ``budget_exceeded`` (429) with ``Retry-After`` until the reset
+(UTC day or month start) and the reset time in the message; a call refused only because calls
+in flight hold the rest is told to try again in a second. The keeper keeps what was used in
+SQLite on the head node's disk (``GATEWAY_STATE_DIR``, ``budgets.Books``): it survives ``kill -9``
+of the keeper and a restart of the head. Each reservation and settle is one actor round trip
+(two per call): only keys with a token limit or a budget pay it. A refusal for a spent
+limit is remembered locally (for at most a minute), so a caller hammering past its budget
+costs the keeper little.
 
 A slow or stopped keeper costs a key's callers little and the rest nothing: a process asks for
 at most one lease per key at a time, and never while holding an endpoint's seat (the dispatcher
@@ -37,131 +51,52 @@ the key's other callers meanwhile at most ``_WAITER_WAIT_S``; past that, and whi
 stays unanswered, the key's calls are answered at once with 503 ``cluster_unavailable`` (with
 ``Retry-After``; no upstream is called). A keeper that fails the request (rather than being
 slow) is left alone for ``_KEEPER_BACKOFF_S``, its key's calls answered the same way. The
-answer, whenever it comes, is used: a keeper that resumes serves the key again at once.
+answer, whenever it comes, is used: a keeper that resumes serves the key again at once. A
+reservation gets the same ``_KEEPER_WAIT_S`` (then 503, and it is given back); a settle that
+is not written within 10 s lets the answer go (logged), and is written when the keeper answers
+(Ray retries it on the restarted keeper; settles are idempotent).
 Keys without limits, and other keys' leases, never wait for it.
 
 The keeper knows keys only by ``ClientKey.id`` (a hash that leads back to no key), and
-their limits come with each call, so it holds nothing secret and needs no configuration.
+their limits come with each call, so it holds nothing secret and needs no configuration
+but where its ledger lives (``GATEWAY_STATE_DIR``, given by the gateway that makes it).
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
-import math
 import threading
 import time
-from typing import Optional
-
-import ray
-from ray.exceptions import RayError
-from ray.experimental import internal_kv
+from typing import Any, Optional
 
 from .auth import ClientKey
 from .errors import GatewayError, whole_seconds
-from .registry import HEAD_NODE_RESOURCE
+from .keeper import KEEPER_BACKOFF_S, KEEPER_NAME, KEEPER_WAIT_S, keeper_actor, keeper_down
+from .reservations import STREAM_RESERVATION_TTL_S, RESERVATION_GRACE_S, Reservation, Reservations
+
+__all__ = ["KEEPER_NAME", "Caller", "Limits", "Reservation", "keeper_actor"]
 
 log = logging.getLogger("gateway.limits")
 
-KEEPER_NAME = "client_limits"
 #: a lease holds about this many seconds of a key's rate (at least one call)
 LEASE_S = 1.0
 #: unspent lease calls go back to the keeper after this (an idle process holds nothing long)
 LEASE_TTL_S = 2.0
-#: what answers cost after the fact (retries, tokens) goes to the keeper at most this often per
+#: what answers cost after the fact (a replica's retries) goes to the keeper at most this often per
 #: key and process (with the next lease, or within this time): one actor call per answer would
 #: queue up behind each other under load
 FLUSH_S = 0.5
 #: how long the caller that asks for a lease waits for the keeper (a restart by Ray usually fits);
 #: a request unanswered after this is overdue: its key's callers are answered 503 at once
-_KEEPER_WAIT_S = 3.0
+_KEEPER_WAIT_S = KEEPER_WAIT_S
 #: how long the key's other callers wait for a lease request in flight (one per key and process)
 _WAITER_WAIT_S = 1.0
 #: after the keeper failed a lease request, its key's callers are answered 503 at once for this long
-_KEEPER_BACKOFF_S = 2.0
+_KEEPER_BACKOFF_S = KEEPER_BACKOFF_S
 #: a lease request still unanswered after this is given up (its answer is dropped), and the next
 #: caller asks again: a hung keeper costs one call per key and process this often
 _KEEPER_GIVE_UP_S = 30.0
-
-
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class LimitKeeper:
-    """The buckets of every limited key, by key id: ``{"requests", "tokens", "at"}``.
-
-    Restarted by Ray whenever its process dies; each bucket is read back from the GCS the
-    first time it is used again. (A call retried after a restart may be charged twice:
-    limits err on the side of refusing.)
-    """
-
-    def __init__(self) -> None:
-        self._kv_namespace = "llm_gateway_limits:" + ray.get_runtime_context().namespace
-        self._buckets: dict[str, dict] = {}
-
-    def _bucket(self, kid: str, rpm: Optional[float], tpm: Optional[float]) -> dict:
-        """The bucket of ``kid``, refilled to now under the limits the caller has (a key seen for
-        the first time, or a limit just added, starts full)."""
-        now = time.time()
-        bucket = self._buckets.get(kid)
-        if bucket is None:
-            raw = internal_kv._internal_kv_get(kid, namespace=self._kv_namespace)
-            bucket = json.loads(raw) if raw else {"requests": None, "tokens": None, "at": now}
-            self._buckets[kid] = bucket
-        elapsed = max(0.0, now - bucket["at"])
-        bucket["at"] = now
-        for part, per_minute in (("requests", rpm), ("tokens", tpm)):
-            if per_minute is None:
-                bucket[part] = None
-            elif bucket[part] is None:
-                bucket[part] = max(per_minute, 1.0)
-            else:
-                bucket[part] = min(max(per_minute, 1.0), bucket[part] + elapsed * per_minute / 60.0)
-        return bucket
-
-    def _save(self, kid: str, bucket: dict) -> None:
-        internal_kv._internal_kv_put(kid, json.dumps(bucket), namespace=self._kv_namespace)
-
-    def lease(self, kid: str, rpm: Optional[float], tpm: Optional[float], want: int, calls_back: float,
-              tokens_used: float) -> tuple[int, Optional[float], float, str]:
-        """Settle what the caller owes or returns, then lease up to ``want`` calls.
-
-        ``calls_back``: what the last lease left unspent, less the retries charged since (may be
-        negative); ``tokens_used``: tokens charged since the last flush. Answers ``(calls granted,
-        token balance, seconds to wait, "requests" | "tokens" | "")``; 0 calls granted is a refusal
-        (a key with no request rate gets ``want``).
-        """
-        bucket = self._bucket(kid, rpm, tpm)
-        if rpm is not None and calls_back:
-            bucket["requests"] = min(max(rpm, 1.0), bucket["requests"] + calls_back)
-        if tpm is not None:
-            bucket["tokens"] -= tokens_used
-        granted, wait, why = 0, 0.0, ""
-        if tpm is not None and bucket["tokens"] <= 0:
-            wait, why = (1.0 - bucket["tokens"]) * 60.0 / tpm, "tokens"
-        elif rpm is not None and bucket["requests"] < 1:
-            wait, why = (1.0 - bucket["requests"]) * 60.0 / rpm, "requests"
-        elif rpm is not None:
-            granted = min(want, int(bucket["requests"]))
-            bucket["requests"] -= granted
-        else:
-            granted = want
-        self._save(kid, bucket)
-        return granted, bucket["tokens"], wait, why
-
-    def charge(self, kid: str, rpm: Optional[float], tpm: Optional[float], requests: float, tokens: float) -> None:
-        """After the fact: a replica's retries (``requests``) and an answer's usage (``tokens``)."""
-        bucket = self._bucket(kid, rpm, tpm)
-        if rpm is not None:
-            bucket["requests"] -= requests
-        if tpm is not None:
-            bucket["tokens"] -= tokens
-        self._save(kid, bucket)
-
-
-def keeper_actor(namespace: str):
-    """The limits keeper of this cluster (created on first use, on the head node like the registry)."""
-    return LimitKeeper.options(name=KEEPER_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
-                               resources={HEAD_NODE_RESOURCE: 0.001}).remote()
 
 
 class _Signal:
@@ -207,27 +142,26 @@ class _Lease:
     ``lock`` guards the fields and is held only for moments: never across a call to the keeper.
     """
 
-    __slots__ = ("lock", "calls", "tokens", "until", "refused_until", "refused_for", "owed_calls", "owed_tokens",
-                 "flushed_at", "flush_due", "renewal", "down_until", "down_why")
+    __slots__ = ("lock", "calls", "until", "refused_until", "refused_for", "owed_calls", "flushed_at", "flush_due",
+                 "renewal", "down_until", "down_why")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.renewal: Optional[_Renewal] = None  # the lease request in flight
         self.down_until = 0.0  # the keeper failed a lease request: answer 503 at once until then (monotonic)
         self.down_why = ""
-        self.calls = 0.0  # left to spend here (inf for a key with no request rate)
-        self.tokens: Optional[float] = None  # token balance at the lease, less this process's charges since
+        self.calls = 0.0  # left to spend here
         self.until = 0.0  # monotonic end of the lease
         self.refused_until = 0.0  # the keeper refused: refuse here too until then
         self.refused_for = ""
         self.owed_calls = 0.0  # retries charged here, not yet sent to the keeper
-        self.owed_tokens = 0.0  # tokens charged here, not yet sent
         self.flushed_at = -FLUSH_S  # when owed charges were last sent (monotonic)
         self.flush_due = False  # a timer will send them
 
 
 class Limits:
-    """This process's side of the client-key limits: leases over the cluster's ``LimitKeeper``.
+    """This process's side of the client-key limits: leases (the request rate) and reservations (tokens,
+    budgets) over the cluster's ``LimitKeeper``.
 
     ``lease_size`` fixes the calls per lease (1: every call asks the keeper; the benchmark's
     "no leases"); by default a lease is about ``LEASE_S`` of the key's rate.
@@ -240,6 +174,8 @@ class Limits:
         self._leases: dict[str, _Lease] = {}
         self._lock = threading.Lock()
         self._keeper = None
+        #: tokens and budgets (``gateway.reservations``)
+        self.reservations = Reservations(self)
 
     def caller(self, key: Optional[ClientKey]) -> Optional["Caller"]:
         """What the dispatcher needs of a request's key; None when keys are off or the admin calls."""
@@ -249,8 +185,20 @@ class Limits:
     def keeper(self):
         if self._keeper is None:
             self.cluster.ensure_up()
-            self._keeper = keeper_actor(self.settings.ray_namespace)
+            self._keeper = keeper_actor(self.settings.ray_namespace, self.settings.state_dir)
         return self._keeper
+
+    def forget_keeper(self, kill: bool = False) -> None:
+        """Look the keeper up again on next use; ``kill``: it runs an older gateway's code (no reservations),
+        so it is made again (its buckets come back from the GCS, its books from the ledger)."""
+        import ray
+
+        keeper, self._keeper = self._keeper, None
+        if kill and keeper is not None:
+            try:
+                ray.kill(keeper, no_restart=True)
+            except Exception:  # noqa: BLE001 - gone already
+                pass
 
     def _lease(self, key: ClientKey) -> _Lease:
         lease = self._leases.get(key.id)
@@ -261,14 +209,14 @@ class Limits:
 
     # -- per call --------------------------------------------------------------------------
     async def admit(self, key: ClientKey) -> None:
-        """Spend one call of ``key``'s limits, or raise ``rate_limited`` (with ``Retry-After``).
+        """Spend one call of ``key``'s request rate, or raise ``rate_limited`` (with ``Retry-After``).
 
         When the lease is spent, one caller asks the keeper (``_KEEPER_WAIT_S`` at most) while the
         key's others wait for that answer (``_WAITER_WAIT_S`` at most); a keeper that does not answer
         in time, or failed, is ``cluster_unavailable`` (503, ``Retry-After``), answered at once
         until it answers (see the module docstring).
         """
-        if not key.limited:
+        if key.rate_per_minute is None:
             return
         lease = self._lease(key)
         while True:
@@ -277,7 +225,7 @@ class Limits:
                 now = time.monotonic()
                 if now < lease.refused_until:
                     raise _refusal(key, lease.refused_for, lease.refused_until - now)
-                if now < lease.until and lease.calls >= 1 and (lease.tokens is None or lease.tokens > 0):
+                if now < lease.until and lease.calls >= 1:
                     lease.calls -= 1
                     return
                 renewal = lease.renewal
@@ -305,19 +253,19 @@ class Limits:
     def refund(self, key: ClientKey) -> None:
         """Give back a call ``admit`` spent on an endpoint that was then not called (it was busy)."""
         if key.rate_per_minute is None:
-            return  # (nothing was spent: a key with only tokens_per_minute is charged after the answer)
+            return  # (nothing was spent)
         lease = self._lease(key)
         with lease.lock:
             lease.calls += 1  # (returned to the keeper with the next lease request, if not spent here first)
 
     def _begin(self, key: ClientKey, lease: _Lease, now: float) -> _Renewal:
         """A lease request (under the lease's lock): what the lease left and what this process owes go with it."""
-        rpm, tpm = key.rate_per_minute, key.tokens_per_minute
-        calls_back = (lease.calls if (rpm is not None and lease.calls > 0) else 0.0) - lease.owed_calls
-        tokens_used = lease.owed_tokens
-        lease.calls, lease.until, lease.owed_calls, lease.owed_tokens, lease.flushed_at = 0.0, 0.0, 0.0, 0.0, now
-        want = self.lease_size or (max(1, int(rpm * LEASE_S / 60.0)) if rpm is not None else 1)
-        lease.renewal = _Renewal(now, (rpm, tpm, want, calls_back, tokens_used))
+        rpm = key.rate_per_minute
+        calls_back = (lease.calls if lease.calls > 0 else 0.0) - lease.owed_calls
+        lease.calls, lease.until, lease.owed_calls, lease.flushed_at = 0.0, 0.0, 0.0, now
+        want = self.lease_size or max(1, int(rpm * LEASE_S / 60.0))
+        # (tokens are reserved and settled apart: ``reserve``; the keeper's lease still takes them, as None and 0)
+        lease.renewal = _Renewal(now, (rpm, None, want, calls_back, 0.0))
         return lease.renewal
 
     def _ask(self, key: ClientKey, lease: _Lease, renewal: _Renewal) -> None:
@@ -354,12 +302,11 @@ class Limits:
                     if error is not None:
                         lease.down_until, lease.down_why = now + _KEEPER_BACKOFF_S, f"failed ({type(error).__name__})"
                     else:
-                        granted, balance, wait, why = future.result()
+                        granted, _, wait, why = future.result()
                         if not granted:
                             lease.refused_until, lease.refused_for = now + wait, why
                         else:  # (plus calls given back since the request: refund)
-                            lease.calls = lease.calls + granted if key.rate_per_minute is not None else math.inf
-                            lease.tokens = balance
+                            lease.calls += granted
                             lease.until = now + LEASE_TTL_S
         except BaseException as exc:  # (a cancelled future, an answer of another shape): the key backs off
             with lease.lock:
@@ -376,24 +323,19 @@ class Limits:
         elif current and renewal.overdue_logged:
             log.warning("the client-key limits keeper answered %s's lease request after %.1fs", key.name, now - renewal.started)
 
-    def settle(self, key: ClientKey, attempts: int, total_tokens: int) -> None:
-        """After an upstream call: charge the replica's retries and the tokens the answer used.
+    def settle(self, key: ClientKey, attempts: int, total_tokens: int = 0) -> None:
+        """After an upstream call: charge the replica's retries to the key's request rate (its tokens are
+        its reservation's: ``Reservation.settle``; ``total_tokens`` is not used).
 
         This process's lease counts them at once; the keeper gets them with the next lease, or
         within ``FLUSH_S`` (without waiting for it), so other processes see them shortly.
         """
-        if not key.limited:
-            return
-        retries = max(0, (attempts or 1) - 1) if key.rate_per_minute is not None else 0
-        tokens = max(0, total_tokens or 0) if key.tokens_per_minute is not None else 0
-        if not retries and not tokens:
+        retries = max(0, (attempts or 1) - 1)
+        if key.rate_per_minute is None or not retries:
             return
         lease = self._lease(key)
         with lease.lock:
             lease.owed_calls += retries
-            lease.owed_tokens += tokens
-            if lease.tokens is not None:
-                lease.tokens -= tokens
             wait = lease.flushed_at + FLUSH_S - time.monotonic()
             if wait <= 0:
                 self._flush_locked(key, lease)
@@ -411,26 +353,21 @@ class Limits:
 
     def _flush_locked(self, key: ClientKey, lease: _Lease) -> None:
         """Send what this process owes for ``key`` (under its lease's lock: before any later lease of it)."""
-        if not (lease.owed_calls or lease.owed_tokens):
+        if not lease.owed_calls:
             return
         try:
-            self.keeper().charge.remote(key.id, key.rate_per_minute, key.tokens_per_minute, lease.owed_calls, lease.owed_tokens)
+            self.keeper().charge.remote(key.id, key.rate_per_minute, None, lease.owed_calls, 0.0)
         except Exception as exc:  # noqa: BLE001 - the answer is already in hand; a lost charge only errs towards the caller
-            log.warning("could not charge %s's usage to the limits keeper: %s", key.name, type(exc).__name__)
-        lease.owed_calls, lease.owed_tokens, lease.flushed_at = 0.0, 0.0, time.monotonic()
+            log.warning("could not charge %s's retries to the limits keeper: %s", key.name, type(exc).__name__)
+        lease.owed_calls, lease.flushed_at = 0.0, time.monotonic()
 
 
 def _keeper_down(key: ClientKey, what: str, retry_after: float) -> GatewayError:
-    return GatewayError("cluster_unavailable", f"the cluster's client-key limits keeper {what}, so {key.name}'s call "
-                        f"was not made (no upstream was called); try again in {whole_seconds(retry_after)}s",
-                        retry_after=max(1.0, retry_after))
+    return keeper_down(key.name, what, retry_after)
 
 
 def _refusal(key: ClientKey, why: str, wait: float) -> GatewayError:
-    if why == "tokens":
-        what = f"its {key.tokens_per_minute:g} tokens a minute"
-    else:
-        what = f"its rate of {key.rate_per_minute:g} requests a minute (each endpoint called counts)"
+    what = f"its rate of {key.rate_per_minute:g} requests a minute (each endpoint called counts)"
     return GatewayError("rate_limited", f"{key.name} is over {what}: try again in {whole_seconds(wait)}s",
                         retry_after=max(1.0, wait))
 
@@ -451,7 +388,7 @@ class Caller:
         return self.key.allows(chat_name)
 
     async def admit(self) -> None:
-        """Before an endpoint is called (before its seat is taken): one call of the key's limits, or
+        """Before an endpoint is called (before its seat is taken): one call of the key's request rate, or
         ``rate_limited``, or ``cluster_unavailable`` when the keeper does not answer in time."""
         await self._limits.admit(self.key)
 
@@ -459,6 +396,16 @@ class Caller:
         """The call ``admit`` took was not made after all (the endpoint was busy): give it back."""
         self._limits.refund(self.key)
 
-    def settle(self, attempts: int, total_tokens: int) -> None:
-        """After it answered (or failed after retries): the retries and the tokens."""
+    async def reserve(self, endpoint: Any, call: Any, stream: bool = False) -> Optional[Reservation]:
+        """After ``admit``, before the seat: hold what ``call`` to ``endpoint`` (``dispatch.Endpoint``) may cost
+        of the key's tokens and budgets; None for a key without any. The hold is let go after the
+        endpoint's deadline and ``RESERVATION_GRACE_S`` (a stream's: ``STREAM_RESERVATION_TTL_S``) if its
+        process never ends it."""
+        if not self.key.budgeted:
+            return None
+        ttl = STREAM_RESERVATION_TTL_S if stream else float(endpoint.record.get("timeout", 60)) + 5.0 + RESERVATION_GRACE_S
+        return await self._limits.reservations.reserve(self.key, endpoint.name, endpoint.record, call, ttl)
+
+    def settle(self, attempts: int, total_tokens: int = 0) -> None:
+        """After it answered (or failed after retries): the retries, charged to the request rate."""
         self._limits.settle(self.key, attempts, total_tokens)

@@ -53,6 +53,13 @@ RETRIES = Counter("gateway_upstream_retries_total", "Upstream calls beyond the f
 FALLBACKS = Counter("gateway_fallbacks_total", "Moves to a fallback endpoint, by where from, where to and why",
                     ["from", "to", "reason"])
 IN_FLIGHT = Gauge("gateway_in_flight_requests", "Requests being served now", ["route"], multiprocess_mode="livesum")
+# client keys with a token limit or a budget (``gateway.reservations``), labelled by the key's name (never the key):
+CLIENT_TOKENS = Counter("gateway_client_tokens_total", "Tokens charged to client keys with a token limit or budget, by "
+                        "key name and direction (in, out)", ["client_key", "direction"])
+CLIENT_SPEND = Counter("gateway_client_spend_total", "Spend charged to client keys with a token limit or budget, at the "
+                       "endpoints' prices (per million tokens), by key name", ["client_key"])
+BUDGET_REFUSALS = Counter("gateway_budget_refusals_total", "Calls refused for a client key's budget (budget_exceeded), by "
+                          "key name and budget (tokens_per_day, tokens_per_month, spend_per_month)", ["client_key", "budget"])
 
 
 #: the files prometheus-client's multiprocess mode writes (``counter_123.db``, ``gauge_livesum_123.db`` ...)
@@ -167,6 +174,22 @@ class _EndpointsCollector:
         for (provider, state), n in sorted(counts.items()):
             family.add_metric([provider, state], n)
         yield family
+        yield key_calls(rows)
+
+
+def key_calls(rows: list[dict]):
+    """``gateway_upstream_key_calls_total{chat_name, key, outcome}``: each pool key's upstream calls by outcome
+    (``ok`` or the error type), rotations included, as the key pools keeper counts them for the whole cluster
+    (``gateway.pool_keeper``). ``key`` is the key's fingerprint (``sk-...a1b2``), never the key."""
+    from prometheus_client.core import CounterMetricFamily
+
+    family = CounterMetricFamily("gateway_upstream_key_calls", "Upstream calls by endpoint, key fingerprint and "
+                                 "outcome (ok or the error type), for the whole cluster", labels=["chat_name", "key", "outcome"])
+    for row in rows:
+        for view in row.get("keys") if isinstance(row.get("keys"), list) else []:
+            for outcome, n in sorted((view.get("outcomes") or {}).items()):
+                family.add_metric([str(row.get("chat_name")), str(view.get("fingerprint")), outcome], n)
+    return family
 
 
 class RequestRecord:

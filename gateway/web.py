@@ -59,7 +59,7 @@ def _doors_for(app: Flask):
 
     def check() -> None:
         doors.check(request.headers.get("Host"), request.headers.get("Origin"), request.scheme)
-        if request.method == "POST" and is_admin_route(request.endpoint):
+        if request.method in ("POST", "PATCH") and is_admin_route(request.endpoint):
             doors.check_json(request.content_type)
 
     return check
@@ -365,5 +365,9 @@ def register_routes(app: Flask) -> None:
     app.register_blueprint(core)
     app.register_blueprint(v1)
     app.register_blueprint(ui)
+    from .usage import usage  # GET /usage: client keys' usage and budgets (admin)
+    app.register_blueprint(usage)
     for name in providers.names():
         app.register_blueprint(provider_blueprint(providers.get(name)))
+    from .key_routes import key_pools  # /deployments/<chat_name>/keys: an endpoint's key pool (admin)
+    app.register_blueprint(key_pools)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import tempfile
 import uuid
 
 # Before anything imports ray: the session cluster runs with token authentication,
@@ -19,6 +20,9 @@ os.environ["MY_LEGACY_APP_SECRET"] = f"canary-{uuid.uuid4().hex}"
 os.environ["GATEWAY_TEST_CANARY_SECRET"] = f"canary-{uuid.uuid4().hex}"
 os.environ["LLMGW_TEST_HEAD_EXTRA"] = f"extra-{uuid.uuid4().hex}"
 os.environ["GATEWAY_HEAD_ENV"] = "LLMGW_TEST_HEAD_EXTRA"
+# The limits keeper's ledger (client-key budgets, SQLite) of this session's clusters: in a directory of its
+# own, never the operator's default (~/.local/state/llm_gateway)
+os.environ["GATEWAY_STATE_DIR"] = tempfile.mkdtemp(prefix="llmgw-test-state-")
 
 import pytest  # noqa: E402
 

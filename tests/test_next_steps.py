@@ -35,6 +35,7 @@ SKIPPED = {
     "endpoint_not_ready": "needs a deploy in progress or a cooldown (the session app has cooldowns off)",
     "endpoint_busy": "needs a hanging upstream holding every seat",
     "rate_limited": "needs a rate-limited client key and a call that spends it (tests/test_limits.py)",
+    "budget_exceeded": "needs a budgeted client key and calls that spend it (tests/test_budgets.py checks its next step)",
     "server_busy": "answered by the worker's protocol past GATEWAY_MAX_CONNECTIONS (tests/test_slow_clients.py)",
     "header_too_large": "answered by the worker's protocol to an oversized head (tests/fast/test_server_protocol.py)",
     "request_timeout": "answered by the worker's protocol to a late head or a slow body "

@@ -42,7 +42,7 @@ def test_whose_fault_each_type_is():
     assert CALLER_ERRORS == {name for name, kind in TYPES.items() if kind.caller} == {
         "invalid_request", "content_filter", "upstream_bad_request", "invalid_key", "unauthorized", "forbidden",
         "host_not_allowed", "origin_not_allowed", "not_found", "method_not_allowed", "conflict", "payload_too_large",
-        "unsupported_media_type", "request_timeout", "header_too_large", "rate_limited"}
+        "unsupported_media_type", "request_timeout", "header_too_large", "rate_limited", "budget_exceeded"}
     for name in CALLER_ERRORS:  # what the caller caused fails the same everywhere: never retried, never moved on
         kind = TYPES[name]
         assert kind.status < 500 and not (kind.retried or kind.falls_back or kind.cooldown), name
@@ -84,6 +84,8 @@ def test_openai_shape_of_every_type(name):
     assert body["type"] == (TYPES[name].openai_type or name)
     if name == "not_found":
         assert body["code"] == "model_not_found"  # what OpenAI answers for an unknown model
+    elif name == "budget_exceeded":
+        assert body["code"] == "insufficient_quota"  # what OpenAI answers for a spent quota (its clients stop, not retry)
     elif name.startswith("upstream"):
         assert body["code"] == "pc"  # the provider's own code passes through
     else:
