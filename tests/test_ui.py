@@ -289,7 +289,7 @@ def test_the_console_deploys_compares_and_undeploys(served, fake_openai, fake_zh
             page.click("#logout")
             page.wait_for_selector("#login-view:not([hidden])")
             assert page.evaluate("sessionStorage.length") == 0
-            for emptied in ("#endpoints-body", "#compare-columns", "#compare-targets", "#deploy-fields"):
+            for emptied in ("#endpoints-body", "#budgets-body", "#compare-columns", "#compare-targets", "#deploy-fields"):
                 assert page.evaluate(f"document.querySelector('{emptied}').children.length") == 0, emptied
             assert page.is_hidden("#dashboard-link")
             page.reload()
@@ -324,7 +324,21 @@ def test_the_console_without_a_token_follows_slow_deploys_and_shows_failures(ray
                      "health": {"state": "cooling_down", "cooldown_until": time.time() + 30, "consecutive_failures": 3,
                                 "last_error": "upstream_error: boom"},
                      "traffic": {"requests": 5, "errors": 1, "caller_errors": 2, "prompt_tokens": 10,
-                                 "completion_tokens": 20}}}
+                                 "completion_tokens": 20},
+                     "keys": [{"fingerprint": "sk-...aa11", "weight": 1, "state": "ok"},
+                              {"fingerprint": "sk-...bb22", "weight": 2, "state": "cooling", "since": time.time(),
+                               "until": time.time() + 20},
+                              {"fingerprint": "sk-...cc33", "weight": 1, "state": "disabled", "since": time.time(),
+                               "reason": "upstream_quota (insufficient_quota)", "next_check": time.time() + 40}]}}
+    usage = {"since": "2026-12-01", "until": "2026-12-03", "truncated": False,
+             "usage": [{"day": "2026-12-02", "client_key": "app1", "chat_name": "keep", "requests": 3, "tokens_in": 30,
+                        "tokens_out": 12, "spend": 0.5},
+                       {"day": "2026-12-03", "client_key": "app1", "chat_name": "keep", "requests": 2, "tokens_in": 20,
+                        "tokens_out": 8, "spend": 0.25}],
+             "budgets": [{"client_key": "app1",
+                          "tokens_per_day": {"limit": 100, "used": 100, "reserved": 0, "resets_at": "2026-12-04T00:00:00Z"},
+                          "spend_per_month": {"limit": 5, "used": 0.75, "reserved": 0.1,
+                                              "resets_at": "2027-01-01T00:00:00Z"}}]}
     polls: dict = {}
     deployed: list = []
 
@@ -367,7 +381,7 @@ def test_the_console_without_a_token_follows_slow_deploys_and_shows_failures(ray
     app.view_functions.update({
         "core.deployments": lambda: jsonify(deployments=list(rows.values())),
         "core.deployment": deployment, "vllm.deploy": deploy, "openai.deploy": deploy_openai,
-        "core.broadcast": broadcast,
+        "core.broadcast": broadcast, "usage.usage_report": lambda: jsonify(usage),
         "core.provider_list": lambda: jsonify(providers=[
             {"name": n, "kind": providers.get(n).kind, "schema": providers.get(n).spec_class.model_json_schema()}
             for n in ("openai", "vllm")]),
@@ -392,6 +406,15 @@ def test_the_console_without_a_token_follows_slow_deploys_and_shows_failures(ray
             wait = re.search(r"cooling down, retry in (\d+) s", keep)
             assert wait and 1 <= int(wait.group(1)) <= 30, keep
             assert "cooling_down" not in keep and not re.search(r"\d+ err\b", keep), keep
+            # the key pool: each key by fingerprint with its state in words; the budgets card: used of limit, resets
+            assert "2 of 3 keys usable" in keep and "sk-...aa11 ok" in keep, keep
+            assert re.search(r"sk-\.\.\.bb22 cooling down, back in \d+ s, weight 2", keep), keep
+            assert "sk-...cc33 disabled since" in keep and "upstream_quota (insufficient_quota), checked again at" in keep
+            page.wait_for_selector("#budgets-card:not([hidden])")
+            app1 = page.text_content('#budgets-body tr[data-client-key="app1"]')
+            assert "100 of 100" in app1 and "0.75 of 5.00" in app1 and "0.10 held by calls in flight" in app1, app1
+            assert "5 requests, tokens 50 in / 20 out, spend 0.75" in app1, app1
+            assert page.eval_on_selector('#budgets-body tr[data-client-key="app1"] td:nth-child(2)', "td => td.className") == "over"
             words = page.evaluate("""[
                 healthWords({state: "ok", consecutive_failures: 0}, 0),
                 healthWords({state: "ok", consecutive_failures: 1}, 0),

@@ -194,13 +194,15 @@ function loggedOut(message) {
   state.deployments = [];
   state.pendingUndeploy = null;
   $("endpoints-body").replaceChildren();
+  $("budgets-body").replaceChildren();
+  $("budgets-card").hidden = true;
   $("compare-columns").replaceChildren();
   $("compare-targets").replaceChildren();
   delete $("compare-targets").dataset.signature;
   state.providers = [];
   $("deploy-provider").replaceChildren();
   buildForm();  // (no provider: an empty form, without what was typed)
-  for (const id of ["endpoints-error", "deploy-error", "deploy-status", "compare-error", "compare-status"]) show($(id), "");
+  for (const id of ["endpoints-error", "budgets-error", "deploy-error", "deploy-status", "compare-error", "compare-status"]) show($(id), "");
   $("refreshed").textContent = "";
   $("login-view").hidden = false;
   show($("login-error"), message || "");
@@ -275,11 +277,67 @@ async function refresh() {
     if (!current(session) || (e.status === 401 && state.auth)) return;  // (logged out)
     show($("endpoints-error"), `could not list the endpoints: ${e.message}`);
   }
+  await refreshBudgets(session);
   stopRefresh();  // (one timer, whichever refresh ran last)
   state.refreshTimer = setTimeout(refresh, REFRESH_MS);
 }
 
 const DASH = "–";
+
+// the client keys' budgets and what they spent (GET /usage: the whole cluster's books); the card shows only
+// when there are budgeted keys or usage to show
+async function refreshBudgets(session) {
+  try {
+    const { data } = await apiJson("GET", "/usage", undefined, { what: "the client keys' budgets and usage" });
+    if (!current(session)) return;
+    renderBudgets(data || {});
+    show($("budgets-error"), "");
+  } catch (e) {
+    if (!current(session) || (e.status === 401 && state.auth)) return;  // (logged out)
+    if (e.status === 404) { $("budgets-card").hidden = true; return; }  // (a gateway without budgets)
+    $("budgets-card").hidden = false;
+    show($("budgets-error"), `could not read the budgets: ${e.message}`);
+  }
+}
+
+// one budget in words: "1 200 of 200 000, resets 00:00", with what calls in flight hold
+function budgetWords(b, money) {
+  if (!b) return [DASH];
+  const fmt = (n) => money ? Number(n ?? 0).toFixed(2) : Number(n ?? 0).toLocaleString();
+  const words = [`${fmt(b.used)} of ${fmt(b.limit)}`];
+  if (Number(b.reserved) > 0) words.push(`${fmt(b.reserved)} held by calls in flight`);
+  if (b.resets_at) words.push(`resets ${new Date(b.resets_at).toLocaleString()}`);
+  return words;
+}
+
+function budgetCell(b, money) {
+  const [first, ...more] = budgetWords(b, money);
+  const over = b && Number(b.used) >= Number(b.limit);
+  return el("td", { class: over ? "over" : undefined }, el("span", { text: first }),
+    ...more.map((text) => el("span", { class: "sub", text })));
+}
+
+function renderBudgets(data) {
+  const totals = new Map();  // client key -> {requests, tokens_in, tokens_out, spend} this month
+  for (const r of data.usage || []) {
+    const t = totals.get(r.client_key) || { requests: 0, tokens_in: 0, tokens_out: 0, spend: 0 };
+    t.requests += r.requests || 0; t.tokens_in += r.tokens_in || 0; t.tokens_out += r.tokens_out || 0; t.spend += r.spend || 0;
+    totals.set(r.client_key, t);
+  }
+  const budgets = new Map((data.budgets || []).map((b) => [b.client_key, b]));
+  const names = [...new Set([...budgets.keys(), ...totals.keys()])].sort();
+  $("budgets-card").hidden = names.length === 0;
+  $("budgets-body").replaceChildren(...names.map((name) => {
+    const b = budgets.get(name) || {}, t = totals.get(name);
+    return el("tr", { dataset: { clientKey: name } },
+      el("td", { class: "name", text: name }),
+      budgetCell(b.tokens_per_day), budgetCell(b.tokens_per_month), budgetCell(b.spend_per_month, true),
+      budgetCell(b.tokens_per_minute),
+      el("td", { text: t ? `${plural(t.requests, "request")}, tokens ${t.tokens_in} in / ${t.tokens_out} out, ` +
+          `spend ${t.spend.toFixed(2)}` : DASH }));
+  }));
+}
+
 
 function fmtTime(epochS) {
   return epochS ? new Date(epochS * 1000).toLocaleTimeString() : DASH;
@@ -399,6 +457,32 @@ function workersCell(row) {
     el("span", { text: first }), ...more.map((text) => el("span", { class: "sub", text })));
 }
 
+// an endpoint's keys (GET /deployments' "keys": its pool, each key by fingerprint, never the key) in words:
+// "sk-...a1b2 ok", "sk-...9f3e cooling down, back in 4 s", "sk-...77c1 disabled since 12:00:03: upstream_quota
+// (insufficient_quota), checked again at 12:00:13", "weight 0 (drained)"
+function keyWords(k, nowS) {
+  let words;
+  if (k.state === "cooling") words = k.until && k.until > nowS ? `cooling down, back in ${Math.ceil(k.until - nowS)} s` : "cooling down";
+  else if (k.state === "disabled") {
+    words = `disabled since ${fmtTime(k.since)}` + (k.reason ? `: ${k.reason}` : "");
+    if (k.next_check) words += `, checked again at ${fmtTime(k.next_check)}`;
+  } else words = String(k.state || "unknown").replace(/_/g, " ");
+  if (k.weight === 0) words += ", weight 0 (drained)";
+  else if (k.weight !== undefined && k.weight !== 1) words += `, weight ${k.weight}`;
+  return `${k.fingerprint} ${words}`;
+}
+
+function keysCell(row) {
+  const keys = Array.isArray(row.keys) ? row.keys : null;
+  if (!keys || !keys.length) return el("td", { class: "mono", text: row.key_fingerprint || DASH });
+  const nowS = gatewayNowS();
+  const usable = keys.filter((k) => k.state !== "disabled" && k.weight !== 0).length;
+  return el("td", { class: "keys", title: "the endpoint's key pool: calls go to healthy keys by weight; a key the " +
+      "provider refuses (auth, quota) is disabled and checked again by itself; one rate limited cools down" },
+    el("span", { text: keys.length === 1 ? "1 key" : `${usable} of ${keys.length} keys usable` }),
+    ...keys.map((k) => el("span", { class: "sub mono" + (k.state === "disabled" ? " error" : ""), text: keyWords(k, nowS) })));
+}
+
 function deploymentRow(row) {
   const tr = el("tr", { dataset: { chatName: row.chat_name } },
     el("td", { class: "name", text: row.chat_name }),
@@ -409,7 +493,7 @@ function deploymentRow(row) {
     statusCell(row),
     healthCell(row),
     el("td", { text: (row.fallbacks || []).join(", ") || DASH }),
-    el("td", { class: "mono", text: row.key_fingerprint || DASH }),
+    keysCell(row),
     trafficCell(row),
     el("td", {}, el("button", { type: "button", class: "small danger", text: "Undeploy", onclick: () => undeploy(row, false) })));
   tr.dataset.json = JSON.stringify(row);
