@@ -11,7 +11,10 @@ process) should keep it off the hot path. Measured, per call, the median, mean a
 - (b) a key with ``rate_per_minute`` (60 000, so a lease is 1 000 calls), with leases;
 - (c) the same without leases (lease size 1: every call asks the keeper actor, which writes
   the bucket through to the GCS);
-- (d) (b) plus ``tokens_per_minute``: each answer's tokens are sent to the keeper (not waited for).
+- (d) (b) plus ``tokens_per_minute``: the call's tokens are reserved before it and settled after it
+  (``caller.reserve`` + ``Reservation.settle``: two keeper round trips, the settle written to the
+  ledger, SQLite, before it returns), as for every key with token limits or budgets;
+- (e) a key with ``tokens_per_day`` (and no rate): the same reservation and settle.
 
 All on this machine: an embedded Ray head started as the gateway starts it (token auth), one
 driver (this process) as a gateway worker is one; calls back to back on one thread, after a
@@ -30,6 +33,7 @@ import asyncio  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 from .__main__ import RESULTS, free_port  # noqa: E402
@@ -38,25 +42,43 @@ VARIANTS = {
     "a_no_limit": "a key without limits",
     "b_rate_with_leases": "rate_per_minute 60000 (a lease: 1000 calls)",
     "c_rate_without_leases": "rate_per_minute 60000, lease size 1 (an actor call per call)",
-    "d_rate_and_tokens_with_leases": "rate_per_minute 60000 and tokens_per_minute 1e9, 20 tokens charged per call",
+    "d_rate_and_tokens_with_leases": "rate_per_minute 60000 (leases) and tokens_per_minute 1e9: reserve + settle a call",
+    "e_tokens_per_day": "tokens_per_day 1e12: reserve before + settle after each call (two keeper round trips)",
 }
 
 
+class _Endpoint:
+    """What ``caller.reserve`` reads of an endpoint (``dispatch.Endpoint``): its name and record."""
+
+    name = "bench_endpoint"
+    record = {"chat_name": "bench_endpoint", "timeout": 60.0, "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}
+
+
 def measure(caller, calls: int, tokens: int, warmup: int = 200) -> dict:
-    """Per-call cost of admit + settle, in microseconds (on an event loop, as the dispatcher makes them)."""
+    """Per-call cost of admit (+ reserve) + settle, in microseconds (on an event loop, as the dispatcher makes them)."""
     return asyncio.run(_measure(caller, calls, tokens, warmup))
 
 
+async def _one(caller, call, usage) -> None:
+    await caller.admit()
+    held = await caller.reserve(_Endpoint(), call)
+    caller.settle(1)
+    if held is not None:
+        await held.settle(usage)
+
+
 async def _measure(caller, calls: int, tokens: int, warmup: int) -> dict:
+    from gateway.schemas import ChatCall, Message, Usage
+
+    call = ChatCall(request_id="bench", messages=[Message(role="user", content="hello there")])
+    usage = Usage(prompt_tokens=tokens // 2, completion_tokens=tokens - tokens // 2, total_tokens=tokens)
     for _ in range(warmup):
-        await caller.admit()
-        caller.settle(1, tokens)
+        await _one(caller, call, usage)
     times = []
     clock = time.perf_counter_ns
     for _ in range(calls):
         t = clock()
-        await caller.admit()
-        caller.settle(1, tokens)
+        await _one(caller, call, usage)
         times.append(clock() - t)
     times.sort()
     us = [t / 1000 for t in times]
@@ -76,13 +98,14 @@ def main() -> None:
     from gateway.limits import FLUSH_S, Limits
 
     settings = Settings.from_env({}, ray_port=free_port(), dashboard_port=free_port(), object_store_mb=100, ray_num_cpus=2,
-                                 ship_code=False)
+                                 ship_code=False, state_dir=tempfile.mkdtemp(prefix="bench-limits-"))  # (a ledger of its own)
     head = EmbeddedHead(settings)
     t0 = time.perf_counter()
     export_embedded_env(head.start())
     out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-                 "command": "python -m bench.limits", "what": "median per-call cost of caller.admit() + caller.settle() "
-                 "(the check Dispatcher._walk makes before each upstream call), one thread, back to back"}
+                 "command": "python -m bench.limits", "what": "median per-call cost of caller.admit() (+ caller.reserve()) + caller.settle() "
+                 "(+ the reservation's settle): what Dispatcher._walk and chat make around each upstream call, one "
+                 "thread, back to back"}
     try:
         cluster = Cluster(settings.model_copy(update={"ray_address": head.address}))
         cluster.ensure_up()
@@ -97,7 +120,8 @@ def main() -> None:
             "b_rate_with_leases": (leased.caller(key("b", rate_per_minute=60000)), args.calls, 0),
             "c_rate_without_leases": (unleased.caller(key("c", rate_per_minute=60000)), args.unleased_calls, 0),
             "d_rate_and_tokens_with_leases": (leased.caller(key("d", rate_per_minute=60000, tokens_per_minute=1e9)),
-                                              args.calls, 20),
+                                              args.unleased_calls, 20),
+            "e_tokens_per_day": (leased.caller(key("e", tokens_per_day=1e12)), args.unleased_calls, 20),
         }
         out["variants"] = {}
         for label, (caller, calls, tokens) in runs.items():
