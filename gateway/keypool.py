@@ -12,7 +12,7 @@ A key is in one of three states:
   soonest: a pool of one behaves under 429s as an endpoint with one key always did);
 - ``disabled``: the provider refused it (``upstream_auth``) or its balance is spent
   (``upstream_quota``); never used, and checked again with the provider's free key check at
-  ``next_check`` (``check_backoff``: 5 s, doubling up to 300 s, the count reset by a successful
+  ``next_check`` (``check_backoff``: 5 s, doubling up to 300 s, 60 s first for a spent balance; the count reset by a successful
   call). A pool of one key still calls its key: the provider's own error reaches the caller
   (and the endpoint's cooldown), as before pools.
 
@@ -44,6 +44,8 @@ OK, COOLING, DISABLED = "ok", "cooling", "disabled"
 COOL_S, COOL_CAP_S = 5.0, 300.0
 #: the first re-check of a disabled key, and the longest wait between two
 CHECK_S, CHECK_CAP_S = 5.0, 300.0
+#: the first re-check of a key disabled for its spent balance
+QUOTA_CHECK_S = 60.0
 #: a re-check handed to a replica is its own for this long (then another may take it)
 CLAIM_S = 30.0
 #: the failures a call rotates on (to the pool's next key, within the same attempt)
@@ -54,9 +56,13 @@ DISABLE_ON = frozenset({"upstream_auth", "upstream_quota"})
 _MAX_EVENTS = 1000
 
 
-def check_backoff(strikes: int) -> float:
-    """Seconds to a disabled key's next check after its ``strikes``-th failure: 5 s x 2^(n-1), at most 300 s."""
-    return min(CHECK_CAP_S, CHECK_S * 2 ** max(0, min(strikes, 30) - 1))
+def check_backoff(strikes: int, error_type: Optional[str] = None) -> float:
+    """Seconds to a disabled key's next check after its ``strikes``-th failure: 5 s x 2^(n-1), at most 300 s;
+    a spent balance (``upstream_quota``) from ``QUOTA_CHECK_S`` on: it comes back when someone pays, not within
+    seconds, and the free key check passes for it (it lists models), so an early check would only bring it
+    back for its next call to disable it again."""
+    first = QUOTA_CHECK_S if error_type == "upstream_quota" else CHECK_S
+    return min(CHECK_CAP_S, first * 2 ** max(0, min(strikes, 30) - 1))
 
 
 def reason_of(info: ErrorInfo) -> str:
@@ -205,7 +211,7 @@ class Pool:
             if verdict == DISABLED:
                 state.strikes += 1
                 state.state, state.reason, state.since, state.until = DISABLED, reason, at, None
-                state.next_check, state.claimed_until = at + check_backoff(state.strikes), None
+                state.next_check, state.claimed_until = at + check_backoff(state.strikes, error_type), None
                 return True
             until = at + seconds
             if state.state == COOLING and (state.until or 0) >= until:
@@ -223,7 +229,7 @@ class Pool:
                 state.state, state.since, state.reason, state.next_check = OK, at, None, None
             else:
                 state.strikes += 1
-                state.next_check = at + check_backoff(state.strikes)
+                state.next_check = at + check_backoff(state.strikes, state.failed_type)
             return True
         return False
 

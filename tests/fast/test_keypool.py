@@ -109,6 +109,7 @@ def test_auth_and_quota_disable_429s_and_5xx_cool_the_rest_says_nothing():
 
 def test_the_check_backoff_doubles_from_5_s_up_to_300_s():
     assert [check_backoff(n) for n in range(1, 9)] == [5, 10, 20, 40, 80, 160, 300, 300]
+    assert [check_backoff(n, "upstream_quota") for n in range(1, 5)] == [60, 120, 240, 300]  # (a spent balance)
 
 
 # -- states and the pick -------------------------------------------------------------------
@@ -157,7 +158,7 @@ def test_every_key_disabled_is_the_last_failures_type_naming_each_key_by_fingerp
     assert err.type == "upstream_quota" and err.status == 502
     text = err.info.message
     assert f"{FA} upstream_auth (invalid_api_key), checked again in 3 s" in text
-    assert f"{FB} upstream_quota (insufficient_quota), checked again in 4 s" in text
+    assert f"{FB} upstream_quota (insufficient_quota), checked again in 59 s" in text  # (a spent balance: 60 s first)
     assert f"{FC} drained (weight 0)" in text and not any(k in text for k in (A, B, C))
     assert err.info.retry_after == 3.0
     drained = Pool("d", "g1", [(A, 0), (B, 0)], 1000.0)
@@ -179,7 +180,7 @@ def test_a_disabled_key_is_checked_with_backoff_and_a_successful_call_resets_it(
     p.apply(("checked", FA, True, 1036.0))
     assert p.keys[FA].state == OK and p.keys[FA].reason is None and p.keys[FA].strikes == 3
     fail(p, FA, QUOTA, 1040.0)
-    assert p.keys[FA].next_check == 1040.0 + 40  # (still counting: no successful call yet)
+    assert p.keys[FA].next_check == 1040.0 + 300  # (still counting: no successful call yet; a spent balance: 60 s x 8, capped)
     p.apply(("checked", FA, True, 1080.0))
     p.apply(("ok", FA, 1081.0, 1081.5))
     assert p.keys[FA].strikes == 0
@@ -226,7 +227,7 @@ def test_views_and_snapshots_show_no_key_and_a_snapshot_carries_states():
     p.count({FB: {"upstream_quota": 1}, FA: {"ok": 4}})
     views = {v["fingerprint"]: v for v in p.views(1000.0)}
     assert views[FB] == {"fingerprint": FB, "weight": 2, "state": DISABLED, "reason": "upstream_quota (insufficient_quota)",
-                         "since": 1000.0, "until": None, "next_check": 1005.0, "calls": 1, "failures": 1,
+                         "since": 1000.0, "until": None, "next_check": 1060.0, "calls": 1, "failures": 1,
                          "outcomes": {"upstream_quota": 1}}
     assert views[FA]["calls"] == 4 and views[FA]["failures"] == 0
     for shown in (str(views), str(p.snapshot()), repr(p.snapshot(secrets=True))):
