@@ -185,7 +185,7 @@ def test_a_disabled_key_is_checked_with_backoff_and_a_successful_call_resets_it(
     p.apply(("ok", FA, 1081.0, 1081.5))
     assert p.keys[FA].strikes == 0
     fail(p, FA, QUOTA, 1090.0)
-    assert p.keys[FA].next_check == 1095.0
+    assert p.keys[FA].next_check == 1150.0  # (back to the first strike: 60 s for a spent balance)
 
 
 def test_a_success_that_started_before_a_cooldown_does_not_end_it():
