@@ -10,6 +10,10 @@ environment variable* that holds its key, never the key::
         api_key_env: OPENAI_API_KEY
         workers: 2
         fallbacks: [zhipu_chat]
+      - chat_name: openai_pool           # a key pool: one variable per key (a weight each, if you like)
+        provider: openai
+        model_name: gpt-4o-mini
+        api_keys_env: [OPENAI_KEY_1, {env: OPENAI_KEY_2, weight: 3}]
 
 The gateway applies it on start (``GATEWAY_ENDPOINTS_FILE``) and again after the cluster
 was restarted; ``python -m gateway apply FILE`` does the same against a running gateway.
@@ -24,10 +28,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from urllib.parse import urlsplit
-from typing import Any, Callable, Mapping, Optional
+from typing import Annotated, Any, Callable, Mapping, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import providers
 
@@ -36,22 +40,55 @@ from .errors import STATUS, GatewayError
 from .schemas import ChatName, invalid_request_from
 
 
+_VARIABLE = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class PoolKeyVariable(BaseModel):
+    """One key of a pool in an endpoints file: the variable that holds it, and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    env: str = Field(pattern=_VARIABLE)
+    weight: int = Field(1, ge=0, le=100)
+
+
 class EndpointEntry(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     chat_name: ChatName
     provider: str
-    api_key_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    api_key_env: Optional[str] = Field(None, pattern=_VARIABLE)
+    #: a key pool (``api_keys``): the variables of its keys, each a name or ``{env, weight}``
+    api_keys_env: Optional[list[Union[Annotated[str, Field(pattern=_VARIABLE)], PoolKeyVariable]]] = Field(
+        None, min_length=1, max_length=32)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "EndpointEntry":
+        if self.api_key_env and self.api_keys_env:
+            raise ValueError("give api_key_env (one key) or api_keys_env (a pool), not both")
+        return self
+
+    def variables(self) -> list[PoolKeyVariable]:
+        """The variables this entry's keys are in (one for ``api_key_env``)."""
+        if self.api_key_env:
+            return [PoolKeyVariable(env=self.api_key_env)]
+        return [v if isinstance(v, PoolKeyVariable) else PoolKeyVariable(env=v) for v in self.api_keys_env or ()]
 
     def body(self, env: Mapping[str, str]) -> dict[str, Any]:
-        """The deploy body: the entry's fields, with the key read from its variable."""
-        body = {k: v for k, v in self.model_dump().items() if k not in ("provider", "api_key_env")}
-        if self.api_key_env:
-            key = env.get(self.api_key_env, "")
+        """The deploy body: the entry's fields, with the keys read from their variables."""
+        body = {k: v for k, v in self.model_dump().items() if k not in ("provider", "api_key_env", "api_keys_env")}
+        field = "api_keys_env" if self.api_keys_env else "api_key_env"
+        keys = []
+        for variable in self.variables():
+            key = env.get(variable.env, "")
             if not key:
-                raise GatewayError("invalid_request", f"environment variable {self.api_key_env} is not set: set it in the "
-                                   f"gateway's environment, or name another in api_key_env", fields=["api_key_env"])
-            body["api_key"] = key
+                raise GatewayError("invalid_request", f"environment variable {variable.env} is not set: set it in the "
+                                   f"gateway's environment, or name another in {field}", fields=[field])
+            keys.append(key)
+        if self.api_key_env:
+            body["api_key"] = keys[0]
+        elif keys:
+            body["api_keys"] = [{"key": key, "weight": v.weight} for key, v in zip(keys, self.variables())]
         return body
 
 
@@ -85,7 +122,17 @@ def key_variables(path: Optional[str]) -> set[str]:
     except (OSError, yaml.YAMLError):
         return set()
     items = raw.get("endpoints") if isinstance(raw, dict) else None
-    return {str(i["api_key_env"]) for i in items or [] if isinstance(i, dict) and i.get("api_key_env")}
+    names: set[str] = set()
+    for item in items or []:
+        if not isinstance(item, dict):
+            continue
+        if item.get("api_key_env"):
+            names.add(str(item["api_key_env"]))
+        for variable in item.get("api_keys_env") or [] if isinstance(item.get("api_keys_env"), list) else []:
+            name = variable.get("env") if isinstance(variable, dict) else variable
+            if name:
+                names.add(str(name))
+    return names
 
 
 def ordered(entries: list[EndpointEntry]) -> list[EndpointEntry]:
@@ -207,7 +254,11 @@ def apply_over_http(base_url: str, path: str, admin_token: Optional[str], env: O
 
         def deploy(provider: str, spec) -> dict:
             body = spec.model_dump(mode="json", exclude_none=True)
-            body["api_key"] = spec.api_key.get_secret_value() if hasattr(spec, "api_key") else None
+            if getattr(spec, "api_keys", None):  # (a pool: its keys, not the dump's masks)
+                body.pop("api_key", None)
+                body["api_keys"] = [{"key": item.key.get_secret_value(), "weight": item.weight} for item in spec.api_keys]
+            else:
+                body["api_key"] = spec.api_key.get_secret_value() if hasattr(spec, "api_key") else None
             r = http.post(f"/{provider}/deploy", json={k: v for k, v in body.items() if v is not None})
             if r.status_code not in (200, 202):
                 err = r.json().get("error", {}) if r.headers.get("content-type", "").startswith("application/json") else {}

@@ -97,3 +97,31 @@ def test_ordered_deploys_fallback_targets_first(spec, order):
 def test_ordered_ends_on_a_cycle_with_every_entry_once(spec):
     out = names(ordered([entry(n, f) for n, f in spec]))
     assert sorted(out) == sorted(n for n, _ in spec)
+
+
+def test_an_endpoints_file_names_a_key_pool_by_its_variables():
+    """``api_keys_env``: each key from its variable (a weight each, if given); the key variables are known to the start
+    (kept out of Ray's environment); a missing variable, or both fields, is refused naming the field, never a key."""
+    import yaml
+    from pydantic import ValidationError
+
+    from gateway.apply import key_variables, plan
+
+    entry = EndpointEntry.model_validate({"chat_name": "pool", "provider": "openai", "model_name": "m",
+                                         "api_keys_env": ["K1", {"env": "K2", "weight": 3}]})
+    env = {"K1": "sk-pool-key-one-1111", "K2": "sk-pool-key-two-2222"}
+    assert entry.body(env)["api_keys"] == [{"key": env["K1"], "weight": 1}, {"key": env["K2"], "weight": 3}]
+    [(_, spec)] = plan([entry], env)
+    assert spec.pool() == [(env["K1"], 1), (env["K2"], 3)]
+    [(_, missing)] = plan([entry], {"K1": env["K1"]})
+    assert isinstance(missing, GatewayError) and "K2 is not set" in missing.info.message
+    assert missing.info.fields == ["api_keys_env"] and env["K1"] not in missing.info.message
+    with pytest.raises(ValidationError):
+        EndpointEntry.model_validate({"chat_name": "x", "provider": "openai", "api_key_env": "A", "api_keys_env": ["B"]})
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump({"endpoints": [{"chat_name": "a", "provider": "openai", "api_key_env": "ONE"},
+                                      {"chat_name": "b", "provider": "openai", "api_keys_env": ["TWO", {"env": "THREE"}]}]}, f)
+        f.flush()
+        assert key_variables(f.name) == {"ONE", "TWO", "THREE"}
