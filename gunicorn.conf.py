@@ -194,12 +194,18 @@ def _connected(gateway, write_fd):
 
 
 def worker_exit(server, worker):
-    """Skip Ray's exit hooks when the cluster is gone: they would wait on it."""
+    """Skip Ray's exit hooks when the cluster is gone: they would wait on it. Else leave the cluster here, the
+    requests in flight answered (the server stopped gracefully): Ray's exit hook does the same after a pause of
+    half a second that every stop and every worker restart would wait out, and during which a startup still
+    retrying could begin to apply the endpoints file (``Cluster.disconnect``: it stops that too)."""
     import os
 
     gateway = worker.wsgi.extensions["gateway"] if worker.wsgi else None
-    if gateway is not None and gateway.cluster.lost:
+    if gateway is None:
+        return
+    if gateway.cluster.lost:
         os._exit(0)
+    gateway.cluster.disconnect()
 
 
 def child_exit(server, worker):

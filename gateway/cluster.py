@@ -348,6 +348,8 @@ class Cluster:
         self._registry = None
         #: the cluster went away after we connected; a Ray driver cannot reconnect in-process
         self.lost = False
+        #: this process left the cluster at its end (``disconnect``): nothing of it connects again
+        self.closed = False
         #: called once when the cluster answers again but this process's connection does not: it
         #: was restarted (gunicorn: restart this worker, whose successor connects afresh)
         self.on_recovered: Optional[Callable[[], None]] = None
@@ -358,7 +360,9 @@ class Cluster:
                                    fresh_s=_READY_FRESH_S, wait_s=_READY_WAIT_S)
 
     def ensure_up(self) -> None:
-        """Connect if needed; fail at once, without touching Ray, when the cluster is gone."""
+        """Connect if needed; fail at once, without touching Ray, when the cluster is gone (or this process left it)."""
+        if self.closed:
+            raise _stopping()
         if self.lost:
             raise GatewayError(
                 "cluster_unavailable", f"the Ray cluster at {self.address} stopped answering; the gateway reconnects when it is back: "
@@ -468,6 +472,18 @@ class Cluster:
     def connected(self) -> bool:
         return self._registry is not None
 
+    def disconnect(self) -> None:
+        """Leave the cluster at this process's end, its requests answered: ``ray.shutdown()``, which Ray's own exit
+        hook would run anyway, but after pausing half a second for a driver's log lines to print (this one prints
+        none: ``log_to_driver=False``), on every stop of every gateway process. The driver disconnects all the same;
+        the watchdog ends; from here on ``ensure_up`` and ``connect`` fail at once (``cluster_unavailable``), so a
+        startup still retrying (``Gateway.startup``) touches Ray no more, and cannot begin to apply the endpoints
+        file while the process ends. Idempotent; Ray is not imported for it."""
+        self.closed = True
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()  # (waits for a connect in progress: they share Ray's lock)
+
     def registry(self):
         """The endpoint registry actor (connecting first if needed)."""
         if self._registry is None:
@@ -475,6 +491,8 @@ class Cluster:
         return self._registry
 
     def connect(self) -> None:
+        if self.closed:
+            raise _stopping()
         if self._registry is not None:
             return
         with self._lock:
@@ -519,6 +537,8 @@ class Cluster:
             except GatewayError:
                 raise
             except Exception as exc:  # noqa: BLE001 - report why, in words
+                if self.closed:  # (left meanwhile: what failed is Ray, shut down under it)
+                    raise _stopping() from None
                 raise GatewayError("cluster_unavailable", describe_connect_error(exc, address), retry_after=2) from None
 
     def readiness(self) -> tuple[bool, dict]:
@@ -568,6 +588,10 @@ class Cluster:
             report.update(reason="version_mismatch", problem="; ".join(problems))
             return False, report
         return True, report
+
+
+def _stopping() -> GatewayError:
+    return GatewayError("cluster_unavailable", "this gateway process is stopping: it left the Ray cluster", retry_after=2)
 
 
 #: the watchdog looks every _WATCH_PERIOD_S; see ``Cluster._watch``

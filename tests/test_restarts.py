@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 import types
@@ -101,11 +102,17 @@ def test_the_gateway_comes_up_before_its_head_and_after_a_head_restart(tmp_path,
         # The head restarts: the workers restart, connect and apply the file again; callers that
         # honour Retry-After are served again, and /healthz never failed.
         pids = worker_pids(gw.pid)
+        seen = len(log_path.read_text())
         head.stop()
         # While it is down: 503 cluster_unavailable with Retry-After, at once (no call waits on a dead
         # cluster), and /readyz says not ready; /healthz stays alive (restarting would not help).
         deadline = time.monotonic() + 10
-        while True:  # (each worker's watchdog decides on its own; a call may still find the old replica)
+        # (each worker's watchdog decides on its own, within seconds: a call sent before it has may still wait
+        # on the registry, up to its 10 s; the calls below are sent once both said so, or at the deadline)
+        while log_path.read_text()[seen:].count("failed: lost; requests get 503") < 2 and time.monotonic() < deadline:
+            assert_alive(base)
+            time.sleep(0.2)
+        while True:  # (a call may still find the old replica)
             assert_alive(base)
             r = httpx.post(base + "/chat", json={"chat_name": names[1], "content": "down"}, timeout=30)
             if r.status_code == 503 or time.monotonic() > deadline:
@@ -155,8 +162,16 @@ def through_a_proxy(tmp_path_factory):
         yield setup
     finally:
         stop(gw)
-        if setup.stopped:
+        if setup.stopped:  # (the liveness test killed its raylet and stopped it)
+            # Resumed, `ray start --block` finds its raylet dead and kills what is left by itself: a SIGTERM
+            # (head.stop) arriving meanwhile deadlocks it (Ray's SIGTERM handler waits for the lock its own kill
+            # holds) until head.stop's 10 s are out. So it is left to end, then what it left of its group goes.
             os.kill(head.proc.pid, signal.SIGCONT)
+            try:
+                head.proc.wait(15)
+                os.killpg(head.proc.pid, signal.SIGKILL)  # (the dashboard's modules, which outlive it)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                pass
         proxy.close()
         head.stop()
 
