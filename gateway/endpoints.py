@@ -634,6 +634,13 @@ class Endpoints:
             view["status"] = _status(app.status)
         return view
 
+    def record(self, name: str, timeout: float = 10.0) -> dict:
+        """``name``'s registry record (no key in it), or 404 ``not_found``."""
+        record = ray.get(self.cluster.registry().get.remote(name), timeout=timeout)
+        if record is None:
+            raise GatewayError("not_found", f"no endpoint named '{name}'; GET /deployments lists them")
+        return record
+
     def get(self, name: str) -> dict:
         record = ray.get(self.cluster.registry().get.remote(name))
         apps, replicas = serve_state()

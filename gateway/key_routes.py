@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-import ray
 from flask import Blueprint, jsonify
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -53,9 +52,7 @@ class KeyEdit(BaseModel):
 
 def _hosted(chat_name: str) -> providers.Provider:
     """The provider of ``chat_name``, a deployed endpoint of a hosted provider (which has keys), or 404."""
-    record = ray.get(gw().endpoints.cluster.registry().get.remote(chat_name), timeout=10)
-    if record is None:
-        raise GatewayError("not_found", f"no endpoint named '{chat_name}'; GET /deployments lists them")
+    record = gw().endpoints.record(chat_name)
     try:
         provider = providers.get(record["provider"])
     except KeyError:
