@@ -9,7 +9,15 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
-from .config import Settings
+# Before anything imports Ray (Ray reads it once, at import): a Ray call made while this process is not
+# connected must fail, never connect by itself. Ray's ``.remote()`` and ``ray.get`` call ``ray.init()`` with
+# its defaults when they find no connection; a thread still running after ``Cluster.disconnect`` (a lease
+# renewal, a deploy being followed) then made the process a driver again (another namespace, the driver's log
+# on), and one whose head then stopped exited with code 1. The gateway connects in one place:
+# ``Cluster.connect``.
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+
+from .config import Settings  # noqa: E402
 
 if TYPE_CHECKING:  # Flask is imported where the app is built: replicas import this package too
     from flask import Flask
@@ -88,8 +96,8 @@ class Gateway:
         if not path:
             return
         # One process applies the file at a time, under a lease it renews while it applies: when it
-        # dies mid-apply (kill -9, OOM), the lease is free again within LEASE_TTL_S.
-        lease = Lease(self.cluster.registry(), APPLY_LEASE)
+        # dies mid-apply (kill -9, OOM), the lease is free again within ``lease_ttl_s``.
+        lease = Lease(self.cluster.registry(), APPLY_LEASE, self.settings.lease_ttl_s)
         holder = lease.claim()
         if holder is not None:
             raise _ApplyBusy(f"another gateway process (pid {holder['pid']} on {holder['host']}) is applying {path}; "

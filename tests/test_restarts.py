@@ -239,3 +239,31 @@ def test_liveness_fails_only_once_this_hosts_ray_node_is_gone(through_a_proxy):
     body = r.json()
     assert body["error"]["type"] == "cluster_unavailable" and "Ray node" in body["error"]["message"], body
     assert body["checks"]["node_gone_for_s"] >= 5 and r.headers["Retry-After"]
+
+
+def test_a_process_that_left_the_cluster_is_not_joined_again_by_a_late_call(ray_head, tmp_path):
+    """After ``Cluster.disconnect`` (a gunicorn worker's exit hook), a thread still running (a lease renewal, a
+    deploy being followed) that calls an actor must fail, not make this process a driver again: Ray's
+    ``.remote()`` connects by itself (``ray.init()``, its defaults: another namespace, the driver's log on)
+    and the head stopping under that second connection ended the process with exit code 1, no line printed
+    (a CI run's test session ended so, in its last teardown)."""
+    script = (
+        "import gateway, ray\n"  # (the gateway's package first, as app.py imports it)
+        "from gateway.cluster import Cluster\n"
+        "c = Cluster(gateway.Settings.from_env(ship_code=False))\n"
+        "registry = c.registry()\n"
+        "c.disconnect()\n"
+        "try:\n"
+        "    ray.get(registry.versions.remote(), timeout=10)\n"
+        "    outcome = 'answered'\n"
+        "except Exception as exc:\n"
+        "    outcome = type(exc).__name__\n"
+        "print('OUTCOME', outcome, ray.is_initialized())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "RAY_ADDRESS": ray_head.address},
+                          capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    line = [ln for ln in done.stdout.splitlines() if ln.startswith("OUTCOME")]
+    assert line, done.stdout[-2000:] + done.stderr[-3000:]
+    _, outcome, initialized = line[0].split()
+    assert (outcome, initialized) != ("answered", "True"), "the late call joined the cluster again"
+    assert initialized == "False" and outcome != "answered", line
