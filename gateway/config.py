@@ -79,6 +79,9 @@ class Settings(BaseModel):
     #: how long a deploy request waits for its replicas; later it answers 202 DEPLOYING and the
     #: deploy goes on (each endpoint's ``deploy_timeout`` decides when it has failed)
     deploy_wait_s: float = Field(60.0, gt=0)
+    #: a deploy's, an undeploy's and the endpoints file's lease (one process at a time) lasts this long
+    #: without a renewal (renewed every third of it): a holder killed with kill -9 frees it within it
+    lease_ttl_s: float = Field(15.0, ge=3, le=300)
     #: gateway -> replica calls over the replica's gRPC server (Serve's fast path; every node's
     #: replicas must be reachable on it from the gateway's nodes), else as Ray actor calls
     serve_grpc: bool = True

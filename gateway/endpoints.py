@@ -166,7 +166,7 @@ class Endpoints:
             self._check_keys(provider, spec)
         # The name's lease, renewed while this deploy holds it: the records and Serve's applications
         # are read again under it (a deploy or undeploy may have changed them since the looks above).
-        lease = Lease(registry, endpoint_lease(name))
+        lease = Lease(registry, endpoint_lease(name), self.settings.lease_ttl_s)
         state, existing = ray.get(registry.begin.remote(name, provider.name, lease.owner, lease.ttl_s))
         if state == "conflict":
             raise self._conflict(name, existing["provider"])
@@ -526,7 +526,7 @@ class Endpoints:
     # -- the name's lease ------------------------------------------------------
     def _take_lease(self, name: str, wait_s: float) -> Optional[Lease]:
         """Claim ``name``'s lease (renewed until released), waiting up to ``wait_s``; None when still taken."""
-        lease = Lease(self.cluster.registry(), endpoint_lease(name))
+        lease = Lease(self.cluster.registry(), endpoint_lease(name), self.settings.lease_ttl_s)
         deadline, delay = time.monotonic() + wait_s, 0.05
         while lease.claim() is not None:
             if time.monotonic() + delay > deadline:

@@ -15,8 +15,8 @@ its lease again).
 Leases (``Leases``, held through ``Lease``): the endpoints-file apply (one gateway process at
 a time) and each ``chat_name`` (one deploy or undeploy at a time). A lease is (owner,
 expires_at): the owner is a token made per claim (host, pid, random), only the owner renews
-or releases it, and its holder renews it every third of ``LEASE_TTL_S`` in a background
-thread, so a holder killed with ``kill -9`` frees it within ``LEASE_TTL_S``; an expired lease
+or releases it, and its holder renews it every third of its TTL (``Settings.lease_ttl_s``) in a
+background thread, so a holder killed with ``kill -9`` frees it within the TTL; an expired lease
 is free to claim.
 
 The same namespace of the key-value store holds the cluster's digest secret (32 random
@@ -47,9 +47,6 @@ _KV_KEY = "endpoints"
 #: where the cluster's digest secret is kept, next to them
 _DIGEST_SECRET_KEY = "config_digest_secret"
 
-#: seconds a lease lasts unless its holder renews it; the holder renews it every third of that, so a
-#: holder killed with ``kill -9`` (or frozen) frees it within this
-LEASE_TTL_S = 15.0
 #: the lease of applying the endpoints file (one gateway process at a time)
 APPLY_LEASE = "apply"
 #: how long one call to the registry about a lease may take
@@ -134,7 +131,7 @@ class Lease:
     tried again.
     """
 
-    def __init__(self, registry, key: str, ttl_s: float = LEASE_TTL_S) -> None:
+    def __init__(self, registry, key: str, ttl_s: float) -> None:
         self.registry, self.key, self.ttl_s = registry, key, ttl_s
         self.owner = lease_owner()
         self.lost = False

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from gateway.cluster import free_port
-from gateway.registry import LEASE_TTL_S, Leases, endpoint_lease
+from gateway.registry import Leases, endpoint_lease
 from tests.fakes.upstreams import Reply
 from tests.procs import start, stop, worker_pids
 
@@ -76,7 +76,8 @@ def _applier(master_pid: int, upstream_port: int) -> int | None:
 def test_a_worker_killed_mid_apply_frees_the_apply_lease_within_a_minute(ray_head, app, fake_openai, tmp_path):
     """The worker applying ``GATEWAY_ENDPOINTS_FILE`` (its key check takes 4 s at the upstream) is killed
     with SIGKILL: the other worker and the worker gunicorn starts in its place apply the file and are
-    ready within a minute (the apply lease it held, renewed every few seconds, expires in LEASE_TTL_S)."""
+    ready within a minute (the apply lease it held, renewed every few seconds, expires in
+    ``GATEWAY_LEASE_TTL_S``: 5 s here; the default, 15 s, only waits longer)."""
     from ray import serve
 
     key = f"sk-lease-{uuid.uuid4().hex}"
@@ -90,7 +91,8 @@ def test_a_worker_killed_mid_apply_frees_the_apply_lease_within_a_minute(ray_hea
     base = f"http://127.0.0.1:{port}"
     gw = start([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
                {"RAY_ADDRESS": ray_head.address, "GATEWAY_BIND": f"127.0.0.1:{port}", "GATEWAY_WORKERS": "2",
-                "GATEWAY_THREADS": "8", "GATEWAY_ENDPOINTS_FILE": str(path), "TEST_LEASE_KEY": key}, log_path)
+                "GATEWAY_THREADS": "8", "GATEWAY_ENDPOINTS_FILE": str(path), "TEST_LEASE_KEY": key,
+                "GATEWAY_LEASE_TTL_S": "5"}, log_path)
     client = app.test_client()
     began = time.monotonic()
     try:
@@ -133,7 +135,7 @@ def test_a_worker_killed_mid_apply_frees_the_apply_lease_within_a_minute(ray_hea
                     last = repr(exc)
             time.sleep(0.5)
         print(f"every worker ready {ready_after if ready_after is None else round(ready_after, 1)}s after the "
-              f"applying worker was killed (lease TTL {LEASE_TTL_S:g}s)")
+              f"applying worker was killed (lease TTL 5 s)")
         assert ready_after is not None and ready_after < 60, (last, log_path.read_text()[-3000:])
         text = log_path.read_text()
         assert "is applying" in text  # the others waited for it...
