@@ -71,7 +71,7 @@ class Front:
         from gateway.cluster import Cluster
         from gateway.config import Settings
         from gateway.dispatch import Dispatcher, Endpoint, _new_handles
-        from gateway.schemas import ChatCall
+        from contract.calls import ChatCall
 
         await receive()  # lifespan.startup
         # no thread per call: the bulkhead's seats are not threads here (the default, 3/4 of 32
@@ -91,7 +91,7 @@ class Front:
         import providers
         from gateway import bodies, metrics
         from gateway.context import finish_record
-        from gateway.errors import ErrorInfo, GatewayError
+        from contract.errors import ErrorInfo, GatewayError
         from gateway.schemas import ChatRequest, validate
 
         started = time.perf_counter()

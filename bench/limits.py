@@ -68,7 +68,7 @@ async def _one(caller, call, usage) -> None:
 
 
 async def _measure(caller, calls: int, tokens: int, warmup: int) -> dict:
-    from gateway.schemas import ChatCall, Message, Usage
+    from contract.calls import ChatCall, Message, Usage
 
     call = ChatCall(request_id="bench", messages=[Message(role="user", content="hello there")])
     usage = Usage(prompt_tokens=tokens // 2, completion_tokens=tokens - tokens // 2, total_tokens=tokens)

@@ -69,7 +69,7 @@ def main() -> None:
     import providers
     from gateway.endpoints import bind_endpoint
     from gateway.config import Settings
-    from gateway.schemas import ChatCall
+    from contract.calls import ChatCall
 
     fake, url = start_fake(0.05)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -28,7 +28,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from gateway.schemas import ChatCall, ChatResult, Message, Usage
+from contract.calls import ChatCall, ChatResult, Message, Usage
 
 from .__main__ import cpu_s
 

@@ -86,7 +86,7 @@ def over_http(args, messages) -> dict:
 
 def direct(args, messages) -> dict:
     import providers
-    from gateway.schemas import ChatCall, Message, SamplingParams
+    from contract.calls import ChatCall, Message, SamplingParams
 
     provider = providers.get(args.provider)
     spec = provider.spec_class(chat_name="smoke", model_path=args.model_path, gpus_per_worker=args.gpus,

@@ -87,7 +87,7 @@ class Gateway:
 
     def _start_once(self) -> None:
         from .apply import apply_in_process
-        from .errors import GatewayError
+        from contract.errors import GatewayError
         from .registry import APPLY_LEASE, Lease
 
         self.cluster.ensure_up()  # connect (fails at once while a lost cluster is away)
@@ -181,7 +181,7 @@ class _ApplyBusy(Exception):
 
 def _say(exc: BaseException) -> str:
     """A startup failure in words that carry no secret: the gateway's own messages, else the type."""
-    from .errors import GatewayError
+    from contract.errors import GatewayError
 
     if isinstance(exc, GatewayError):
         return exc.info.message

@@ -36,8 +36,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 import providers
 
 from .doors import is_loopback_host
-from .errors import STATUS, GatewayError
-from .schemas import ChatName, invalid_request_from
+from contract.errors import STATUS, GatewayError
+from contract.calls import ChatName
+from .schemas import invalid_request_from
 
 
 _VARIABLE = r"^[A-Za-z_][A-Za-z0-9_]*$"

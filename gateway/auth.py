@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import GatewayError
+from contract.errors import GatewayError
 
 
 def _digest(value: str) -> bytes:

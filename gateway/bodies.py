@@ -42,7 +42,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 from flask import Response, request
 from werkzeug.http import parse_options_header
 
-from .errors import GatewayError
+from contract.errors import GatewayError
 
 #: deeper than any real chat body (a tool's JSON schema included), shallow enough for any recursive walk
 MAX_DEPTH = 64

@@ -81,7 +81,7 @@ def input_estimate(messages: Iterable[Any], tools: Optional[list] = None) -> int
 
 
 def reservation(call: Any, default_max_tokens: int) -> tuple[int, int]:
-    """(input estimate, output at most) of a ``schemas.ChatCall``: what it reserves of a key's tokens."""
+    """(input estimate, output at most) of a ``contract.calls.ChatCall``: what it reserves of a key's tokens."""
     return input_estimate(call.messages, call.params.tools), call.params.max_output() or default_max_tokens
 
 

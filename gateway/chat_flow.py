@@ -37,9 +37,9 @@ from flask import Response, current_app
 from .auth import check_chat_names
 from .context import RequestContext, finish, gw
 from .dispatch import Endpoint, Outcome, Stream
-from .errors import GatewayError
-from .events import Delta, Failure, Finish, ToolCallDelta
-from .schemas import ChatCall
+from contract.errors import GatewayError
+from contract.events import Delta, Failure, Finish, ToolCallDelta
+from contract.calls import ChatCall
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

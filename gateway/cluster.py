@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 from .config import Settings
-from .errors import GatewayError
+from contract.errors import GatewayError
 from .secrecy import CREDENTIAL, without_ptrace
 
 log = logging.getLogger("gateway.cluster")
@@ -522,7 +522,7 @@ class Cluster:
                     ray.init(
                         address=address,
                         namespace=self.settings.ray_namespace,
-                        runtime_env={"py_modules": [str(PROJECT_ROOT / "gateway"), str(PROJECT_ROOT / "providers")]} if ship else None,
+                        runtime_env={"py_modules": [str(PROJECT_ROOT / m) for m in ("contract", "gateway", "providers")]} if ship else None,
                         log_to_driver=False,
                         logging_level=logging.WARNING,
                         configure_logging=False,

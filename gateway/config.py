@@ -22,7 +22,7 @@ class Settings(BaseModel):
     bind: str = "127.0.0.1:8099"
     #: an existing cluster to join; unset means: start an embedded local head
     ray_address: Optional[str] = None
-    #: ship ``gateway/`` and ``providers/`` to the cluster (Ray ``py_modules``) so replicas can
+    #: ship ``contract/``, ``gateway/`` and ``providers/`` to the cluster (Ray ``py_modules``) so replicas can
     #: import them on nodes that lack this checkout; default: yes when joining RAY_ADDRESS
     ship_code: Optional[bool] = None
     #: Ray namespace of the gateway's own actors (the endpoint registry)

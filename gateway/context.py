@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 from flask import Blueprint, after_this_request, current_app, g, jsonify, request
 
 from . import bodies, metrics
-from .errors import CALLER_ERRORS, GatewayError
+from contract.errors import CALLER_ERRORS, GatewayError
 
 #: how a blueprint writes an error: ``(error, request_id) -> body``
 ErrorBody = Callable[[GatewayError, Optional[str]], dict]

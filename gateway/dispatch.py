@@ -57,9 +57,9 @@ from ray.serve.handle import DeploymentHandle
 from .aio import EventLoop
 from .cluster import Cluster
 from .config import Settings
-from .errors import TYPES, ErrorInfo, GatewayError, whole_seconds
-from .events import Failure, Finish, StreamEvent
-from .schemas import ChatCall, ChatResult
+from contract.errors import TYPES, ErrorInfo, GatewayError, whole_seconds
+from contract.events import Failure, Finish, StreamEvent
+from contract.calls import ChatCall, ChatResult
 
 if TYPE_CHECKING:
     from .limits import Caller
@@ -270,7 +270,7 @@ class Bulkhead:
 
 
 class Stream:
-    """A streamed answer: its events (``gateway.events``), the first included; then ``aclose`` it.
+    """A streamed answer: its events (``contract.events``), the first included; then ``aclose`` it.
 
     Iterating (``async for``) yields ``Delta``/``ToolCallDelta`` events and ends with exactly one
     ``Finish`` or ``Failure``: a replica lost mid-way, or a stream that stops without saying why,

@@ -27,7 +27,7 @@ import ipaddress
 from typing import Iterable, Optional, Union
 from urllib.parse import urlsplit
 
-from .errors import GatewayError
+from contract.errors import GatewayError
 
 #: one address gunicorn listens on: ``(host, port)``, an ``"host:port"`` string or a unix socket path
 Address = Union[str, tuple]

@@ -17,7 +17,7 @@ from providers.base import DeployFailure, DeploySpec, Provider, construction_fai
 
 from .cluster import Cluster, SharedAnswer
 from .config import Settings
-from .errors import GatewayError
+from contract.errors import GatewayError
 from .pool_keeper import KeyPools, generation_of
 from .registry import Lease, endpoint_lease
 

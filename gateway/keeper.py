@@ -21,7 +21,7 @@ import ray
 from ray.experimental import internal_kv
 
 from . import budgets
-from .errors import GatewayError, whole_seconds
+from contract.errors import GatewayError, whole_seconds
 from .registry import HEAD_NODE_RESOURCE
 
 KEEPER_NAME = "client_limits"

@@ -20,7 +20,7 @@ import providers
 from providers.base import SaaSDeploySpec, indefinite, key_fingerprint
 
 from .context import gw, json_body
-from .errors import ErrorInfo, GatewayError
+from contract.errors import ErrorInfo, GatewayError
 from .schemas import validate
 
 key_pools = Blueprint("key_pools", __name__)

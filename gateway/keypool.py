@@ -35,7 +35,7 @@ from pydantic import SecretStr
 
 from providers.base import MAX_POOL_KEYS, key_fingerprint
 
-from .errors import ErrorInfo, GatewayError
+from contract.errors import ErrorInfo, GatewayError
 
 T = TypeVar("T")
 

@@ -71,7 +71,7 @@ import time
 from typing import Any, Optional
 
 from .auth import ClientKey
-from .errors import GatewayError, whole_seconds
+from contract.errors import GatewayError, whole_seconds
 from .keeper import KEEPER_BACKOFF_S, KEEPER_NAME, KEEPER_WAIT_S, keeper_actor, keeper_down
 from .reservations import STREAM_RESERVATION_TTL_S, RESERVATION_GRACE_S, Reservation, Reservations
 

@@ -8,10 +8,10 @@ environment is an allow-list, ``gateway/cluster.py``), so Ray's own metrics stay
 endpoint. A single process (``python app.py``,
 tests) uses the default registry. Label values are bounded: ``chat_name`` and
 ``provider`` are only ever those of deployed endpoints (``_unknown`` otherwise), ``outcome``
-is ``ok`` or a type of ``gateway.errors.TYPES``, ``fault`` follows from ``outcome`` (so it
+is ``ok`` or a type of ``contract.errors.TYPES``, ``fault`` follows from ``outcome`` (so it
 adds no series), and no label carries prompt text, a key or other user input.
 
-Whose fault: an error the caller caused (``gateway.errors.CALLER_ERRORS``: a bad body, a name
+Whose fault: an error the caller caused (``contract.errors.CALLER_ERRORS``: a bad body, a name
 or model nobody deployed, a key that may not, its own rate limit ...) is not a failure of the
 endpoint it asked for. ``gateway_requests_total`` says which with its ``fault`` label
 (``none``, ``caller``, ``endpoint``), and an endpoint's ``traffic`` counts the two apart
@@ -30,7 +30,7 @@ from typing import Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from .errors import fault
+from contract.errors import fault
 
 UNKNOWN = "_unknown"
 

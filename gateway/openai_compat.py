@@ -22,9 +22,10 @@ from .auth import check_chat_names
 from .chat_flow import sse_data
 from .context import current, error_shape, gw, json_body
 from .dispatch import Outcome, Stream
-from .errors import GatewayError
-from .events import Finish, ToolCallDelta
-from .schemas import CallBody, ChatName, Message, validate
+from contract.errors import GatewayError
+from contract.events import Finish, ToolCallDelta
+from contract.calls import ChatName, Message
+from .schemas import CallBody, validate
 
 v1 = Blueprint("openai_v1", __name__, url_prefix="/v1")
 

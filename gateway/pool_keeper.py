@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable, Optional
 import ray
 from pydantic import SecretStr
 
-from .errors import GatewayError
+from contract.errors import GatewayError
 from .keypool import COOLING, DISABLED, Ledger, Pool, call_with_keys
 from .registry import HEAD_NODE_RESOURCE
 

@@ -8,7 +8,7 @@ constructor argument (a ``SecretStr`` inside the spec): never in ``user_config``
 ``DeployFailure`` with the spec's secrets redacted: Serve shows that traceback everywhere.
 
 Nothing raised by an SDK crosses the Ray boundary: ``chat`` answers a ``ChatResult``
-or an ``ErrorInfo`` value; ``stream`` yields the typed events of ``gateway.events`` and
+or an ``ErrorInfo`` value; ``stream`` yields the typed events of ``contract.events`` and
 ends with ``Finish``, or with a ``Failure`` event when it fails. Retries (``gateway.retry``) happen here, next to the
 upstream, and for streams only until the first event.
 
@@ -30,13 +30,13 @@ from ray import serve
 from ray.util import metrics as ray_metrics
 
 from providers.base import DeploySpec, Provider, SaaSDeploySpec, construction_failure
-from gateway.errors import ErrorInfo, GatewayError
-from gateway.events import Failure, Finish, StreamEvent
+from contract.errors import ErrorInfo, GatewayError
+from contract.events import Failure, Finish, StreamEvent
 from gateway.keypool import keyed
 from gateway.loopback import keep_replica_grpc_on_loopback
 from gateway.pool_keeper import PoolMember
 from gateway.retry import RetryPolicy, call_with_retries
-from gateway.schemas import ChatCall, ChatResult
+from contract.calls import ChatCall, ChatResult
 
 log = logging.getLogger("ray.serve")
 
@@ -131,7 +131,7 @@ class ChatEndpoint:
         return result
 
     async def stream(self, call: ChatCall) -> AsyncIterator[StreamEvent]:
-        """The adapter's events (``gateway.events``), ending with ``Finish`` or ``Failure``.
+        """The adapter's events (``contract.events``), ending with ``Finish`` or ``Failure``.
 
         The first event carries ``upstream_ms`` (the upstream's time to it) and ``Finish``
         the attempts and timings, so that the gateway can tell its own overhead apart.

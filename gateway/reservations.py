@@ -29,7 +29,7 @@ import ray
 
 from . import budgets, metrics
 from .auth import ClientKey
-from .errors import GatewayError, whole_seconds
+from contract.errors import GatewayError, whole_seconds
 from .keeper import KEEPER_BACKOFF_S, KEEPER_WAIT_S, keeper_down
 
 log = logging.getLogger("gateway.limits")

@@ -19,7 +19,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity import wait_exponential_jitter
 from tenacity.stop import stop_base
 
-from .errors import TYPES, GatewayError
+from contract.errors import TYPES, GatewayError
 
 T = TypeVar("T")
 

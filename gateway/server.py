@@ -36,7 +36,7 @@ from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from .config import Settings
-from .errors import GatewayError
+from contract.errors import GatewayError
 
 log = logging.getLogger("gateway.server")
 

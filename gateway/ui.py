@@ -15,7 +15,7 @@ from pathlib import Path
 from flask import Blueprint, jsonify, request, send_from_directory
 
 from .context import gw
-from .errors import GatewayError
+from contract.errors import GatewayError
 
 STATIC = Path(__file__).resolve().parent / "static" / "ui"
 

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from flask import Blueprint, jsonify, request
 
 from .context import gw
-from .errors import GatewayError
+from contract.errors import GatewayError
 
 usage = Blueprint("usage", __name__)
 

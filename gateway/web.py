@@ -31,8 +31,8 @@ from .chat_flow import sse_data
 from .context import OPEN, READERS, RequestContext, begin, current, finish, gw, is_admin_route, json_body, render_error
 from .dispatch import Outcome, Stream, ray_failure
 from .doors import Doors
-from .errors import GatewayError
-from .events import Failure, Finish, ToolCallDelta
+from contract.errors import GatewayError
+from contract.events import Failure, Finish, ToolCallDelta
 from .openai_compat import v1
 from .schemas import BroadcastRequest, ChatRequest, UndeployRequest, validate
 from .ui import ui

@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from gateway.errors import GatewayError
-from gateway.events import Delta, Finish, StreamEvent, ToolCallDelta
-from gateway.schemas import ChatCall, ChatName, ChatResult, Usage
+from contract.errors import GatewayError
+from contract.events import Delta, Finish, StreamEvent, ToolCallDelta
+from contract.calls import ChatCall, ChatName, ChatResult, Usage
 
 
 #: words of field names written as a person writes them in a title (the rest: lower case)
@@ -485,7 +485,7 @@ class ChatAdapter(abc.ABC):
 
     ``stream(call) -> AsyncIterator[StreamEvent]``
         ``Delta`` / ``ToolCallDelta`` events as the upstream sends them, then exactly one
-        ``Finish`` (``end_event``), and nothing after; see ``gateway.events``. Failures raise
+        ``Finish`` (``end_event``), and nothing after; see ``contract.events``. Failures raise
         ``GatewayError``, never a ``Failure`` event: before the first event the replica may
         retry the whole stream (a new ``stream(call)``), after it the failure is reported
         in the stream. Being cancelled (``aclose`` of the generator: the caller went away)

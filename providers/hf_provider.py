@@ -14,9 +14,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, ClassVar, Optional
 
-from gateway.errors import GatewayError
-from gateway.events import Delta, Finish, StreamEvent
-from gateway.schemas import ChatCall, Usage
+from contract.errors import GatewayError
+from contract.events import Delta, Finish, StreamEvent
+from contract.calls import ChatCall, Usage
 
 from .local import (Detokenizer, LocalAdapter, LocalDeploySpec, LocalProvider, load_failure, load_tokenizer, model_source,
                     prompt_ids, stop_strings)

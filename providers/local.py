@@ -13,9 +13,9 @@ from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from gateway.errors import GatewayError
-from gateway.events import Delta, Finish
-from gateway.schemas import ChatCall, ChatResult
+from contract.errors import GatewayError
+from contract.events import Delta, Finish
+from contract.calls import ChatCall, ChatResult
 
 from .base import ChatAdapter, DeployFailure, DeploySpec, Provider
 

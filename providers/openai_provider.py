@@ -5,7 +5,7 @@ it); ``OpenAIDeploySpec`` and ``OpenAIAdapter`` name what the configuration make
 """
 from __future__ import annotations
 
-from gateway.errors import GatewayError
+from contract.errors import GatewayError
 
 from .base import ErrorTable, Provider, map_by_class
 from .openai_wire import OpenAIWire, OpenAIWireAdapter, OpenAIWireProvider

@@ -22,9 +22,9 @@ import httpx2  # the openai SDK's own HTTP library
 import openai
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 
-from gateway.errors import TYPES, GatewayError
-from gateway.events import StreamEvent
-from gateway.schemas import ChatCall, ChatResult
+from contract.errors import TYPES, GatewayError
+from contract.events import StreamEvent
+from contract.calls import ChatCall, ChatResult
 
 from .base import (CONNECTION_FAILED, MALFORMED, MESSAGES, TIMED_OUT, ChatAdapter, ErrorTable, Provider, SaaSDeploySpec,
                    auth_message, ChunkReader, completion_result, fixed, judge_key_check, map_by_class,

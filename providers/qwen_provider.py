@@ -18,9 +18,9 @@ import requests  # the dashscope SDK's sync HTTP library
 from dashscope.common import error as dashscope_errors
 from pydantic import field_validator
 
-from gateway.errors import GatewayError
-from gateway.events import Delta, StreamEvent, ToolCallDelta
-from gateway.schemas import ChatCall, ChatResult, Usage
+from contract.errors import GatewayError
+from contract.events import Delta, StreamEvent, ToolCallDelta
+from contract.calls import ChatCall, ChatResult, Usage
 
 from .base import (MALFORMED, MESSAGES, TIMED_OUT, ChatAdapter, ErrorTable, Provider, SaaSDeploySpec, auth_message,
                    end_event, fixed, judge_key_check, map_by_class, reraise_as_gateway_error, unexpected)

@@ -18,9 +18,9 @@ from typing import Any, AsyncIterator, ClassVar, Optional
 
 from pydantic import Field, field_validator
 
-from gateway.errors import GatewayError
-from gateway.events import Delta, Finish, StreamEvent
-from gateway.schemas import ChatCall, Usage
+from contract.errors import GatewayError
+from contract.events import Delta, Finish, StreamEvent
+from contract.calls import ChatCall, Usage
 
 from .base import DeployFailure
 from .local import LocalAdapter, LocalDeploySpec, LocalProvider, load_failure, load_tokenizer, model_source, prompt_ids, stop_strings

@@ -20,9 +20,9 @@ import httpx
 import zhipuai
 from pydantic import field_validator
 
-from gateway.errors import GatewayError
-from gateway.events import StreamEvent
-from gateway.schemas import ChatCall, ChatResult
+from contract.errors import GatewayError
+from contract.events import StreamEvent
+from contract.calls import ChatCall, ChatResult
 
 from .base import (CONNECTION_FAILED, MALFORMED, MESSAGES, TIMED_OUT, ChatAdapter, ErrorTable, Provider, SaaSDeploySpec,
                    auth_message, ChunkReader, completion_result, fixed, judge_key_check, map_by_class,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from gateway import Settings, create_app
-from gateway.errors import STATUS
+from contract.errors import STATUS
 
 
 def error_of(r):

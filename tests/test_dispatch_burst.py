@@ -11,8 +11,8 @@ import pytest
 from ray import serve
 
 from gateway import Settings, create_app
-from gateway.errors import GatewayError
-from gateway.schemas import ChatCall, Message
+from contract.errors import GatewayError
+from contract.calls import ChatCall, Message
 
 
 def cold_dispatcher(ray_head, **settings):

@@ -41,3 +41,29 @@ def test_a_replica_loads_only_its_own_providers_sdk():
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "", f"an OpenAI replica imports {out.stdout.strip()}"
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    """The top-level packages each module of ``package`` imports (every import statement, in functions too)."""
+    import ast
+
+    found = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def test_providers_import_no_gateway_module_and_the_shared_package_imports_neither():
+    """``providers`` is written against ``contract`` (errors, events, the call and its result) and its SDKs;
+    ``contract`` imports neither side, so neither can pull the other in through it."""
+    wrong = {mod: sorted(names & {"gateway"}) for mod, names in _imports("providers").items() if "gateway" in names}
+    wrong |= {mod: sorted(names & {"gateway", "providers"}) for mod, names in _imports("contract").items()
+              if names & {"gateway", "providers"}}
+    assert not wrong, wrong
+    assert _imports("providers") and _imports("contract")

@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from gateway import Settings, create_app
-from gateway.errors import STATUS
+from contract.errors import STATUS
 
 #: words that name a next step: a route, a header, a setting, a field to give or leave out, a retry
 NEXT_STEP = re.compile(

@@ -13,8 +13,8 @@ import uuid
 import pytest
 
 import providers
-from gateway.errors import GatewayError
-from gateway.schemas import ChatCall, Message
+from contract.errors import GatewayError
+from contract.calls import ChatCall, Message
 from tests.fakes.upstreams import FakeOpenAI, Reply, openai_error
 
 NEW = {  # name: (default base URL, key)

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.aio import EventLoop
 from gateway.config import Settings
-from gateway.errors import GatewayError
+from contract.errors import GatewayError
 
 
 def test_calls_from_many_threads_all_run_on_the_one_loop_thread_at_once():

@@ -11,7 +11,7 @@ import pytest
 
 from gateway import bodies
 from gateway.bodies import MAX_DEPTH, codec_of, decode, read
-from gateway.errors import GatewayError
+from contract.errors import GatewayError
 
 CHINESE = "你好，世界"
 MESSAGES = [{"role": "user", "content": CHINESE}]

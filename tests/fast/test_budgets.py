@@ -17,7 +17,7 @@ from gateway import budgets
 from gateway.auth import load_keys
 from gateway.budgets import Books
 from gateway.reservations import _num, _over
-from gateway.schemas import ChatCall, Message, SamplingParams, Usage
+from contract.calls import ChatCall, Message, SamplingParams, Usage
 
 
 class Clock:

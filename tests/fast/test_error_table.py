@@ -1,4 +1,4 @@
-"""The one table of error types (``gateway.errors.TYPES``) and what reads it."""
+"""The one table of error types (``contract.errors.TYPES``) and what reads it."""
 from __future__ import annotations
 
 import re
@@ -6,7 +6,7 @@ import re
 import pytest
 
 from gateway import dispatch, retry
-from gateway.errors import STATUS, TYPES, ErrorInfo, GatewayError
+from contract.errors import STATUS, TYPES, ErrorInfo, GatewayError
 
 
 def test_status_is_a_view_of_the_table():
@@ -37,7 +37,7 @@ def test_each_type_is_consistent(name):
 def test_whose_fault_each_type_is():
     """The caller's errors (counted apart from the endpoint's failures: ``GET /deployments`` ``traffic.caller_errors``,
     the ``fault`` label of ``gateway_requests_total``) are the 4xx that no other endpoint would answer otherwise."""
-    from gateway.errors import CALLER_ERRORS, fault
+    from contract.errors import CALLER_ERRORS, fault
 
     assert CALLER_ERRORS == {name for name, kind in TYPES.items() if kind.caller} == {
         "invalid_request", "content_filter", "upstream_bad_request", "invalid_key", "unauthorized", "forbidden",

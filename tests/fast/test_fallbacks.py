@@ -6,7 +6,7 @@ import pytest
 from gateway import endpoints
 from gateway.apply import EndpointEntry, ordered
 from gateway.endpoints import fallback_cycle
-from gateway.errors import GatewayError
+from contract.errors import GatewayError
 
 
 @pytest.mark.parametrize("name, fallbacks, graph, cycle", [

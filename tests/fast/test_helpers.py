@@ -7,7 +7,7 @@ import pytest
 
 from gateway.auth import Auth, check_chat_names, load_keys
 from gateway.doors import Doors, check_listeners, is_loopback_address, split_host
-from gateway.errors import GatewayError
+from contract.errors import GatewayError
 from providers.base import judge_key_check, key_fingerprint, redact, retry_after_seconds, shown_url
 
 SECRET = "sk-proj-0123456789abcdefXYZ"

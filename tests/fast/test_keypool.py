@@ -10,7 +10,7 @@ import pytest
 from pydantic import SecretStr
 
 import providers
-from gateway.errors import ErrorInfo, GatewayError
+from contract.errors import ErrorInfo, GatewayError
 from gateway.keypool import (CLAIM_S, COOLING, DISABLED, OK, Ledger, Pool, call_with_keys, check_backoff, judge,
                              reason_of)
 from gateway.pool_keeper import Keeper, generation_of

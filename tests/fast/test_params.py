@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import GatewayError
-from gateway.schemas import ChatCall, ChatRequest, BroadcastRequest, Message, SamplingParams, validate
+from contract.errors import GatewayError
+from contract.calls import ChatCall, Message, SamplingParams
+from gateway.schemas import ChatRequest, BroadcastRequest, validate
 from providers.qwen_provider import QwenAdapter, QwenDeploySpec, QwenProvider
 from providers.zhipu_provider import ZhipuAdapter, ZhipuDeploySpec, ZhipuProvider
 

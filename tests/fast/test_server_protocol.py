@@ -10,7 +10,7 @@ import logging
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from gateway.errors import STATUS
+from contract.errors import STATUS
 from gateway.server import GatewayHttpProtocol
 from tests.test_next_steps import NEXT_STEP
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from .errors import ErrorInfo
-from .schemas import Usage
+from .calls import Usage
 
 
 @dataclass(slots=True)
