@@ -13,7 +13,7 @@ app = flask_app.extensions["front"]
 if __name__ == "__main__":
     import uvicorn
 
-    from gateway.cluster import EmbeddedHead, export_embedded_env
+    from gateway.head import EmbeddedHead, export_embedded_env
     from gateway.secrecy import keep_to_itself
 
     keep_to_itself()  # no Ray process may read this one's environment or memory (gateway.secrecy)

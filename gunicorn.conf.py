@@ -58,7 +58,7 @@ def on_starting(server):
         clear_samples(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     server.log.info("metrics directory %s", os.environ["PROMETHEUS_MULTIPROC_DIR"])
     if _settings.embedded:
-        from gateway.cluster import EmbeddedHead, export_embedded_env
+        from gateway.head import EmbeddedHead, export_embedded_env
 
         # (the head's environment is an allow-list: PROMETHEUS_MULTIPROC_DIR stays here, so no Ray
         # process writes its own metrics into the gateway's /metrics)

@@ -17,7 +17,7 @@ local Ray cluster of its own and the fake OpenAI upstream (50 ms), and measures 
 Per call the front end does what ``/chat`` does in steady state, in the async style: read
 the body (``gateway.bodies.read``), validate it (``schemas.validate(ChatRequest)`` then
 ``to_call``), the provider's ``check_call``, a bulkhead seat, the real
-``Dispatcher._ask`` (handles from ``dispatch._new_handles``: router in this loop, gRPC),
+``ReplicaClient.chat`` (handles from ``replica_client.new_handles``: router in this loop, gRPC),
 the request's ``metrics.RequestRecord`` (in-process registry, not gunicorn's multiprocess
 files) and the ``GatewayRenderer.answer`` JSON with the ``X-Request-Id`` and
 ``X-Gateway-Overhead-Ms`` headers. Left out: auth (off by default), the Host/Origin doors,
@@ -70,7 +70,10 @@ class Front:
     async def _lifespan(self, receive, send) -> None:
         from gateway.cluster import Cluster
         from gateway.config import Settings
-        from gateway.dispatch import Dispatcher, Endpoint, _new_handles
+        from gateway.dispatch import Dispatcher
+        from gateway.endpoint_cache import Endpoint
+        from gateway.records import EndpointRecord
+        from gateway.replica_client import new_handles
         from contract.calls import ChatCall
 
         await receive()  # lifespan.startup
@@ -79,9 +82,9 @@ class Front:
         settings = Settings(endpoint_max_in_flight=4096)
         self.dispatcher = Dispatcher(Cluster(settings), settings)
         record = {"chat_name": APP, "provider": PROVIDER, "model": "gpt-4o-mini", "timeout": 60}
-        self.endpoint = Endpoint(record, await _new_handles(PROVIDER, APP))  # (in this loop: uvicorn's)
+        self.endpoint = Endpoint(EndpointRecord.from_dict(record), await new_handles(PROVIDER, APP))  # (in this loop: uvicorn's)
         warm = ChatCall(request_id="warm", messages=[{"role": "user", "content": "hi"}])
-        await self.dispatcher._ask(self.endpoint, warm, 65.0)
+        await self.dispatcher.replicas.chat(self.endpoint, warm, 65.0)
         await send({"type": "lifespan.startup.complete"})
         print("ready", flush=True)
         await receive()  # lifespan.shutdown
@@ -113,10 +116,10 @@ class Front:
                 raise GatewayError("not_found", f"no endpoint named '{req.chat_name}' in this prototype")
             record.endpoint(endpoint.name, endpoint.provider)
             providers.get(endpoint.provider).check_call(call)
-            if not dispatcher._bulkhead.take(endpoint.name):
+            if not await dispatcher._bulkhead.take(endpoint.name):
                 raise GatewayError("endpoint_busy", "too many calls in flight", retry_after=1)
             try:
-                reply = await dispatcher._ask(endpoint, call, float(endpoint.record["timeout"]) + 5.0)
+                reply = await dispatcher.replicas.chat(endpoint, call, endpoint.deadline)
             finally:
                 dispatcher._bulkhead.give_back(endpoint.name)
             if isinstance(reply, ErrorInfo):
@@ -208,7 +211,7 @@ def main() -> None:
 
     import providers
     from gateway.config import Settings
-    from gateway.endpoints import bind_endpoint
+    from gateway.serve_apps import bind_endpoint
     from gateway.schemas import validate
 
     from .loadgen import wrk

@@ -4,7 +4,7 @@
 
 gunicorn stays the process manager; which worker runs each worker's event loop? This runs the
 measured prototype of ``bench.front_prototype`` (class ``Front``: the gateway's real
-``Dispatcher._ask`` on the loop, handles from ``dispatch._new_handles``) as the app of
+``ReplicaClient.chat`` on the loop, handles from ``replica_client.new_handles``) as the app of
 
 - ``gunicorn-asgi``: gunicorn's own ASGI worker (``-k asgi``, ``gunicorn.workers.gasgi.ASGIWorker``);
 - ``uvicorn-worker``: uvicorn's gunicorn worker (``-k uvicorn.workers.UvicornWorker``; the same code
@@ -380,7 +380,7 @@ def main() -> None:
 
     import providers
     from gateway.config import Settings
-    from gateway.endpoints import bind_endpoint
+    from gateway.serve_apps import bind_endpoint
     from gateway.schemas import validate
 
     started = time.monotonic()

@@ -47,11 +47,14 @@ VARIANTS = {
 }
 
 
-class _Endpoint:
-    """What ``caller.reserve`` reads of an endpoint (``dispatch.Endpoint``): its name and record."""
+def _endpoint():
+    """What ``caller.reserve`` reads of an endpoint (``endpoint_cache.Endpoint``): its name, record and deadline."""
+    from gateway.endpoint_cache import Endpoint
+    from gateway.records import EndpointRecord
 
-    name = "bench_endpoint"
-    record = {"chat_name": "bench_endpoint", "timeout": 60.0, "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}
+    record = EndpointRecord.from_dict({"chat_name": "bench_endpoint", "provider": "openai", "timeout": 60.0,
+                                       "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}})
+    return Endpoint(record, handle=None)
 
 
 def measure(caller, calls: int, tokens: int, warmup: int = 200) -> dict:
@@ -59,9 +62,9 @@ def measure(caller, calls: int, tokens: int, warmup: int = 200) -> dict:
     return asyncio.run(_measure(caller, calls, tokens, warmup))
 
 
-async def _one(caller, call, usage) -> None:
+async def _one(caller, endpoint, call, usage) -> None:
     await caller.admit()
-    held = await caller.reserve(_Endpoint(), call)
+    held = await caller.reserve(endpoint, call)
     caller.settle(1)
     if held is not None:
         await held.settle(usage)
@@ -72,13 +75,14 @@ async def _measure(caller, calls: int, tokens: int, warmup: int) -> dict:
 
     call = ChatCall(request_id="bench", messages=[Message(role="user", content="hello there")])
     usage = Usage(prompt_tokens=tokens // 2, completion_tokens=tokens - tokens // 2, total_tokens=tokens)
+    endpoint = _endpoint()
     for _ in range(warmup):
-        await _one(caller, call, usage)
+        await _one(caller, endpoint, call, usage)
     times = []
     clock = time.perf_counter_ns
     for _ in range(calls):
         t = clock()
-        await _one(caller, call, usage)
+        await _one(caller, endpoint, call, usage)
         times.append(clock() - t)
     times.sort()
     us = [t / 1000 for t in times]
@@ -94,8 +98,10 @@ def main() -> None:
 
     from gateway import Settings
     from gateway.auth import ClientKey, _digest
-    from gateway.cluster import Cluster, EmbeddedHead, export_embedded_env
-    from gateway.limits import FLUSH_S, Limits
+    from gateway.cluster import Cluster
+    from gateway.head import EmbeddedHead, export_embedded_env
+    from gateway.limits import Limits
+    from gateway.rate_leases import FLUSH_S
 
     settings = Settings.from_env({}, ray_port=free_port(), dashboard_port=free_port(), object_store_mb=100, ray_num_cpus=2,
                                  ship_code=False, state_dir=tempfile.mkdtemp(prefix="bench-limits-"))  # (a ledger of its own)

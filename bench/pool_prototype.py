@@ -67,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import providers
-    from gateway.endpoints import bind_endpoint
+    from gateway.serve_apps import bind_endpoint
     from gateway.config import Settings
     from contract.calls import ChatCall
 

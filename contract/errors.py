@@ -20,7 +20,7 @@ Where errors come from, and the one form they take::
                                                  replica answers it, or yields it in a
                                                  stream's ``Failure`` event)
     Ray exception (a lost replica, a lost cluster)  raised in the gateway by a Serve handle
-      └─ gateway.dispatch.ray_failure(...)       -> GatewayError (cluster_unavailable, ...)
+      └─ gateway.replica_client.ray_failure(...) -> GatewayError (cluster_unavailable, ...)
     HTTP-level problem (no route, wrong method)     raised by Flask/werkzeug
       └─ gateway.web                             -> GatewayError (not_found, ...)
     connection-level problem (a late or oversized   seen by the worker's protocol, before any app code

@@ -88,7 +88,7 @@ class Gateway:
     def _start_once(self) -> None:
         from .apply import apply_in_process
         from contract.errors import GatewayError
-        from .registry import APPLY_LEASE, Lease
+        from .leases import APPLY_LEASE, Lease
 
         self.cluster.ensure_up()  # connect (fails at once while a lost cluster is away)
         self.endpoints.list()  # settles deploys whose watcher died with an earlier process
@@ -97,7 +97,7 @@ class Gateway:
             return
         # One process applies the file at a time, under a lease it renews while it applies: when it
         # dies mid-apply (kill -9, OOM), the lease is free again within ``lease_ttl_s``.
-        lease = Lease(self.cluster.registry(), APPLY_LEASE, self.settings.lease_ttl_s)
+        lease = Lease(self.endpoints.registry, APPLY_LEASE, self.settings.lease_ttl_s)
         holder = lease.claim()
         if holder is not None:
             raise _ApplyBusy(f"another gateway process (pid {holder['pid']} on {holder['host']}) is applying {path}; "
@@ -131,7 +131,7 @@ class Gateway:
         if self.settings.dashboard_url:
             return self.settings.dashboard_url
         if self._dashboard_url is None and self.cluster.connected and not self.cluster.lost:
-            from .cluster import _CALL_TIMEOUT_S, _bounded
+            from .cluster_answers import _CALL_TIMEOUT_S, _bounded
 
             def read() -> Optional[str]:
                 from ray._private import ray_constants

@@ -58,7 +58,7 @@ def run_ray(ray_args: list[str]) -> int:
     """Replace this process with ``ray ARGS`` in the environment a Ray node may see (``GATEWAY_HEAD_ENV`` adds names)."""
     from pathlib import Path
 
-    from .cluster import ray_environment
+    from .head import ray_environment
 
     env = ray_environment(os.environ, os.environ.get("GATEWAY_HEAD_ENV"), os.environ.get("GATEWAY_ENDPOINTS_FILE"))
     ray_exe = Path(sys.executable).with_name("ray")

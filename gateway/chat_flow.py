@@ -36,7 +36,9 @@ from flask import Response, current_app
 
 from .auth import check_chat_names
 from .context import RequestContext, finish, gw
-from .dispatch import Endpoint, Outcome, Stream
+from .dispatch import Outcome
+from .endpoint_cache import Endpoint
+from .streams import Stream
 from contract.errors import GatewayError
 from contract.events import Delta, Failure, Finish, ToolCallDelta
 from contract.calls import ChatCall

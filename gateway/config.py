@@ -136,7 +136,7 @@ class Settings(BaseModel):
         if value is not None and not isinstance(value, dict):
             raise ValueError('must be a JSON object of resource names and amounts, e.g. {"cpu_pool": 100}')
         if value is not None:
-            from providers.base import check_resources
+            from providers.specs import check_resources
 
             value = check_resources(value, whole=True)
         return value or None

@@ -3,33 +3,33 @@
 Made on first use by the gateway process that needs it (``keeper_actor``), on the head node, in the
 gateway's namespace; restarted by Ray whenever its process dies (``max_restarts=-1``), and the calls
 that were in flight then are sent again to the restarted one (``max_task_retries=-1``: settles are
-idempotent, reservations too). It keeps the request rates' buckets (``gateway.limits``: leases,
-written through to the GCS) and the books of tokens and budgets (``gateway.budgets``: SQLite on the
+idempotent, reservations too). It keeps the request rates' buckets (``gateway.rate_leases``: leases,
+written through to the GCS) and the books of tokens and budgets (``gateway.budget_books``: SQLite on the
 head node's disk, under ``GATEWAY_STATE_DIR``; ``gateway.reservations`` is the gateway's side).
 
 It knows keys only by ``ClientKey.id`` (a hash that leads back to no key) and their names; their
 limits come with each call, so it holds nothing secret and needs no configuration but where its
 ledger lives (given by the gateway that makes it).
+
+This is the Ray side of the client-key limits: the actor, how a process finds it (``keeper_actor``),
+and the calls that wait on it or stop it (``wait_for``, ``kill_keeper``); only ``gateway.limits`` imports it.
+The gateway's side (``gateway.rate_leases``, ``gateway.reservations``, ``gateway.keeper_terms``) and
+the books (``gateway.budget_books``) import no Ray.
 """
 from __future__ import annotations
 
 import json
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import ray
 from ray.experimental import internal_kv
 
 from . import budgets
-from contract.errors import GatewayError, whole_seconds
+from .budget_books import Books
 from .registry import HEAD_NODE_RESOURCE
 
 KEEPER_NAME = "client_limits"
-#: how long a caller waits for the keeper to answer a lease or a reservation (a restart by Ray usually
-#: fits); past it the key's calls are answered 503 ``cluster_unavailable`` at once (see ``gateway.limits``)
-KEEPER_WAIT_S = 3.0
-#: after the keeper failed a key's request, its calls are answered 503 at once for this long
-KEEPER_BACKOFF_S = 2.0
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -40,14 +40,14 @@ class LimitKeeper:
 
     Restarted by Ray whenever its process dies; each bucket is read back from the GCS the
     first time it is used again. (A call retried after a restart may be charged twice:
-    limits err on the side of refusing.) Tokens and budgets are its ``budgets.Books``, in
+    limits err on the side of refusing.) Tokens and budgets are its ``budget_books.Books``, in
     SQLite under ``state_dir`` (resolved here, on the head node), opened on first use.
     """
 
     def __init__(self, state_dir: Optional[str] = None) -> None:
         self._kv_namespace = "llm_gateway_limits:" + ray.get_runtime_context().namespace
         self._buckets: dict[str, dict] = {}
-        self._books = budgets.Books(budgets.ledger_path(state_dir))
+        self._books = Books(budgets.ledger_path(state_dir))
 
     def _bucket(self, kid: str, rpm: Optional[float], tpm: Optional[float]) -> dict:
         """The bucket of ``kid``, refilled to now under the limits the caller has (a key seen for
@@ -108,7 +108,7 @@ class LimitKeeper:
             bucket["tokens"] -= tokens
         self._save(kid, bucket)
 
-    # -- tokens and budgets (``gateway.budgets``) -------------------------------------------------
+    # -- tokens and budgets (``gateway.budget_books``) ---------------------------------------------
     def reserve(self, rid: str, kid: str, limits: dict, tokens: float, cost: float, ttl: float) -> dict:
         return self._books.reserve(rid, kid, limits, tokens, cost, ttl)
 
@@ -134,8 +134,13 @@ def keeper_actor(namespace: str, state_dir: Optional[str] = None):
                                resources={HEAD_NODE_RESOURCE: 0.001}).remote(state_dir)
 
 
-def keeper_down(name: str, what: str, retry_after: float) -> GatewayError:
-    """503 for a call of the key named ``name`` that the keeper could not admit (it ``what``): nothing was called."""
-    return GatewayError("cluster_unavailable", f"the cluster's client-key limits keeper {what}, so {name}'s call "
-                        f"was not made (no upstream was called); try again in {whole_seconds(retry_after)}s",
-                        retry_after=max(1.0, retry_after))
+def wait_for(ref: Any, timeout: float) -> Any:
+    """The keeper's answer to ``ref`` (one of its methods' ``remote()``), waited for here (blocking: in a
+    thread) for at most ``timeout`` seconds; raises what Ray raises (the caller says it in words)."""
+    return ray.get(ref, timeout=timeout)
+
+
+def kill_keeper(keeper: Any) -> None:
+    """Stop ``keeper`` for good (it runs an older gateway's code): the next use makes it again, its buckets
+    read back from the GCS and its books from the ledger."""
+    ray.kill(keeper, no_restart=True)

@@ -11,13 +11,16 @@ Admin only (the admin token; POST and PATCH take JSON bodies only), like deploy 
 """
 from __future__ import annotations
 
+import pickle
 from typing import Literal, Optional
 
 from flask import Blueprint, jsonify
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 import providers
-from providers.base import SaaSDeploySpec, indefinite, key_fingerprint
+from providers.base import indefinite
+from providers.keys import key_fingerprint
+from providers.specs import SaaSDeploySpec
 
 from .context import gw, json_body
 from contract.errors import ErrorInfo, GatewayError
@@ -54,7 +57,7 @@ def _hosted(chat_name: str) -> providers.Provider:
     """The provider of ``chat_name``, a deployed endpoint of a hosted provider (which has keys), or 404."""
     record = gw().endpoints.record(chat_name)
     try:
-        provider = providers.get(record["provider"])
+        provider = providers.get(record.provider)
     except KeyError:
         raise GatewayError("not_found", f"'{chat_name}' is an endpoint of a provider this gateway lacks") from None
     if not issubclass(provider.spec_class, SaaSDeploySpec):
@@ -109,9 +112,8 @@ def add_key(chat_name: str):
     found = gw().endpoints.key_pools.ask("template", chat_name)
     if found is None:
         raise _not_known(chat_name)
-    from ray import cloudpickle
-
-    template, fingerprints = cloudpickle.loads(found[0]), found[1]
+    # (pickled with Ray's cloudpickle, whose ``loads`` is the standard library's: no Ray import here)
+    template, fingerprints = pickle.loads(found[0]), found[1]
     if key_fingerprint(key) in fingerprints:
         raise GatewayError("conflict", f"'{chat_name}' has a key with the fingerprint {key_fingerprint(key)} already (the "
                                        f"same key, or one that listings could not tell apart from it)", fields=["key"])

@@ -16,12 +16,11 @@ A key is in one of three states:
   call). A pool of one key still calls its key: the provider's own error reaches the caller
   (and the endpoint's cooldown), as before pools.
 
-Rotation (``call_with_keys``): a call whose key answers 429, quota or auth is made again at once
-on the next usable key, each key at most once per attempt, before the error reaches the retry
-policy (``gateway.retry``) and the dispatcher (fallback endpoints).
+A replica's own copy of its pool, the events its calls make and the rotation of a call over the
+keys are ``gateway.key_rotation``.
 
 Keys themselves are held as ``SecretStr`` (their repr hides them); everything else here is
-about fingerprints (``providers.base.key_fingerprint``).
+about fingerprints (``providers.keys.key_fingerprint``).
 """
 from __future__ import annotations
 
@@ -29,15 +28,14 @@ import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable, Optional, TypeVar
+from typing import Any, Iterable, Optional
 
 from pydantic import SecretStr
 
-from providers.base import MAX_POOL_KEYS, key_fingerprint
+from providers.keys import key_fingerprint
+from providers.specs import MAX_POOL_KEYS
 
 from contract.errors import ErrorInfo, GatewayError
-
-T = TypeVar("T")
 
 OK, COOLING, DISABLED = "ok", "cooling", "disabled"
 #: a cooling key's wait when the provider names none, and the longest one honoured
@@ -48,12 +46,8 @@ CHECK_S, CHECK_CAP_S = 5.0, 300.0
 QUOTA_CHECK_S = 60.0
 #: a re-check handed to a replica is its own for this long (then another may take it)
 CLAIM_S = 30.0
-#: the failures a call rotates on (to the pool's next key, within the same attempt)
-ROTATE_ON = frozenset({"upstream_rate_limited", "upstream_quota", "upstream_auth"})
 #: the failures that disable a key until it passes a check
 DISABLE_ON = frozenset({"upstream_auth", "upstream_quota"})
-#: events a replica keeps for the keeper while it cannot reach it (the oldest go first)
-_MAX_EVENTS = 1000
 
 
 def check_backoff(strikes: int, error_type: Optional[str] = None) -> float:
@@ -189,7 +183,7 @@ class Pool:
 
     # -- events (a replica's, applied by it at once and by the keeper on sync) -----------
     def apply(self, event: tuple) -> bool:
-        """Apply one event (``Ledger`` makes them); whether a state changed. Unknown keys (removed
+        """Apply one event (``key_rotation.Ledger`` makes them); whether a state changed. Unknown keys (removed
         meanwhile) are ignored; applying an event twice changes nothing more than once."""
         kind, fingerprint = event[0], event[1]
         state = self.keys.get(fingerprint)
@@ -326,101 +320,3 @@ class Pool:
             if old is not None:
                 self.keys[fingerprint] = dataclasses.replace(old, fingerprint=fingerprint, weight=state.weight,
                                                              outcomes=dict(old.outcomes), claimed_until=None)
-
-
-class Ledger:
-    """A replica's copy of its pool, and what it saw since it last told the keeper.
-
-    Each event is applied here at once (this replica stops using a dead key on the spot) and kept
-    until the keeper has it (``take``, then ``give_back`` if the keeper could not be told).
-    ``on_change(event)`` is called when an event changed a state: the replica syncs at once then.
-    """
-
-    def __init__(self, pool: Pool, on_change: Callable[[tuple], None] = lambda event: None,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.pool = pool
-        self.on_change = on_change
-        self.clock = clock
-        self._events: list[tuple] = []
-        self._counts: dict[str, dict[str, int]] = {}
-
-    def _count(self, fingerprint: str, outcome: str) -> None:
-        outcomes = self._counts.setdefault(fingerprint, {})
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-
-    def _record(self, event: tuple) -> None:
-        self._events.append(event)
-        del self._events[:-_MAX_EVENTS]
-        if self.pool.apply(event):
-            self.on_change(event)
-
-    def succeeded(self, fingerprint: str, started: float) -> None:
-        self._count(fingerprint, "ok")
-        state = self.pool.keys.get(fingerprint)
-        if state is not None and (state.state != OK or state.strikes):  # (the common case: nothing to tell)
-            self._record(("ok", fingerprint, started, self.clock()))
-
-    def failed(self, fingerprint: str, info: ErrorInfo, counted: bool = True) -> None:
-        if counted:
-            self._count(fingerprint, info.type)
-        verdict = judge(info)
-        if verdict is not None:
-            self._record(("fail", fingerprint, info.type, *verdict, self.clock()))
-
-    def checked(self, fingerprint: str, passed: bool) -> None:
-        self._record(("checked", fingerprint, passed, self.clock()))
-
-    def pending(self) -> bool:
-        return bool(self._events or self._counts)
-
-    def take(self) -> tuple[list[tuple], dict[str, dict[str, int]]]:
-        """What to send to the keeper now (kept here no more)."""
-        events, counts = self._events, self._counts
-        self._events, self._counts = [], {}
-        return events, counts
-
-    def give_back(self, events: list[tuple], counts: dict[str, dict[str, int]]) -> None:
-        """What could not be sent: kept for the next sync, before what came since."""
-        self._events = (events + self._events)[-_MAX_EVENTS:]
-        for fingerprint, outcomes in counts.items():
-            for outcome, n in outcomes.items():
-                mine = self._counts.setdefault(fingerprint, {})
-                mine[outcome] = mine.get(outcome, 0) + n
-
-    def adopt(self, snapshot: dict[str, Any]) -> None:
-        """The keeper's pool replaces this copy; what happened here since the sync was sent is applied again."""
-        pool = Pool.from_snapshot(snapshot)
-        for event in self._events:
-            pool.apply(event)
-        self.pool = pool
-
-
-async def call_with_keys(ledger: Ledger, run: Callable[[str], Awaitable[T]]) -> tuple[T, str]:
-    """``(run(fingerprint)'s answer, fingerprint)`` on the pool's best key.
-
-    A failure in ``ROTATE_ON`` is recorded and the call made again at once on the next usable
-    key; each key is tried at most once (the pool's size bounds it), then the last such failure
-    is raised (to the retry policy, then the dispatcher). Any other failure is recorded and raised.
-    Every error raised says its key (``keyed``). No usable key at all: ``Pool.exhausted``, with no
-    upstream call.
-    """
-    tried: set[str] = set()
-    last: Optional[GatewayError] = None
-    while True:
-        pool = ledger.pool  # (a sync may have replaced it meanwhile)
-        fingerprint = pool.pick(tried, ledger.clock())
-        if fingerprint is None:
-            raise last if last is not None else pool.exhausted(ledger.clock())
-        tried.add(fingerprint)
-        started = ledger.clock()
-        try:
-            answer = await run(fingerprint)
-        except GatewayError as err:
-            err = keyed(err, fingerprint)
-            ledger.failed(fingerprint, err.info)
-            if err.type not in ROTATE_ON:
-                raise err from None
-            last = err
-            continue
-        ledger.succeeded(fingerprint, started)
-        return answer, fingerprint

@@ -21,7 +21,8 @@ from . import chat_flow
 from .auth import check_chat_names
 from .chat_flow import sse_data
 from .context import current, error_shape, gw, json_body
-from .dispatch import Outcome, Stream
+from .dispatch import Outcome
+from .streams import Stream
 from contract.errors import GatewayError
 from contract.events import Finish, ToolCallDelta
 from contract.calls import ChatName, Message

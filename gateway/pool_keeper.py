@@ -4,11 +4,11 @@ One small detached actor (``KeyPoolKeeper``, named ``key_pools`` in the gateway'
 head node like the endpoint registry and the limits keeper) holds every endpoint's pool
 (``gateway.keypool.Pool``), keys and states, in memory only: never in the GCS, on disk or in a log.
 
-- The gateway puts an endpoint's pool there at deploy, before Serve starts it (``KeyPools.put``;
+- The gateway puts an endpoint's pool there at deploy, before Serve starts it (``key_pools.KeyPools.put``;
   not on an unchanged redeploy), as a new *generation* (the deploy's birth time and digest): the
   replicas of a rolling update keep syncing with their own generation until they stop. Undeploy
   drops every generation. A key edit (``gateway.key_routes``) applies to every generation.
-- Each replica (``PoolMember``) keeps its own copy, picks keys from it, applies what its calls say
+- Each replica (``pool_member.PoolMember``) keeps its own copy, picks keys from it, applies what its calls say
   about them at once, and syncs with the keeper in the background: about every ``SYNC_S``, and at
   once after a state changed. A sync sends what it saw and gets the pool back when its version
   changed, and sometimes a disabled key to check (``claim_check``): the replica checks it with the
@@ -16,32 +16,21 @@ head node like the endpoint registry and the limits keeper) holds every endpoint
 - A keeper that restarted (Ray restarts it; its memory is gone) answers a sync with ``seed``: the
   replica sends its copy, keys and states, and the pool carries on. A keeper that cannot be reached
   costs nothing but the sharing: each replica goes on with its own copy.
+
+This module is the keeper's logic (``Keeper``), pure: no Ray, no I/O. Its actor and the gateway's
+side are ``gateway.key_pools``; a replica's side is ``gateway.pool_member``; the pool itself is
+``gateway.keypool``.
 """
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Optional
 
-import ray
 from pydantic import SecretStr
 
 from contract.errors import GatewayError
-from .keypool import COOLING, DISABLED, Ledger, Pool, call_with_keys
-from .registry import HEAD_NODE_RESOURCE
+from .keypool import Pool
 
-log = logging.getLogger("gateway.key_pools")
-
-KEEPER_NAME = "key_pools"
-#: how often a replica syncs with the keeper (and at once after a state changed)
-SYNC_S = 1.0
-#: the longest wait between two tries of a replica that cannot reach the keeper
-_SYNC_BACKOFF_MAX_S = 10.0
-#: how long one call to the keeper may take
-_CALL_S = 10.0
-#: how long a listing waits for the keeper (then it shows the pools' sizes only)
-_VIEWS_S = 2.0
 #: a generation is in use while one of its replicas synced within this
 _LIVE_S = 10.0
 #: an older generation that no replica synced for this long is forgotten (its replicas are gone)
@@ -199,239 +188,3 @@ class Keeper:
             return {"error": err.info.model_dump(exclude_none=True)}
         state = current.keys.get(fingerprint)
         return {"keys": current.views(now), "key": state.view() if state is not None else None}
-
-
-#: the keeper as a detached actor: Ray restarts it when its process dies (its pools come back from the replicas)
-KeyPoolKeeper = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Keeper)
-
-
-def keeper_actor(namespace: str):
-    """The key pools keeper of this cluster (created on first use, on the head node)."""
-    return KeyPoolKeeper.options(name=KEEPER_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
-                                 resources={HEAD_NODE_RESOURCE: 0.001}).remote()
-
-
-async def _answer(ref: Any, timeout: float = _CALL_S) -> Any:
-    return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
-
-
-class PoolMember:
-    """A replica's key pool: an adapter per key, its ``Ledger``, and the background sync with the keeper.
-
-    ``generation``/``namespace`` None: a pool of this replica alone (no keeper; e.g. a benchmark's replica).
-    """
-
-    def __init__(self, provider: Any, spec: Any, generation: Optional[str] = None,
-                 namespace: Optional[str] = None) -> None:
-        self._provider, self._spec = provider, spec
-        self.chat_name = spec.chat_name
-        self.generation = generation or generation_of("local")
-        self._namespace = namespace if generation else None
-        pool = Pool(spec.chat_name, self.generation, spec.pool())
-        pool.version = -1  # (never the keeper's: the first sync brings its pool, with the states a redeploy kept)
-        self.ledger = Ledger(pool, on_change=self._changed)
-        #: fingerprint -> (its key, its adapter); built now for the deploy's keys (a failure fails the replica)
-        self._adapters: dict[str, tuple[str, Any]] = {}
-        for fingerprint in self.ledger.pool.keys:
-            key = self.ledger.pool.secret(fingerprint)
-            self._adapters[fingerprint] = (key, provider.create_adapter(spec.for_key(key)))
-        self._wakeup: Optional[asyncio.Event] = None
-        self._task: Optional[asyncio.Task] = None
-        self._checking: set[str] = set()
-        self._keeper = None
-
-    # -- calls -----------------------------------------------------------------------
-    async def call(self, run: Callable[[Any], Awaitable[Any]]) -> tuple[Any, str]:
-        """``(run(adapter)'s answer, the key's fingerprint)``, rotating over the pool (``call_with_keys``)."""
-        self.start()
-        return await call_with_keys(self.ledger, lambda fingerprint: run(self.adapter(fingerprint)))
-
-    def adapter(self, fingerprint: str) -> Any:
-        key = self.ledger.pool.secret(fingerprint)
-        held = self._adapters.get(fingerprint)
-        if held is not None and held[0] == key:
-            return held[1]
-        try:  # (a key added after the deploy)
-            adapter = self._provider.create_adapter(self._spec.for_key(key))
-        except Exception:  # noqa: BLE001 - an SDK's constructor may put the key in its error: not shown
-            raise GatewayError("upstream_auth", f"the {self._provider.name} adapter could not be built with the key "
-                                                f"{fingerprint}", provider=self._provider.name) from None
-        if held is not None:
-            self._retire(held[1])
-        self._adapters[fingerprint] = (key, adapter)
-        return adapter
-
-    def _retire(self, adapter: Any) -> None:
-        """Close an adapter of a key no longer in the pool, once calls it may still serve have ended."""
-        loop = asyncio.get_running_loop()
-        loop.call_later(self._spec.timeout + 5, lambda: loop.create_task(adapter.aclose()))
-
-    def _changed(self, event: tuple) -> None:
-        if event[0] == "fail" and event[3] == DISABLED:
-            log.warning("key pool of %s: key %s disabled: %s", self.chat_name, event[1], event[4])
-        elif event[0] == "fail" and event[3] == COOLING:
-            log.info("key pool of %s: key %s cooling down for %.0fs: %s", self.chat_name, event[1], event[5], event[4])
-        elif event[0] == "checked":
-            log.info("key pool of %s: key %s %s its check", self.chat_name, event[1], "passed" if event[2] else "failed")
-        if self._wakeup is not None:
-            self._wakeup.set()
-
-    # -- the sync -----------------------------------------------------------------------
-    def start(self) -> None:
-        """Start syncing (on the replica's event loop; again after it stopped by accident)."""
-        if self._namespace is None or (self._task is not None and not self._task.done()):
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # (not on the loop yet: the first call starts it)
-        self._wakeup = self._wakeup or asyncio.Event()
-        self._task = loop.create_task(self._run())
-
-    async def _run(self) -> None:
-        wait = 0.0  # (the first sync at once: the keeper may know this pool better than the deploy did)
-        while True:
-            if wait:
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), wait)
-                except asyncio.TimeoutError:
-                    pass
-            self._wakeup.clear()
-            try:
-                if await self._sync() == "gone":
-                    return
-                wait = SYNC_S
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the pool goes on alone until the keeper answers
-                log.warning("key pool of %s: could not sync with the keeper: %s", self.chat_name, type(exc).__name__)
-                self._keeper = None
-                wait = min(max(wait, SYNC_S) * 2, _SYNC_BACKOFF_MAX_S)
-            await asyncio.sleep(0.05)  # (a burst of changes is one sync)
-
-    async def _sync(self) -> Optional[str]:
-        if self._keeper is None:
-            self._keeper = await asyncio.to_thread(keeper_actor, self._namespace)
-        keeper, pool = self._keeper, self.ledger.pool
-        events, counts = self.ledger.take()
-        try:
-            answer = await _answer(keeper.sync.remote(self.chat_name, self.generation, pool.version, events, counts))
-        except BaseException:
-            self.ledger.give_back(events, counts)
-            raise
-        if answer.get("gone"):
-            log.info("key pool of %s: undeployed, syncing no more", self.chat_name)
-            return "gone"
-        if answer.get("seed"):  # a keeper that restarted: this copy (its states include the events) seeds it
-            log.warning("key pool of %s: the keeper lost it (it restarted); seeding it again", self.chat_name)
-            self.ledger.give_back([], counts)
-            await _answer(keeper.seed.remote(self.chat_name, self.generation, template_of(self._spec),
-                                             self.ledger.pool.snapshot(secrets=True)))
-            return None
-        if "pool" in answer:
-            self.ledger.adopt(answer["pool"])
-            for fingerprint in [fp for fp in self._adapters if fp not in self.ledger.pool.keys]:
-                self._retire(self._adapters.pop(fingerprint)[1])
-        if "check" in answer:
-            fingerprint, key = answer["check"]
-            asyncio.get_running_loop().create_task(self._check(fingerprint, key))
-        return None
-
-    async def _check(self, fingerprint: str, key: SecretStr) -> None:
-        """A disabled key's check: the provider's free key check, in a thread (the SDKs block)."""
-        if fingerprint in self._checking:
-            return
-        self._checking.add(fingerprint)
-        try:
-            passed = await asyncio.to_thread(self._verify, key.get_secret_value())
-        finally:
-            self._checking.discard(fingerprint)
-        self.ledger.checked(fingerprint, passed)
-
-    def _verify(self, key: str) -> bool:
-        """Only a key the provider refuses fails (``invalid_key``): a check that cannot tell (a relay without
-        ``GET /models``, ``verify_key: false``, the provider unreachable) lets the next call tell."""
-        if not getattr(self._spec, "verify_key", False):
-            return True
-        try:
-            self._provider.verify_key(self._spec.for_key(key))
-        except GatewayError as err:
-            return err.type != "invalid_key"
-        except Exception:  # noqa: BLE001 - whatever an SDK raises says nothing about the key
-            return True
-        return True
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        for _, adapter in self._adapters.values():
-            await adapter.aclose()
-
-
-class KeyPools:
-    """The gateway's side: puts and drops an endpoint's pool at deploy and undeploy, reads them for the
-    listings, and edits them (``gateway.key_routes``). One per gateway process (``Endpoints.key_pools``)."""
-
-    def __init__(self, cluster: Any, settings: Any) -> None:
-        self.cluster, self.settings = cluster, settings
-        self._keeper = None
-
-    def keeper(self):
-        if self._keeper is None:
-            self.cluster.ensure_up()
-            keeper = keeper_actor(self.settings.ray_namespace)
-            for _ in range(50):
-                try:
-                    if ray.get(keeper.protocol.remote(), timeout=_CALL_S) == PROTOCOL:
-                        break
-                except (AttributeError, ray.exceptions.RayActorError):  # (older than protocols; or just killed)
-                    time.sleep(0.1)
-                    keeper = keeper_actor(self.settings.ray_namespace)
-                    continue
-                # (its pools come back from the replicas, which seed the new one)
-                log.warning("the key pools keeper runs an older gateway's code: replacing it")
-                ray.kill(keeper, no_restart=True)
-                time.sleep(0.1)  # (the name is free once the GCS has seen it die)
-                keeper = keeper_actor(self.settings.ray_namespace)
-            self._keeper = keeper
-        return self._keeper
-
-    def ask(self, method: str, *args: Any, timeout: float = _CALL_S, **kwargs: Any) -> Any:
-        """One call to the keeper; ``cluster_unavailable`` when it does not answer."""
-        try:
-            return ray.get(getattr(self.keeper(), method).remote(*args, **kwargs), timeout=timeout)
-        except GatewayError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a keeper being restarted, a lost cluster
-            self._keeper = None
-            raise GatewayError("cluster_unavailable", f"the key pools keeper did not answer ({type(exc).__name__}); "
-                               f"try again shortly", retry_after=2) from None
-
-    def put(self, spec: Any, generation: str) -> None:
-        """Put ``spec``'s pool as ``generation`` (before Serve starts its replicas). Best effort: replicas
-        that find no pool in the keeper seed it with theirs."""
-        try:
-            self.ask("put", spec.chat_name, generation, template_of(spec),
-                     [(SecretStr(key), weight) for key, weight in spec.pool()])
-        except GatewayError as err:
-            log.warning("key pool of %s not put (its workers will seed it): %s", spec.chat_name, err.info.message)
-
-    def drop(self, chat_name: str) -> None:
-        try:
-            self.ask("drop", chat_name, time.time())
-        except GatewayError as err:
-            log.warning("key pool of %s not dropped: %s", chat_name, err.info.message)
-
-    def views(self, names: Optional[list[str]] = None) -> dict[str, list[dict]]:
-        """The key views of ``names``' pools (what listings show); nothing when the keeper does not answer soon."""
-        try:
-            return self.ask("views", names, timeout=_VIEWS_S)
-        except GatewayError:
-            return {}
-
-
-def template_of(spec: Any) -> bytes:
-    """``spec`` without its keys, pickled: the keeper keeps it as bytes (it never needs a provider's classes)."""
-    from ray import cloudpickle
-
-    return cloudpickle.dumps(spec.for_key(""))

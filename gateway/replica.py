@@ -12,7 +12,7 @@ or an ``ErrorInfo`` value; ``stream`` yields the typed events of ``contract.even
 ends with ``Finish``, or with a ``Failure`` event when it fails. Retries (``gateway.retry``) happen here, next to the
 upstream, and for streams only until the first event.
 
-A hosted provider's replica holds an adapter per key of the endpoint's pool (``gateway.pool_keeper.PoolMember``):
+A hosted provider's replica holds an adapter per key of the endpoint's pool (``gateway.pool_member.PoolMember``):
 each attempt goes to the pool's best key, and on to the next at once when a key answers 429, quota or auth
 (``gateway.keypool``); answers and errors name the key that answered by its fingerprint (``key``).
 
@@ -29,12 +29,14 @@ from typing import AsyncIterator, Optional, Union
 from ray import serve
 from ray.util import metrics as ray_metrics
 
-from providers.base import DeploySpec, Provider, SaaSDeploySpec, construction_failure
+from providers.base import Provider
+from providers.deploy_failure import construction_failure
+from providers.specs import DeploySpec, SaaSDeploySpec
 from contract.errors import ErrorInfo, GatewayError
 from contract.events import Failure, Finish, StreamEvent
 from gateway.keypool import keyed
 from gateway.loopback import keep_replica_grpc_on_loopback
-from gateway.pool_keeper import PoolMember
+from gateway.pool_member import PoolMember
 from gateway.retry import RetryPolicy, call_with_retries
 from contract.calls import ChatCall, ChatResult
 

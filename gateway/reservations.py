@@ -1,19 +1,22 @@
 """The gateway's side of client keys' tokens and budgets: reserve before each endpoint call, settle after.
 
 ``gateway.limits`` says what reserves and settles when (its module docstring); ``gateway.budgets``
-says what a call reserves, and keeps the keeper's books; this is the process's part between them:
-one actor round trip to reserve (at most ``KEEPER_WAIT_S``: then 503 ``cluster_unavailable``, and
-the reservation is given back), one to settle (waited for, at most ``_SETTLE_WAIT_S``, for whole
-answers and a stream's ``Finish``; sent without waiting for a stream that ended without its usage),
-one to release (sent). A refusal for a spent limit is answered locally for at most
-``_SPENT_MEMORY_S`` (what was used never goes down before its reset), so a caller hammering past
-its budget costs the keeper one call a minute. A keeper that failed a key's reservation is left
-alone for ``KEEPER_BACKOFF_S`` (the key's calls: 503 at once). Only keys with a token limit or a
-budget (``ClientKey.budgeted``) come here; the others cost nothing.
+says what a call reserves, and ``gateway.budget_books`` are the keeper's books; this is the
+process's part between them: one actor round trip to reserve (at most ``KEEPER_WAIT_S``: then 503
+``cluster_unavailable``, and the reservation is given back), one to settle (waited for, at most
+``_SETTLE_WAIT_S``, for whole answers and a stream's ``Finish``; sent without waiting for a stream
+that ended without its usage), one to release (sent). A refusal for a spent limit is answered
+locally for at most ``_SPENT_MEMORY_S`` (what was used never goes down before its reset), so a
+caller hammering past its budget costs the keeper one call a minute. A keeper that failed a key's
+reservation is left alone for ``KEEPER_BACKOFF_S`` (the key's calls: 503 at once). Only keys with a
+token limit or a budget (``ClientKey.budgeted``) come here; the others cost nothing.
 
 The Prometheus counters (``gateway.metrics``) are counted here, by the key's name: what each
 settle charged (``gateway_client_tokens_total``, ``gateway_client_spend_total``) and each refusal
 for a budget (``gateway_budget_refusals_total``).
+
+Ray-free: the keeper's handle comes from ``Limits.keeper`` (``gateway.limits``), whose ``usage`` is
+the blocking report of ``GET /usage``.
 """
 from __future__ import annotations
 
@@ -25,12 +28,10 @@ import time
 import uuid
 from typing import Any, Optional
 
-import ray
-
 from . import budgets, metrics
 from .auth import ClientKey
 from contract.errors import GatewayError, whole_seconds
-from .keeper import KEEPER_BACKOFF_S, KEEPER_WAIT_S, keeper_down
+from .keeper_terms import KEEPER_BACKOFF_S, KEEPER_WAIT_S, keeper_down
 
 log = logging.getLogger("gateway.limits")
 
@@ -58,8 +59,8 @@ class Reservations:
     def keeper(self):
         return self._limits.keeper()
 
-    async def reserve(self, key: ClientKey, chat_name: str, record: dict, call: Any, ttl: float) -> Optional["Reservation"]:
-        """Hold what ``call`` to the endpoint ``chat_name`` (its ``record``: its price) may cost of ``key``'s
+    async def reserve(self, key: ClientKey, chat_name: str, price: Any, call: Any, ttl: float) -> Optional["Reservation"]:
+        """Hold what ``call`` to the endpoint ``chat_name`` (at its ``price``: its record's) may cost of ``key``'s
         tokens and budgets, for at most ``ttl`` seconds (see the module docstring); None for a key without
         any. Raises ``rate_limited`` (tokens_per_minute), ``budget_exceeded`` (a budget), or
         ``cluster_unavailable`` when the keeper does not answer within ``KEEPER_WAIT_S``."""
@@ -75,12 +76,12 @@ class Reservations:
         if down is not None and now < down[0]:
             raise keeper_down(key.name, down[1], down[0] - now)
         estimate, most = budgets.reservation(call, self.settings.budget_default_max_tokens)
-        price = budgets.price_of(record)
-        held = Reservation(self, key, uuid.uuid4().hex, chat_name, price, estimate)
+        rates = budgets.price_of(price)
+        held = Reservation(self, key, uuid.uuid4().hex, chat_name, rates, estimate)
         self._limits.cluster.ensure_up()  # (answers at once when the cluster is lost; connected already: a call resolved its endpoint)
         try:
             ref = self.keeper().reserve.remote(held.rid, key.id, key.limits(), estimate + most,
-                                               budgets.spend(price, estimate, most), ttl)
+                                               budgets.spend(rates, estimate, most), ttl)
         except Exception as exc:  # noqa: BLE001 - whatever Ray raised, the keeper cannot be asked now
             raise self._keeper_failed(key, exc) from None
         task = asyncio.ensure_future(_resolve(ref))
@@ -158,20 +159,6 @@ class Reservations:
             self.keeper().release.remote(held.rid)
         except Exception as exc:  # noqa: BLE001 - it runs out by itself (its ttl)
             log.warning("could not give back a reservation of %s: %s", held.key.name, type(exc).__name__)
-
-    def usage(self, since: str, until: str, client_key: Optional[str], chat_name: Optional[str], keys: list[ClientKey],
-              timeout: float) -> dict:
-        """``GET /usage`` (blocking: in a thread): the keeper's report, with the budgets of ``keys``."""
-        budgeted = [{"id": k.id, "name": k.name, "limits": k.limits()} for k in keys if k.budgeted]
-        try:
-            return ray.get(self.keeper().report.remote(since, until, client_key, chat_name, budgeted), timeout=timeout)
-        except GatewayError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - in words, never Ray's text
-            if isinstance(exc, AttributeError):  # (a keeper an older gateway made: replaced for the next call)
-                self._limits.forget_keeper(kill=True)
-            raise GatewayError("cluster_unavailable", f"the cluster's client-key limits keeper did not answer "
-                               f"({type(exc).__name__}); try again shortly", retry_after=2) from None
 
 
 class Reservation:
@@ -263,7 +250,7 @@ _BUDGET_WORDS = {"tokens_per_day": "daily token budget", "tokens_per_month": "mo
 
 
 def _over(key: ClientKey, answer: dict) -> GatewayError:
-    """The keeper's refusal (``budgets.Books.reserve``) in words: ``rate_limited`` for tokens_per_minute,
+    """The keeper's refusal (``budget_books.Books.reserve``) in words: ``rate_limited`` for tokens_per_minute,
     ``budget_exceeded`` for a budget (until its reset, named in ISO 8601 UTC)."""
     limit, wait = answer["limit"], max(1.0, answer["wait"])
     allowed, used, held, after = _num(answer["allowed"]), _num(answer["used"]), _num(answer["held"]), whole_seconds(wait)

@@ -12,9 +12,10 @@ One answer within a few seconds, without Ray's own logging and without an enviro
 
 It looks as a gateway process does (the same Ray namespace, token authentication, loopback switch), but
 reads only: it creates no registry, starts no Serve and settles no deploy. The Ray side runs in a child
-process (``python -m gateway.status --probe``): its stderr (Ray's log lines, a C++ check that aborts) is
+process (``python -m gateway.status_probe``): its stderr (Ray's log lines, a C++ check that aborts) is
 kept from the answer, and a connect that hangs is killed at the deadline. Nothing it prints holds a
-secret: the registry's records hold none, and only the fields below are shown.
+secret: the registry's records hold none, and only the fields ``gateway.status_probe`` chooses are shown.
+How the answer is printed is ``gateway.status_render``.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Mapping, Optional
+
+from .status_render import render
 
 EXIT_OK = 0
 EXIT_NOT_RUNNING = 3
@@ -54,9 +57,10 @@ def probe_env(env: Mapping[str, str], address: str, embedded: bool) -> dict[str,
 
     Token authentication as the gateway uses it (on by default with the embedded head; as set when
     joining ``RAY_ADDRESS``), and Ray's loopback switch for a head on loopback (see
-    ``gateway.cluster.LOOPBACK_SWITCH``): the user sets neither.
+    ``gateway.ray_switches.LOOPBACK_SWITCH``): the user sets neither.
     """
-    from .cluster import LOOPBACK_SWITCH, _host_port, is_loopback
+    from .head import _host_port
+    from .ray_switches import LOOPBACK_SWITCH, is_loopback
 
     out = {k: v for k, v in env.items() if not k.startswith("GATEWAY_")}
     out.pop("RAY_ADDRESS", None)  # given as an argument
@@ -122,137 +126,10 @@ def speaks_grpc(host: str, port: int, timeout: float = 1.0) -> Optional[bool]:
     return data[3] == 0x04  # the frame type of the server's first frame: SETTINGS
 
 
-# -- the child: read the cluster as a Ray driver ----------------------------------------------
-class _ReadFailed(Exception):
-    """Connected, but a read failed (not a connect error)."""
-
-
-def probe(address: str, namespace: str) -> dict:
-    """What the cluster at ``address`` runs: nodes, endpoints (as ``GET /deployments`` shows them), replicas."""
-    import logging
-    import warnings
-
-    warnings.simplefilter("ignore")
-    import ray
-
-    context = ray.init(address=address, namespace=namespace, log_to_driver=False,
-                       logging_level=logging.ERROR, configure_logging=False)
-    try:
-        return _read(namespace, context)
-    except Exception as exc:  # noqa: BLE001 - connected: not a connect error
-        text = str(exc).strip()
-        first = text.splitlines()[0][:200] if text else ""
-        raise _ReadFailed(f"connected to the Ray cluster at {address}, but reading it failed: "
-                          f"{type(exc).__name__}{': ' + first if first else ''}") from None
-    finally:
-        ray.shutdown()
-
-
-def _read(namespace: str, context) -> dict:
-    import ray
-
-    from .endpoints import Endpoints, serve_state
-    from .registry import REGISTRY_NAME
-
-    try:
-        registry = ray.get_actor(REGISTRY_NAME, namespace=namespace)  # never created here
-    except ValueError:
-        registry = None
-    records = ray.get(registry.list.remote(), timeout=5) if registry is not None else []
-
-    apps, replicas = serve_state(5)  # (read from a running Serve controller only: none running is no applications)
-    by_name = {r["chat_name"]: r for r in records}
-    report = {"dashboard_url": _dashboard_url(context), "nodes": _nodes(), "registry": registry is not None}
-    report["endpoints"] = [
-        endpoint_view(Endpoints._view(by_name.get(name), apps.get(name), name), by_name.get(name), replicas.get(name, []))
-        for name in sorted(set(by_name) | set(apps))
-    ]
-    return report
-
-
-def _dashboard_url(context) -> Optional[str]:
-    url = getattr(context, "dashboard_url", None) or None
-    return url if url is None or "://" in url else f"http://{url}"
-
-
-def _nodes() -> list[dict]:
-    import ray
-
-    from .registry import HEAD_NODE_RESOURCE
-
-    nodes = []
-    for n in ray.nodes():
-        res = n.get("Resources") or {}
-        nodes.append({"node_id": n.get("NodeID"), "ip": n.get("NodeManagerAddress"), "alive": bool(n.get("Alive")),
-                      "head": HEAD_NODE_RESOURCE in res, "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0)})
-    nodes.sort(key=lambda n: (not n["alive"], not n["head"], n["ip"] or ""))
-    return nodes
-
-
-def health_words(health: Optional[dict], now: Optional[float] = None) -> str:
-    """The registry's health view of an endpoint, in words."""
-    if not health:
-        return "unknown"
-    now = time.time() if now is None else now
-    state, last = health.get("state"), health.get("last_error")
-    if state == "ok":
-        failures = health.get("consecutive_failures") or 0
-        return "ok" if not failures else f"ok ({failures} recent failure{'s' * (failures != 1)}, the last {last})"
-    if state == "cooling_down":
-        left = max(0, round((health.get("cooldown_until") or now) - now))
-        return f"cooling down for {left} s" + (f" after {last}" if last else "")
-    if state == "probing":
-        return "probing: one request tries it again" + (f" (cooled down after {last})" if last else "")
-    if state == "probe_due":
-        return "cooldown over: the next request tries it again" + (f" (cooled down after {last})" if last else "")
-    return str(state)
-
-
-def endpoint_view(view: dict, record: Optional[dict], replicas: list[dict]) -> dict:
-    """What ``status`` shows of one endpoint (chosen fields only: nothing of a key, not even its fingerprint)."""
-    progress = view.get("progress") or {}
-    wanted = progress.get("workers", view.get("workers"))
-    failure = view.get("failure") or view.get("last_update_failure")
-    # the health of calls to it: of an endpoint that serves (or serves while it updates), else none
-    serving = view.get("status") not in ("DEPLOY_FAILED", "MISSING", "DEPLOYING")
-    health = ("unknown (not in the registry)" if record is None else health_words(view.get("health"))) if serving else "-"
-    out = {
-        "chat_name": view.get("chat_name"), "provider": view.get("provider"), "model": view.get("model"),
-        "status": view.get("status"), "workers_running": view.get("workers_running", 0), "workers": wanted,
-        "replicas": replicas, "health": health, "health_state": (view.get("health") or {}).get("state") if serving else None,
-        "fallbacks": list(view.get("fallbacks") or []), "base_url_host": view.get("base_url_host"),
-    }
-    if failure:
-        out["problem"] = str(failure.get("message") or failure.get("reason"))[:300]
-    if progress:
-        out["deploying_for_s"] = progress.get("elapsed_s")
-        out["deadline_in_s"] = progress.get("deadline_in_s")
-    return out
-
-
-def _probe_main(argv: list[str]) -> int:
-    """The child: the report (or why none) as JSON on the original stdout; Ray's output goes to stderr."""
-    address, namespace = argv
-    report_fd = os.dup(1)
-    os.dup2(2, 1)  # whatever Ray prints goes where the parent does not read the answer
-    try:
-        report, code = probe(address, namespace), EXIT_OK
-    except _ReadFailed as exc:
-        report, code = {"problem": str(exc)}, EXIT_NO_ANSWER
-    except Exception as exc:  # noqa: BLE001 - say why, in words
-        from .cluster import describe_connect_error
-
-        report, code = {"problem": describe_connect_error(exc, address)}, EXIT_NO_ANSWER
-    with os.fdopen(report_fd, "w") as out:
-        out.write(json.dumps(report, default=str))
-    sys.stdout.flush()
-    os._exit(code)  # (Ray's exit handlers have nothing left to do)
-
-
 # -- the parent: decide, run the child, answer ----------------------------------------------
 def status(env: Mapping[str, str], timeout: float = DEFAULT_TIMEOUT_S) -> tuple[int, dict]:
     """(exit code, report) for the gateway ``env`` describes; ``report["problem"]`` says what is wrong."""
-    from .cluster import _host_port, reachable
+    from .head import _host_port, reachable
 
     started = time.monotonic()
     try:
@@ -321,7 +198,7 @@ def _run_probe(address: str, namespace: str, env: dict, timeout: float) -> tuple
     """Run the child: (how it ended: ``exit <code>``, ``timeout`` or ``token refused``; its report or None; its stderr)."""
     import threading
 
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.status", "--probe", address, namespace], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.status_probe", address, namespace], env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     out: list[bytes] = []
@@ -371,59 +248,6 @@ def _last_words(stderr: str) -> str:
     return lines[-1][-300:] if lines else ""
 
 
-# -- the answer in words ------------------------------------------------------------------------
-def render(report: dict) -> str:
-    """The report as a short human table."""
-    if not report.get("running"):
-        return report.get("problem", f"no answer from {report.get('address')}")
-    lines = [f"Ray cluster at {report['address']} ({report['address_from']}), namespace {report['namespace']}"
-             + (f", dashboard {report['dashboard_url']}" if report.get("dashboard_url") else "")]
-    nodes = report.get("nodes") or []
-    alive = [n for n in nodes if n["alive"]]
-    dead = [n for n in nodes if not n["alive"]]
-    lines.append(f"nodes: {len(alive)} alive" + (f", {len(dead)} dead" if dead else ""))
-    rows = [[n["ip"] or "?", "head" if n["head"] else "worker", "alive" if n["alive"] else "dead",
-             f"{n['cpus']:g} CPU", f"{n['gpus']:g} GPU", (n["node_id"] or "")[:12]] for n in alive + dead[:5]]
-    lines += _table(["IP", "ROLE", "STATE", "CPUS", "GPUS", "NODE ID"], rows)
-    if len(dead) > 5:
-        lines.append(f"  (and {len(dead) - 5} more dead nodes; --json lists them)")
-    endpoints = report.get("endpoints") or []
-    if not report.get("registry"):
-        lines.append(f"endpoints: no gateway has connected to this cluster yet (no endpoint registry in namespace "
-                     f"{report['namespace']})")
-    else:
-        lines.append(f"endpoints: {len(endpoints)}" if endpoints else "endpoints: none deployed")
-    if endpoints:
-        rows = [[e["chat_name"], e["provider"] or "?", e["model"] or "?", e["status"] or "?",
-                 f"{e['workers_running']}/{e['workers'] if e['workers'] is not None else '?'}",
-                 _replica_words(e["replicas"]), e["health"]] for e in endpoints]
-        lines += _table(["CHAT_NAME", "PROVIDER", "MODEL", "STATUS", "WORKERS", "REPLICAS (NODE)", "HEALTH"], rows)
-        for e in endpoints:
-            if e.get("problem"):
-                lines.append(f"  {e['chat_name']}: {e['problem']}")
-            if e.get("deploying_for_s") is not None:
-                lines.append(f"  {e['chat_name']}: deploying for {e['deploying_for_s']:.0f} s, "
-                             f"its deadline in {e['deadline_in_s']:.0f} s")
-    return "\n".join(lines)
-
-
-def _replica_words(replicas: list[dict]) -> str:
-    """``2 running on 127.0.0.1, 1 starting on 10.0.0.7`` (by state and node)."""
-    if not replicas:
-        return "-"
-    counts: dict[tuple[str, str], int] = {}
-    for r in replicas:
-        key = (r["state"].lower(), r.get("node_ip") or "")
-        counts[key] = counts.get(key, 0) + 1
-    return ", ".join(f"{n} {state} " + (f"on {ip}" if ip else "(no node yet)")
-                     for (state, ip), n in sorted(counts.items(), key=lambda kv: kv[0][0] != "running"))
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    return ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-
-
 def main(as_json: bool = False, timeout: float = DEFAULT_TIMEOUT_S, env: Optional[Mapping[str, str]] = None) -> int:
     code, report = status(os.environ if env is None else env, timeout)
     print(json.dumps(report, ensure_ascii=False, indent=2) if as_json else render(report), flush=True)
@@ -431,6 +255,4 @@ def main(as_json: bool = False, timeout: float = DEFAULT_TIMEOUT_S, env: Optiona
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--probe"]:
-        _probe_main(sys.argv[2:])
     sys.exit(main())

@@ -8,7 +8,7 @@ Query (all optional): ``client_key`` (a key's ``name``), ``chat_name``, ``since`
      "truncated": false,
      "budgets": [{"client_key": "app1", "tokens_per_day": {"limit", "used", "reserved", "resets_at"}, ...}, ...]}
 
-Read from the limits keeper's ledger (``gateway.budgets``: SQLite on the head node, the same numbers
+Read from the limits keeper's ledger (``gateway.budget_books``: SQLite on the head node, the same numbers
 the keeper admits calls against), so it is the whole cluster's, whichever gateway process answers.
 Only keys with a token limit or a budget are counted (the others cost nothing, and are not kept);
 ``spend`` is at the endpoints' ``price``. Keys are named by their ``name``, never shown.
@@ -55,5 +55,5 @@ def usage_report():
     client_key = request.args.get("client_key") or None
     chat_name = request.args.get("chat_name") or None
     keys = [k for k in services.auth.keys if client_key is None or k.name == client_key]
-    report = services.limits.reservations.usage(since, until, client_key, chat_name, keys, timeout=_WAIT_S)
+    report = services.limits.usage(since, until, client_key, chat_name, keys, timeout=_WAIT_S)
     return jsonify(since=since, until=until, **report)

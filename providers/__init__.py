@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 import threading
 
-from .base import ChatAdapter, DeploySpec, Provider, SaaSDeploySpec
+from .base import ChatAdapter, Provider
+from .specs import DeploySpec, SaaSDeploySpec
 
 #: the built-in providers, by name: ``"module:Class"`` (a ``Provider`` subclass) or ``"module:CONFIG"``
 #: (a configuration with ``provider()``, e.g. an ``OpenAIWire``). A module is imported where it is

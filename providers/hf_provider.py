@@ -37,7 +37,7 @@ class HFAdapter(LocalAdapter):
             import torch
             from transformers import AutoModelForCausalLM
         except ImportError as exc:
-            from .base import DeployFailure
+            from .deploy_failure import DeployFailure
 
             raise DeployFailure("engine_missing", f"the hf provider needs torch and transformers on this node ({exc})") from None
         self._torch = torch

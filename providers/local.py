@@ -17,7 +17,9 @@ from contract.errors import GatewayError
 from contract.events import Delta, Finish
 from contract.calls import ChatCall, ChatResult
 
-from .base import ChatAdapter, DeployFailure, DeploySpec, Provider
+from .base import ChatAdapter, Provider
+from .deploy_failure import DeployFailure
+from .specs import DeploySpec
 
 #: caller parameters every local engine honours (``user`` only labels a request upstream; it has no effect here)
 LOCAL_PARAMS = frozenset({"temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "user"})

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from contract.errors import GatewayError
 
-from .base import ErrorTable, Provider, map_by_class
+from .base import Provider
+from .error_mapping import ErrorTable, map_by_class
 from .openai_wire import OpenAIWire, OpenAIWireAdapter, OpenAIWireProvider
 
 OPENAI = OpenAIWire(

@@ -26,9 +26,12 @@ from contract.errors import TYPES, GatewayError
 from contract.events import StreamEvent
 from contract.calls import ChatCall, ChatResult
 
-from .base import (CONNECTION_FAILED, MALFORMED, MESSAGES, TIMED_OUT, ChatAdapter, ErrorTable, Provider, SaaSDeploySpec,
-                   auth_message, ChunkReader, completion_result, fixed, judge_key_check, map_by_class,
-                   reraise_as_gateway_error, retry_after_seconds, shown_url, unexpected)
+from .base import ChatAdapter, Provider
+from .error_mapping import (CONNECTION_FAILED, MALFORMED, MESSAGES, TIMED_OUT, ErrorTable, auth_message, fixed,
+                            map_by_class, reraise_as_gateway_error, retry_after_seconds, unexpected)
+from .keys import judge_key_check, shown_url
+from .openai_shape import ChunkReader, completion_result
+from .specs import SaaSDeploySpec
 
 #: the SDK's client refuses to be built without a key (and reads OPENAI_API_KEY from the environment
 #: when given none, which must never reach another server): a keyless endpoint's client gets this

@@ -22,12 +22,24 @@ from contract.errors import GatewayError
 from contract.events import Delta, StreamEvent, ToolCallDelta
 from contract.calls import ChatCall, ChatResult, Usage
 
-from .base import (MALFORMED, MESSAGES, TIMED_OUT, ChatAdapter, ErrorTable, Provider, SaaSDeploySpec, auth_message,
-                   end_event, fixed, judge_key_check, map_by_class, reraise_as_gateway_error, unexpected)
+from .base import ChatAdapter, Provider
+from .error_mapping import (MALFORMED, MESSAGES, TIMED_OUT, ErrorTable, auth_message, fixed, map_by_class,
+                            reraise_as_gateway_error, unexpected)
+from .keys import judge_key_check
+from .openai_shape import end_event
+from .params import MAX_TOKENS, SAME, ParamMap, Wire, as_list, honoured, wire_params
+from .specs import SaaSDeploySpec
 
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 
 QUOTA_CODES = {"Arrearage", "PrepaidBillOverdue", "PostpaidBillOverdue", "CommodityNotPurchased"}
+
+#: our sampling parameters -> the SDK's (``providers.params``): temperature below DashScope's 2 (2 is sent
+#: as 1.99), ``stop`` always a list; no ``user``: a call that gives one is refused (``check_call``)
+QWEN_PARAMS: ParamMap = {
+    "temperature": Wire(at_most=1.99), "top_p": SAME, **MAX_TOKENS, "stop": Wire(transform=as_list),
+    "seed": SAME, "response_format": SAME, "tools": SAME, "tool_choice": SAME,
+}
 
 class QwenDeploySpec(SaaSDeploySpec):
     MODEL_TYPES = ("saas/qwen", "saas/qianwen", "saas/dashscope")
@@ -178,8 +190,8 @@ class QwenAdapter(ChatAdapter):
         self._spec = spec
 
     def _request(self, call: ChatCall) -> dict[str, Any]:
-        spec, p = self._spec, call.params
-        kwargs: dict[str, Any] = {
+        spec = self._spec
+        return {
             "model": spec.model_name,
             "messages": [m.model_dump(exclude_none=True) for m in call.messages],
             "result_format": "message",
@@ -187,19 +199,8 @@ class QwenAdapter(ChatAdapter):
             "base_address": spec.base_url or DEFAULT_BASE_URL,
             "request_timeout": max(1, math.ceil(spec.timeout)),
             "headers": {"X-Request-Id": call.request_id},
+            **wire_params(call.params, QWEN_PARAMS),
         }
-        if p.temperature is not None:
-            kwargs["temperature"] = min(p.temperature, 1.99)
-        if p.top_p is not None:
-            kwargs["top_p"] = p.top_p
-        if p.max_output() is not None:
-            kwargs["max_tokens"] = p.max_output()
-        if p.stop is not None:
-            kwargs["stop"] = [p.stop] if isinstance(p.stop, str) else p.stop
-        for name in ("seed", "response_format", "tools", "tool_choice"):
-            if getattr(p, name) is not None:
-                kwargs[name] = getattr(p, name)
-        return kwargs
 
     async def chat(self, call: ChatCall) -> ChatResult:
         started = time.perf_counter()
@@ -250,12 +251,11 @@ class QwenAdapter(ChatAdapter):
 
 
 class QwenProvider(Provider):
+    """Qwen through DashScope's native API with the user's key; parameters go as ``QWEN_PARAMS`` says."""
+
     name = "qwen"
     spec_class = QwenDeploySpec
-    params = Provider.params | {"seed", "response_format", "tools", "tool_choice"}
-
-    def create_adapter(self, spec: QwenDeploySpec) -> QwenAdapter:
-        return QwenAdapter(spec)
+    params = honoured(QWEN_PARAMS)
 
     def verify_key(self, spec: QwenDeploySpec) -> Optional[str]:
         """``GET {base_url}/models?page_no=1&page_size=1`` through the SDK (``dashscope.Models.list``): free.
@@ -272,3 +272,6 @@ class QwenProvider(Provider):
         if int(resp.status_code) != 200:
             return judge_key_check(error_from_response(resp), base_url, self.name)
         return None
+
+    def create_adapter(self, spec: QwenDeploySpec) -> QwenAdapter:
+        return QwenAdapter(spec)

@@ -22,7 +22,7 @@ from contract.errors import GatewayError
 from contract.events import Delta, Finish, StreamEvent
 from contract.calls import ChatCall, Usage
 
-from .base import DeployFailure
+from .deploy_failure import DeployFailure
 from .local import LocalAdapter, LocalDeploySpec, LocalProvider, load_failure, load_tokenizer, model_source, prompt_ids, stop_strings
 
 

@@ -24,9 +24,13 @@ from contract.errors import GatewayError
 from contract.events import StreamEvent
 from contract.calls import ChatCall, ChatResult
 
-from .base import (CONNECTION_FAILED, MALFORMED, MESSAGES, TIMED_OUT, ChatAdapter, ErrorTable, Provider, SaaSDeploySpec,
-                   auth_message, ChunkReader, completion_result, fixed, judge_key_check, map_by_class,
-                   reraise_as_gateway_error, retry_after_seconds, unexpected)
+from .base import ChatAdapter, Provider
+from .error_mapping import (CONNECTION_FAILED, MALFORMED, MESSAGES, TIMED_OUT, ErrorTable, auth_message, fixed,
+                            map_by_class, reraise_as_gateway_error, retry_after_seconds, unexpected)
+from .keys import judge_key_check
+from .openai_shape import ChunkReader, completion_result
+from .params import MAX_TOKENS, SAME, ParamMap, Wire, as_list, honoured, wire_params
+from .specs import SaaSDeploySpec
 
 DEFAULT_BASE_URL = "https://open.bigmodel.cn/api/paas/v4"
 
@@ -42,6 +46,13 @@ CODE_TYPES: dict[str, str] = {
     "1305": "upstream_rate_limited",
     **{str(c): "upstream_bad_request" for c in range(1210, 1235)},
     "1261": "upstream_bad_request",
+}
+
+#: our sampling parameters -> the SDK's (``providers.params``): temperature capped at Zhipu's 1 (the SDK
+#: then sends 0.99; see above), ``stop`` always a list, ``user`` as ``user_id``
+ZHIPU_PARAMS: ParamMap = {
+    "temperature": Wire(at_most=1.0), "top_p": SAME, **MAX_TOKENS, "stop": Wire(transform=as_list),
+    "user": Wire("user_id"), "seed": SAME, "response_format": SAME, "tools": SAME, "tool_choice": SAME,
 }
 
 class ZhipuDeploySpec(SaaSDeploySpec):
@@ -147,26 +158,12 @@ class ZhipuAdapter(ChatAdapter):
         return self._client
 
     def _request(self, call: ChatCall) -> dict[str, Any]:
-        p = call.params
-        kwargs: dict[str, Any] = {
+        return {
             "model": self._spec.model_name,
             "messages": [m.model_dump(exclude_none=True) for m in call.messages],
             "request_id": call.request_id,
+            **wire_params(call.params, ZHIPU_PARAMS),
         }
-        if p.temperature is not None:
-            kwargs["temperature"] = min(p.temperature, 1.0)
-        if p.top_p is not None:
-            kwargs["top_p"] = p.top_p
-        if p.max_output() is not None:
-            kwargs["max_tokens"] = p.max_output()
-        if p.stop is not None:
-            kwargs["stop"] = [p.stop] if isinstance(p.stop, str) else p.stop
-        if p.user is not None:
-            kwargs["user_id"] = p.user
-        for name in ("seed", "response_format", "tools", "tool_choice"):
-            if getattr(p, name) is not None:
-                kwargs[name] = getattr(p, name)
-        return kwargs
 
     async def chat(self, call: ChatCall) -> ChatResult:
         client = self._get_client()
@@ -226,12 +223,11 @@ class ZhipuAdapter(ChatAdapter):
 
 
 class ZhipuProvider(Provider):
+    """Zhipu's GLM models with the user's ``id.secret`` key; parameters go as ``ZHIPU_PARAMS`` says."""
+
     name = "zhipu"
     spec_class = ZhipuDeploySpec
-    params = Provider.params | {"seed", "user", "response_format", "tools", "tool_choice"}
-
-    def create_adapter(self, spec: ZhipuDeploySpec) -> ZhipuAdapter:
-        return ZhipuAdapter(spec)
+    params = honoured(ZHIPU_PARAMS)
 
     def verify_key(self, spec: ZhipuDeploySpec) -> Optional[str]:
         """``GET {base_url}/models`` (Zhipu's free, OpenAI-shaped model list) through the SDK's own client.
@@ -252,3 +248,6 @@ class ZhipuProvider(Provider):
         finally:
             client.close()
         return None
+
+    def create_adapter(self, spec: ZhipuDeploySpec) -> ZhipuAdapter:
+        return ZhipuAdapter(spec)

@@ -27,7 +27,7 @@ os.environ["GATEWAY_STATE_DIR"] = tempfile.mkdtemp(prefix="llmgw-test-state-")
 import pytest  # noqa: E402
 
 from gateway import Settings, create_app  # noqa: E402
-from gateway.cluster import EmbeddedHead, export_embedded_env, free_port
+from gateway.head import EmbeddedHead, export_embedded_env, free_port
 from tests.fakes.upstreams import FakeDashScope, FakeOpenAI, FakeZhipu
 from tests.providers_for_tests import register_test_providers
 
@@ -77,7 +77,11 @@ def fake_dashscope():
 def app(ray_head):
     register_test_providers()
     # Cooldowns off for the shared app: error-mapping tests fail endpoints on purpose.
-    return create_app(Settings.from_env(ray_address=ray_head.address, deploy_wait_s=30, cooldown_s=0))
+    app = create_app(Settings.from_env(ray_address=ray_head.address, deploy_wait_s=30, cooldown_s=0))
+    # Connected now: tests that call Ray themselves (an actor's pid, a remote task) use this process's
+    # connection, which no Ray call makes by itself (RAY_ENABLE_AUTO_CONNECT=0, gateway/__init__.py)
+    app.extensions["gateway"].cluster.ensure_up()
+    return app
 
 
 @pytest.fixture

@@ -39,7 +39,8 @@ from typing import Optional
 import httpx
 
 from gateway import Settings
-from gateway.cluster import LOOPBACK_SWITCH, EmbeddedHead, free_port, reachable
+from gateway.head import EmbeddedHead, free_port, reachable
+from gateway.ray_switches import LOOPBACK_SWITCH
 from tests.procs import start, stop, wait_ready
 
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"

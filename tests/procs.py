@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.cluster import free_port
+from gateway.head import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -27,8 +27,8 @@ import yaml
 
 from gateway import Settings, create_app
 from gateway.budgets import iso, resets_at
-from gateway.cluster import EmbeddedHead
-from gateway.limits import KEEPER_NAME
+from gateway.head import EmbeddedHead
+from gateway.keeper import KEEPER_NAME
 from tests.fakes.upstreams import Reply
 from tests.procs import ROOT, serve_front
 from tests.test_restarts import head_settings
@@ -314,7 +314,7 @@ def test_usage_is_for_the_admin_and_checks_its_days(budgeted):
 _READ_BACK = """
 import json, sys
 import ray
-from gateway.cluster import ray_on_loopback
+from gateway.ray_switches import ray_on_loopback
 from gateway.keeper import keeper_actor
 ray_on_loopback()
 ray.init(address=sys.argv[1], namespace="llm_gateway", log_to_driver=False, logging_level="ERROR")

@@ -168,7 +168,7 @@ def test_request_id_is_kept_when_sane_and_replaced_otherwise(client):
 
 
 def test_unreachable_cluster_is_503(ray_head):
-    from gateway.cluster import free_port
+    from gateway.head import free_port
 
     down = create_app(Settings.from_env(ray_address=f"127.0.0.1:{free_port()}")).test_client()
     r = down.post("/chat", json={"chat_name": "anything", "content": "hi"})

@@ -31,7 +31,7 @@ def _pid_of(actor) -> int:
 
 # -- one answer per process, bounded ------------------------------------------------------------------
 def test_a_shared_answer_asks_once_for_a_burst_and_never_waits_past_its_bound():
-    from gateway.cluster import SharedAnswer
+    from gateway.cluster_answers import SharedAnswer
     from contract.errors import GatewayError
 
     looks, release = [], threading.Event()

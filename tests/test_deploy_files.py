@@ -22,7 +22,7 @@ from pathlib import PurePosixPath
 import pytest
 import yaml
 
-from providers.base import check_resources
+from providers.specs import check_resources
 from tests.procs import ROOT
 
 pytestmark = pytest.mark.fast

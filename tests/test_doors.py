@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from gateway import Settings, create_app
-from gateway.cluster import free_port
+from gateway.head import free_port
 from tests.procs import ROOT, start, stop
 
 ADMIN = "doors-admin-" + "a" * 24

@@ -11,7 +11,8 @@ import uuid
 import pytest
 from ray import serve
 
-from providers.base import indefinite, shown_url
+from providers.base import indefinite
+from providers.keys import shown_url
 from tests.fakes.upstreams import Reply
 
 PROVIDERS = ("openai", "zhipu", "qwen")

@@ -18,8 +18,8 @@ import pytest
 import ray
 
 from gateway import Settings, create_app
-from gateway.pool_keeper import KEEPER_NAME
-from providers.base import key_fingerprint
+from gateway.key_pools import KEEPER_NAME
+from providers.keys import key_fingerprint
 from tests.test_secrets import dashboard_get
 
 RUN = uuid.uuid4().hex

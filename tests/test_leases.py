@@ -20,8 +20,8 @@ import httpx
 import pytest
 import yaml
 
-from gateway.cluster import free_port
-from gateway.registry import Leases, endpoint_lease
+from gateway.head import free_port
+from gateway.leases import Leases, endpoint_lease
 from tests.fakes.upstreams import Reply
 from tests.procs import start, stop, worker_pids
 
@@ -190,7 +190,7 @@ def slow_serve_looks(monkeypatch):
     """Serve's controller answering late, once, for a request labelled here: ``slow[label] = (delay, when)``
     makes the next look of the request whose ``X-Test-Label`` header is ``label`` at Serve's applications (for which ``when()`` is true) come back
     ``delay`` seconds after it was taken, as from a loaded controller; ``looked`` is set when it was taken."""
-    import gateway.endpoints as endpoints
+    import gateway.serve_apps as endpoints
 
     real = endpoints._app_statuses
     slow: dict[str, tuple] = {}

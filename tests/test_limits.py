@@ -19,7 +19,7 @@ import yaml
 
 from gateway import Settings, create_app
 from gateway.auth import load_keys
-from gateway.limits import KEEPER_NAME
+from gateway.keeper import KEEPER_NAME
 from tests.fakes.upstreams import openai_error
 
 ADMIN = "admin-token-" + "l" * 24

@@ -98,7 +98,7 @@ def pinned(mn, fake_openai):
                                      (b, ON_BOTH, {"resources": {SHARED: 1}, "workers": 2})):
             r = client.post("/openai/deploy", headers=mn.admin, json=deploy_body(fake_openai, name, **fields))
             if r.status_code in (400, 422) and "resources" in r.text and "deploy_failed" not in r.text:
-                pytest.fail(f"the deploy field 'resources' is not there yet (providers/base.py, gateway/endpoints.py): "
+                pytest.fail(f"the deploy field 'resources' is not there yet (providers/specs.py, gateway/deploy_checks.py): "
                             f"{r.status_code} {r.text[:300]}")
             assert r.status_code == 200, r.text
     print(f"\npinned endpoints deployed in {time.monotonic() - began:.1f}s")

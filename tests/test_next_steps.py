@@ -170,7 +170,7 @@ def test_other_app_errors(other_app):
 
 
 def test_unreachable_cluster_says_what_to_do(ray_head):
-    from gateway.cluster import free_port
+    from gateway.head import free_port
 
     down = create_app(Settings.from_env(ray_address=f"127.0.0.1:{free_port()}")).test_client()
     _check(down.post("/chat", json={"chat_name": "anything", "content": "hi"}), "cluster_unavailable", "try again")

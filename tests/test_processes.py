@@ -15,7 +15,7 @@ import httpx
 import pytest
 import ray
 
-from gateway.cluster import free_port, reachable
+from gateway.head import free_port, reachable
 from tests.fakes.upstreams import Reply
 from tests.procs import gunicorn_joined_to, start, stop, wait_ready, worker_pids
 
@@ -60,7 +60,7 @@ def test_a_client_hanging_up_mid_stream_cancels_the_upstream_call(gunicorn_joine
         http.post("/openai/undeploy", json={"chat_name": chat_name})
 
 
-def test_gunicorn_serves_the_user_session_and_stops_gracefully(gunicorn_joined, fake_openai):
+def test_gunicorn_serves_the_user_session_and_stops_gracefully(gunicorn_joined, fake_openai, app):  # (app: Ray connected)
     base, proc, log_path = gunicorn_joined
     chat_name = f"gunicorn_{uuid.uuid4().hex[:8]}"
     key = f"sk-gunicorn-{uuid.uuid4().hex}"
@@ -284,7 +284,7 @@ def test_a_gateway_joining_a_head_on_loopback_needs_no_ray_switch_set(ray_head, 
     loopback: without Ray's loopback switch (``gateway.cluster.LOOPBACK_SWITCH``) a Ray driver rewrote the
     address to the host's own and never connected, and /readyz said "starting" for ever (seen by the
     two-hosts bench of issue 27)."""
-    from gateway.cluster import LOOPBACK_SWITCH
+    from gateway.ray_switches import LOOPBACK_SWITCH
     from tests.procs import ROOT
 
     assert ray_head.address.startswith("127.0.0.1:")

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from gateway import Settings
-from gateway.cluster import EmbeddedHead
+from gateway.head import EmbeddedHead
 
 #: set by conftest before the head started; none may reach a Ray process
 CANARIES = ("OPENAI_API_KEY", "MY_LEGACY_APP_SECRET", "GATEWAY_TEST_CANARY_SECRET")
@@ -260,7 +260,7 @@ def test_a_gateway_that_imported_ray_first_still_keeps_127_0_0_1():
     import sys
 
     code = ("import app, sys; assert 'ray' in sys.modules\n"
-            "from gateway.cluster import export_embedded_env\n"
+            "from gateway.head import export_embedded_env\n"
             "export_embedded_env('127.0.0.1:6399')\n"
             "from ray._private import services\n"
             "print(services.canonicalize_bootstrap_address('127.0.0.1:6399'))\n")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from gateway import Settings
-from gateway.cluster import EmbeddedHead, _host_port, free_port
+from gateway.head import EmbeddedHead, _host_port, free_port
 from tests.procs import TcpProxy, start, stop, wait_ready, worker_pids
 from tests.test_security import endpoints_file
 

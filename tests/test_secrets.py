@@ -97,7 +97,7 @@ def test_key_appears_nowhere_but_at_the_provider(client, deploy, fake_openai, fa
 
 
 def test_fingerprint_is_not_enough_to_use_the_key():
-    from providers.base import key_fingerprint
+    from providers.keys import key_fingerprint
 
     assert key_fingerprint("sk-proj-abcdefghijklmnopqrstuvwxyz1234") == "sk-...1234"
     assert key_fingerprint("9d3c9f00aa.AbCdEf") == "9d3...CdEf"
@@ -165,7 +165,7 @@ def test_a_constructor_that_puts_the_key_in_its_error_is_scrubbed_everywhere(cli
 def test_a_construction_failure_keeps_its_reason_and_loses_every_secret():
     import pickle
 
-    from providers.base import DeployFailure, construction_failure
+    from providers.deploy_failure import DeployFailure, construction_failure
     from providers.openai_provider import OpenAIDeploySpec
 
     key = f"sk-canary-{uuid.uuid4().hex}"

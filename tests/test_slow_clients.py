@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from gateway.cluster import free_port
+from gateway.head import free_port
 from tests.procs import start, stop, wait_ready
 
 HEAD_S = 3.0  # GATEWAY_HEADER_TIMEOUT_S (also the body's grace)

@@ -10,7 +10,8 @@ import sys
 import threading
 import time
 
-from gateway.cluster import LOOPBACK_SWITCH, free_port
+from gateway.head import free_port
+from gateway.ray_switches import LOOPBACK_SWITCH
 from gateway.status import EXIT_NO_ANSWER, EXIT_NOT_RUNNING
 from tests.procs import ROOT
 

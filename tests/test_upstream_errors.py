@@ -89,7 +89,7 @@ def test_upstream_that_hangs_past_the_timeout_is_504(client, endpoint, fake_open
 
 
 def test_unreachable_upstream_is_upstream_error(client, deploy, name):
-    from gateway.cluster import free_port
+    from gateway.head import free_port
 
     chat_name = name()
     assert deploy(chat_name, "sk-nowhere-0001", base_url=f"http://127.0.0.1:{free_port()}/v1").status_code == 200

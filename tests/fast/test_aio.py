@@ -1,4 +1,4 @@
-"""The worker's one event loop (gateway/aio.py) and how the dispatcher waits on it (``Dispatcher._await``).
+"""The worker's one event loop (gateway/aio.py) and how the dispatcher waits on it (``ReplicaClient.wait``).
 
 What the dispatcher relies on when it hands every Serve call to the loop: calls from many threads
 run together on one thread, errors come back as themselves, a call that runs out of time or meets a
@@ -120,7 +120,7 @@ def test_a_call_past_its_deadline_is_cancelled_and_its_end_read(dispatcher, asyn
 
 
 def test_a_waiting_call_meets_a_lost_cluster_as_cluster_unavailable_and_is_cancelled(dispatcher, monkeypatch):
-    import gateway.dispatch as dispatch
+    import gateway.replica_client as dispatch
 
     monkeypatch.setattr(dispatch, "_POLL_S", 0.05)  # (looks at the cluster every 50 ms instead of 2 s)
     call = Pending()

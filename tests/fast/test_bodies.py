@@ -9,8 +9,9 @@ from urllib.parse import quote, quote_plus
 import flask
 import pytest
 
-from gateway import bodies
-from gateway.bodies import MAX_DEPTH, codec_of, decode, read
+from gateway import bodies, body_forms
+from gateway.bodies import read
+from gateway.body_text import MAX_DEPTH, codec_of, decode
 from contract.errors import GatewayError
 
 CHINESE = "你好，世界"
@@ -331,24 +332,24 @@ def test_repeated_form_fields_are_collected_in_order():
 
 
 def test_a_form_of_as_many_fields_as_the_cap_is_read():
-    cap = bodies.MAX_FORM_FIELDS
+    cap = body_forms.MAX_FORM_FIELDS
     assert read(b"&".join([b"stop=x"] * cap), FORM, True).data == {"stop": ["x"] * cap}
 
 
 @pytest.mark.parametrize("raw", [
-    pytest.param(b"&".join([b"a=1"] * (bodies.MAX_FORM_FIELDS + 1)), id="cap+1"),
+    pytest.param(b"&".join([b"a=1"] * (body_forms.MAX_FORM_FIELDS + 1)), id="cap+1"),
     pytest.param((b"a=1&" * (MIB // 4))[:MIB], id="1MiB-of-a=1"),  # 262 144 fields: 48.7 s of CPU before
     pytest.param(b"&" * (MIB - 1), id="1MiB-of-&"),                 # empty fields count too
 ])
 def test_a_form_with_more_fields_than_the_cap_is_a_413_that_says_send_json(raw):
     err = too_large(read, raw, FORM, True)
-    assert f"more than {bodies.MAX_FORM_FIELDS} fields" in err.info.message
+    assert f"more than {body_forms.MAX_FORM_FIELDS} fields" in err.info.message
     assert "application/json" in err.info.message
 
 
 def test_the_field_cap_holds_for_a_form_in_any_charset():
-    err = too_large(read, "&".join(["stop=你"] * (bodies.MAX_FORM_FIELDS + 1)).encode("gbk"), FORM + "; charset=gbk", True)
-    assert f"more than {bodies.MAX_FORM_FIELDS} fields" in err.info.message
+    err = too_large(read, "&".join(["stop=你"] * (body_forms.MAX_FORM_FIELDS + 1)).encode("gbk"), FORM + "; charset=gbk", True)
+    assert f"more than {body_forms.MAX_FORM_FIELDS} fields" in err.info.message
 
 
 @pytest.mark.parametrize("escaped", [
@@ -396,17 +397,17 @@ def test_a_multipart_part_with_80000_header_parameters_is_a_413():
     raw, ctype = multipart_raw(b'Content-Disposition: form-data; name="chat_name"' + params + b"\r\n\r\na")
     assert len(raw) < MIB
     err = too_large(read, raw, ctype, True)
-    assert f"{bodies.MAX_PART_HEADER_BYTES} bytes" in err.info.message
+    assert f"{body_forms.MAX_PART_HEADER_BYTES} bytes" in err.info.message
     assert "application/json" in err.info.message
 
 
 def test_the_part_header_cap_counts_all_parts_together():
     header = b'Content-Disposition: form-data; name="stop"; filename="' + b"x" * 900 + b'"'  # a long file name
-    parts = bodies.MAX_PART_HEADER_BYTES // len(header)  # as many as fit, and one more
+    parts = body_forms.MAX_PART_HEADER_BYTES // len(header)  # as many as fit, and one more
     raw, ctype = multipart_raw(*[header + b"\r\n\r\nx"] * parts)
     assert read(raw, ctype, True).data == {"stop": ["x"] * parts}
     raw, ctype = multipart_raw(*[header + b"\r\n\r\nx"] * (parts + 1))
-    assert f"{bodies.MAX_PART_HEADER_BYTES} bytes together" in too_large(read, raw, ctype, True).info.message
+    assert f"{body_forms.MAX_PART_HEADER_BYTES} bytes together" in too_large(read, raw, ctype, True).info.message
 
 
 def test_a_multipart_part_whose_headers_never_end_is_a_413():
@@ -415,17 +416,17 @@ def test_a_multipart_part_whose_headers_never_end_is_a_413():
 
 
 def test_a_multipart_body_of_as_many_parts_as_the_cap_is_read():
-    cap = bodies.MAX_FORM_FIELDS
+    cap = body_forms.MAX_FORM_FIELDS
     raw, ctype = multipart_raw(*[b'Content-Disposition: form-data; name="fallbacks"\r\n\r\nb'] * cap)
     assert read(raw, ctype, True).data == {"fallbacks": ["b"] * cap}
 
 
-@pytest.mark.parametrize("parts", [bodies.MAX_FORM_FIELDS + 1, MIB // 60])  # 1 MiB of small parts: 17 000 of them
+@pytest.mark.parametrize("parts", [body_forms.MAX_FORM_FIELDS + 1, MIB // 60])  # 1 MiB of small parts: 17 000 of them
 def test_a_multipart_body_with_more_parts_than_the_cap_is_a_413(parts):
     raw, ctype = multipart_raw(*[b'Content-Disposition: form-data; name="a"\r\n\r\n1'] * parts)
     assert len(raw) <= MIB
     err = too_large(read, raw, ctype, True)
-    assert f"more than {bodies.MAX_FORM_FIELDS} fields" in err.info.message
+    assert f"more than {body_forms.MAX_FORM_FIELDS} fields" in err.info.message
 
 
 @pytest.mark.parametrize("raw, data", [
@@ -462,7 +463,7 @@ def test_a_recursion_error_while_reading_a_body_is_a_400_not_a_500(monkeypatch):
     def deep(*args):
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(bodies, "_multipart", deep)
+    monkeypatch.setattr(body_forms, "_multipart", deep)
     raw, ctype = multipart_raw(b'Content-Disposition: form-data; name="a"\r\n\r\n1')
     assert "nests too deeply" in refused(read, raw, ctype, True).info.message
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.dispatch import Bulkhead
+from gateway.bulkhead import Bulkhead
 
 
 def run(coro):

@@ -23,7 +23,7 @@ import zhipuai
 import providers.openai_provider as module
 
 from contract.errors import TYPES, GatewayError
-from providers.base import map_by_class, reraise_as_gateway_error
+from providers.error_mapping import map_by_class, reraise_as_gateway_error
 from providers.qwen_provider import DASHSCOPE_ERRORS, classify, error_from_response, map_dashscope_error
 from providers.zhipu_provider import ZHIPU_ERRORS, map_zhipu_error
 

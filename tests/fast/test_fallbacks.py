@@ -5,7 +5,7 @@ import pytest
 
 from gateway import endpoints
 from gateway.apply import EndpointEntry, ordered
-from gateway.endpoints import fallback_cycle
+from gateway.deploy_checks import fallback_cycle
 from contract.errors import GatewayError
 
 

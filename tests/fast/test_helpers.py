@@ -8,7 +8,8 @@ import pytest
 from gateway.auth import Auth, check_chat_names, load_keys
 from gateway.doors import Doors, check_listeners, is_loopback_address, split_host
 from contract.errors import GatewayError
-from providers.base import judge_key_check, key_fingerprint, redact, retry_after_seconds, shown_url
+from providers.error_mapping import retry_after_seconds
+from providers.keys import judge_key_check, key_fingerprint, redact, shown_url
 
 SECRET = "sk-proj-0123456789abcdefXYZ"
 

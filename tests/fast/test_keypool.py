@@ -11,11 +11,12 @@ from pydantic import SecretStr
 
 import providers
 from contract.errors import ErrorInfo, GatewayError
-from gateway.keypool import (CLAIM_S, COOLING, DISABLED, OK, Ledger, Pool, call_with_keys, check_backoff, judge,
-                             reason_of)
+from gateway.key_rotation import Ledger, call_with_keys
+from gateway.keypool import CLAIM_S, COOLING, DISABLED, OK, Pool, check_backoff, judge, reason_of
 from gateway.pool_keeper import Keeper, generation_of
 from gateway.schemas import validate
-from providers.base import MAX_POOL_KEYS, key_fingerprint
+from providers.keys import key_fingerprint
+from providers.specs import MAX_POOL_KEYS
 
 A, B, C = "sk-pool-aaaaaaaaaaaa-1111", "sk-pool-bbbbbbbbbbbb-2222", "sk-pool-cccccccccccc-3333"
 FA, FB, FC = (key_fingerprint(k) for k in (A, B, C))

@@ -6,8 +6,9 @@ import pytest
 from contract.errors import GatewayError
 from contract.calls import ChatCall, Message, SamplingParams
 from gateway.schemas import ChatRequest, BroadcastRequest, validate
-from providers.qwen_provider import QwenAdapter, QwenDeploySpec, QwenProvider
-from providers.zhipu_provider import ZhipuAdapter, ZhipuDeploySpec, ZhipuProvider
+from providers.params import MAX_TOKENS, SAME, Wire, honoured, wire_params
+from providers.qwen_provider import QWEN_PARAMS, QwenAdapter, QwenDeploySpec, QwenProvider
+from providers.zhipu_provider import ZHIPU_PARAMS, ZhipuAdapter, ZhipuDeploySpec, ZhipuProvider
 
 TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
 
@@ -139,6 +140,62 @@ def test_qwen_takes_no_proxy():
     with pytest.raises(GatewayError) as info:
         validate(QwenDeploySpec, {"chat_name": "a", "model_name": "m", "api_key": "k", "proxy": "http://p:3128"})
     assert "HTTPS_PROXY" in info.value.info.message
+
+
+
+# -- each provider's parameter map (``providers.params``) ------------------------------------------
+#: what each of our parameters becomes on each provider's wire: (ours, given, zhipu's (name, value), qwen's)
+WIRE_TABLE = [
+    ("temperature", 0.0, ("temperature", 0.0), ("temperature", 0.0)),
+    ("temperature", 1.5, ("temperature", 1.0), ("temperature", 1.5)),
+    ("temperature", 2.0, ("temperature", 1.0), ("temperature", 1.99)),
+    ("top_p", 0.9, ("top_p", 0.9), ("top_p", 0.9)),
+    ("max_tokens", 5, ("max_tokens", 5), ("max_tokens", 5)),
+    ("max_completion_tokens", 7, ("max_tokens", 7), ("max_tokens", 7)),
+    ("stop", "END", ("stop", ["END"]), ("stop", ["END"])),
+    ("stop", ["a", "b"], ("stop", ["a", "b"]), ("stop", ["a", "b"])),
+    ("user", "u-42", ("user_id", "u-42"), None),  # Qwen: refused (below), never sent
+    ("seed", 7, ("seed", 7), ("seed", 7)),
+    ("response_format", {"type": "json_object"}, ("response_format", {"type": "json_object"}),
+     ("response_format", {"type": "json_object"})),
+    ("tools", TOOLS, ("tools", TOOLS), ("tools", TOOLS)),
+    ("tool_choice", "auto", ("tool_choice", "auto"), ("tool_choice", "auto")),
+]
+
+
+@pytest.mark.parametrize("ours, given, zhipu_sent, qwen_sent", WIRE_TABLE)
+def test_each_parameter_on_each_providers_wire(ours, given, zhipu_sent, qwen_sent):
+    for param_map, sent in ((ZHIPU_PARAMS, zhipu_sent), (QWEN_PARAMS, qwen_sent)):
+        assert wire_params(SamplingParams(**{ours: given}), param_map) == (dict([sent]) if sent else {})
+
+
+def test_the_wire_table_covers_every_parameter():
+    assert {row[0] for row in WIRE_TABLE} == set(SamplingParams.model_fields)
+
+
+@pytest.mark.parametrize("provider, param_map, refused", [
+    (ZhipuProvider(), ZHIPU_PARAMS, set()),
+    (QwenProvider(), QWEN_PARAMS, {"user"}),
+])
+def test_a_provider_honours_its_maps_parameters_and_refuses_the_rest(provider, param_map, refused):
+    assert provider.params == frozenset(param_map) == set(SamplingParams.model_fields) - refused
+    for name in refused:
+        with pytest.raises(GatewayError) as info:
+            provider.check_call(call(**{name: next(given for ours, given, *_ in WIRE_TABLE if ours == name)}))
+        assert info.value.info.fields == [name]
+
+
+def test_both_output_limits_send_the_newer_one_whatever_the_map_order():
+    both = SamplingParams(max_tokens=5, max_completion_tokens=7)
+    assert wire_params(both, MAX_TOKENS) == {"max_tokens": 7} == {"max_tokens": both.max_output()}
+
+
+def test_a_parameter_a_map_lacks_is_not_sent_and_a_map_names_only_our_parameters():
+    assert wire_params(SamplingParams(user="u", seed=1), {"seed": SAME}) == {"seed": 1}
+    assert wire_params(SamplingParams(temperature=0.5), {"temperature": Wire("temp", at_most=0.2, transform=str)}) == \
+        {"temp": "0.2"}
+    with pytest.raises(ValueError, match="temprature"):
+        honoured({"temprature": SAME})
 
 
 # -- validation of the chat bodies ------------------------------------------------------------

@@ -8,8 +8,8 @@ from pydantic import ValidationError
 
 import providers
 from gateway.config import Settings
-from gateway.endpoints import (ACCELERATOR_LABEL, NODE_GROUP_LABEL, NODE_ID_LABEL, avoid_gpu_nodes, placement_options,
-                               workers_missing)
+from gateway.endpoint_views import workers_missing
+from gateway.placement import ACCELERATOR_LABEL, NODE_GROUP_LABEL, NODE_ID_LABEL, avoid_gpu_nodes, placement_options
 from providers.openai_provider import OpenAIDeploySpec
 from providers.vllm_provider import VLLMDeploySpec
 
