@@ -155,7 +155,7 @@ def process_tree(root: int) -> set[int]:
     Walks parent pids down from ``root``, and adds every process of a session that a process of
     the tree leads (one reparented to init when its parent exited still counts). Not the session of
     ``root`` alone: gunicorn is started in a session of its own, but the embedded Ray head is not in
-    it - gateway/cluster.py starts ``ray start --head --block`` with start_new_session=True, so
+    it - gateway/head.py starts ``ray start --head --block`` with start_new_session=True, so
     gcs_server, raylet, the dashboard and its agents, Serve's controller and the replicas (all
     children of ``ray start`` or of the raylet) are in the session of that ``ray start``, a child of
     gunicorn's master. LiteLLM (bench/peer.py) is started in a session of its own too.

@@ -14,7 +14,7 @@ repeat, about 1 minute; the defaults about 2.5 minutes; more on a busy machine, 
    ``python -m bench run`` does;
 3. starts **host 2**: a second gunicorn master on another port, every setting at its default too,
    joined to host 1's embedded head with ``RAY_ADDRESS=127.0.0.1:<GATEWAY_RAY_PORT>`` (where
-   ``gateway.cluster.EmbeddedHead`` puts it), ``RAY_AUTH_MODE=token`` (the head's token is in
+   ``gateway.head.EmbeddedHead`` puts it), ``RAY_AUTH_MODE=token`` (the head's token is in
    ``~/.ray/auth_token``, where the gateway's workers find it), nothing else (the gateway turns Ray's
    loopback switch off itself for a head on loopback); its gunicorn workers are Ray drivers of host 1's
    cluster, and it starts no Ray node of its own;

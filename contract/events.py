@@ -3,9 +3,9 @@
 A stream is a sequence of events, the same types at every hop::
 
     ChatAdapter.stream (providers)   yields   Delta | ToolCallDelta ...  then one Finish
-      -> ChatEndpoint.stream (replica) yields   the same, and ends with Finish or Failure
+      -> ChatReplica.stream (replica)  yields   the same, and ends with Finish or Failure
          (adds attempts and timings to Finish; the first event carries ``upstream_ms``)
-      -> dispatch.Stream (gateway)     iterates the same, first event included
+      -> streams.Stream (gateway)      iterates the same, first event included
       -> a renderer (web, openai_compat) writes each as SSE
 
 Rules of the protocol:

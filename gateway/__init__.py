@@ -131,17 +131,10 @@ class Gateway:
         if self.settings.dashboard_url:
             return self.settings.dashboard_url
         if self._dashboard_url is None and self.cluster.connected and not self.cluster.lost:
+            from .actors import dashboard_address
             from .cluster_answers import _CALL_TIMEOUT_S, _bounded
 
-            def read() -> Optional[str]:
-                from ray._private import ray_constants
-                from ray.experimental import internal_kv
-
-                raw = internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
-                                                   namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
-                return raw.decode() if raw else None
-
-            found = _bounded(read, _CALL_TIMEOUT_S)  # (a link only: None when it cannot tell)
+            found = _bounded(dashboard_address, _CALL_TIMEOUT_S)  # (a link only: None when it cannot tell)
             if found:
                 host, _, port = found.rpartition(":")
                 host = f"[{host}]" if ":" in host and not host.startswith("[") else host  # (an IPv6 head)

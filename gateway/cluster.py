@@ -142,12 +142,12 @@ class Cluster:
 
     def _answers(self) -> bool:
         """Does a call through this process's connection work? (the registry's ``versions``; a hung call is a no)"""
-        import ray
+        from .registry_client import RegistryClient
 
-        registry = self._registry
-        if registry is None:  # not connected yet: nothing to serve, the failed connects decide
+        if self._registry is None:  # not connected yet: nothing to serve, the failed connects decide
             return False
-        return bool(_bounded(lambda: ray.get(registry.versions.remote(), timeout=_CALL_TIMEOUT_S), _CALL_TIMEOUT_S + 1))
+        client = RegistryClient(self, _CALL_TIMEOUT_S)
+        return bool(_bounded(lambda: client.versions(as_connected=True), _CALL_TIMEOUT_S + 1))
 
     def node_gone(self) -> Optional[bool]:
         """Is this process's Ray node gone while the cluster answers? (None: cannot tell now)
@@ -275,10 +275,9 @@ class Cluster:
         local = _local_versions()
         report: dict = {"ray_address": self.address, "gateway": local}
         try:
-            import ray
+            from .registry_client import RegistryClient
 
-            self.ensure_up()
-            cluster = ray.get(self.registry().versions.remote(), timeout=_CALL_TIMEOUT_S)
+            cluster = RegistryClient(self, _CALL_TIMEOUT_S).versions()  # (connected first: ``ensure_up``)
             report["cluster"] = cluster
             serve_answers(_CALL_TIMEOUT_S)
             report["serve"] = "running"

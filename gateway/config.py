@@ -42,7 +42,7 @@ class Settings(BaseModel):
     #: seconds the embedded head gets to come up
     ray_start_timeout_s: float = Field(60.0, gt=0)
     #: embedded head only: extra variable names (``A,B``) its environment, and so every Ray worker
-    #: and replica, gets besides the allow-list in ``gateway/cluster.py`` (never GATEWAY_*, RAY_ADDRESS)
+    #: and replica, gets besides the allow-list in ``gateway/head.py`` (never GATEWAY_*, RAY_ADDRESS)
     head_env: Optional[str] = None
     #: /healthz fails once this host's Ray node has been gone this long while the cluster answers
     #: (a Ray driver cannot work without it; restarting the pod runs its ``ray start`` again)

@@ -7,7 +7,7 @@ view on: ``chat_flow.Ask.ctx``, the renderers, the SSE writer. ``current()`` is 
 it from Flask's per-request storage, for what Flask calls without arguments (hooks, error
 handlers, the front when a client leaves).
 
-The blueprints (``gateway.web``'s core and provider routes, ``gateway.openai_compat``'s
+The blueprints (``gateway.core_routes``, ``gateway.provider_routes``, ``gateway.openai_compat``'s
 ``/v1``) import this module and ``gateway.chat_flow``, never each other.
 
 Error shapes: a blueprint says how its errors are written with ``error_shape(bp, body)``;

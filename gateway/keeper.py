@@ -11,28 +11,24 @@ It knows keys only by ``ClientKey.id`` (a hash that leads back to no key) and th
 limits come with each call, so it holds nothing secret and needs no configuration but where its
 ledger lives (given by the gateway that makes it).
 
-This is the Ray side of the client-key limits: the actor, how a process finds it (``keeper_actor``),
-and the calls that wait on it or stop it (``wait_for``, ``kill_keeper``); only ``gateway.limits`` imports it.
-The gateway's side (``gateway.rate_leases``, ``gateway.reservations``, ``gateway.keeper_terms``) and
-the books (``gateway.budget_books``) import no Ray.
+This is the actor's side of the client-key limits: its class (plain Python, made the detached actor by
+``gateway.actors``, as the other named actors are) and how a process finds it (``keeper_actor``); only
+``gateway.limits`` imports it. The gateway's side (``gateway.rate_leases``, ``gateway.reservations``,
+``gateway.keeper_terms``) and the books (``gateway.budget_books``) import no Ray; their calls to it
+go through ``gateway.actors``.
 """
 from __future__ import annotations
 
 import json
 import time
-from typing import Any, Optional
+from typing import Optional
 
-import ray
-from ray.experimental import internal_kv
-
-from . import budgets
+from . import actors, budgets
 from .budget_books import Books
-from .registry import HEAD_NODE_RESOURCE
 
 KEEPER_NAME = "client_limits"
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class LimitKeeper:
     """The request-rate buckets of every limited key, by key id (``{"requests", "tokens", "at"}``), and the
     books of tokens and budgets. (This gateway reserves tokens apart, through the books, and leases with
@@ -45,7 +41,7 @@ class LimitKeeper:
     """
 
     def __init__(self, state_dir: Optional[str] = None) -> None:
-        self._kv_namespace = "llm_gateway_limits:" + ray.get_runtime_context().namespace
+        self._kv_namespace = "llm_gateway_limits:" + actors.runtime_namespace()
         self._buckets: dict[str, dict] = {}
         self._books = Books(budgets.ledger_path(state_dir))
 
@@ -55,7 +51,7 @@ class LimitKeeper:
         now = time.time()
         bucket = self._buckets.get(kid)
         if bucket is None:
-            raw = internal_kv._internal_kv_get(kid, namespace=self._kv_namespace)
+            raw = actors.kv_get(kid, self._kv_namespace)
             bucket = json.loads(raw) if raw else {"requests": None, "tokens": None, "at": now}
             self._buckets[kid] = bucket
         elapsed = max(0.0, now - bucket["at"])
@@ -70,7 +66,7 @@ class LimitKeeper:
         return bucket
 
     def _save(self, kid: str, bucket: dict) -> None:
-        internal_kv._internal_kv_put(kid, json.dumps(bucket), namespace=self._kv_namespace)
+        actors.kv_put(kid, json.dumps(bucket), self._kv_namespace)
 
     def lease(self, kid: str, rpm: Optional[float], tpm: Optional[float], want: int, calls_back: float,
               tokens_used: float) -> tuple[int, Optional[float], float, str]:
@@ -130,17 +126,4 @@ def keeper_actor(namespace: str, state_dir: Optional[str] = None):
     ``state_dir`` (``GATEWAY_STATE_DIR``) is where the keeper made now keeps its ledger; one that
     exists already keeps the one it was made with (Ray restarts it with the same).
     """
-    return LimitKeeper.options(name=KEEPER_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
-                               resources={HEAD_NODE_RESOURCE: 0.001}).remote(state_dir)
-
-
-def wait_for(ref: Any, timeout: float) -> Any:
-    """The keeper's answer to ``ref`` (one of its methods' ``remote()``), waited for here (blocking: in a
-    thread) for at most ``timeout`` seconds; raises what Ray raises (the caller says it in words)."""
-    return ray.get(ref, timeout=timeout)
-
-
-def kill_keeper(keeper: Any) -> None:
-    """Stop ``keeper`` for good (it runs an older gateway's code): the next use makes it again, its buckets
-    read back from the GCS and its books from the ledger."""
-    ray.kill(keeper, no_restart=True)
+    return actors.named_actor(LimitKeeper, KEEPER_NAME, namespace, state_dir)

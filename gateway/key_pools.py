@@ -1,11 +1,11 @@
 """The key pools keeper as a Ray actor, and the gateway's side of it (``KeyPools``).
 
-The keeper's logic is ``gateway.pool_keeper.Keeper`` (pure); here it runs as the detached actor
-``KeyPoolKeeper`` (named ``key_pools`` in the gateway's namespace, on the head node like the endpoint
-registry and the limits keeper), found by ``keeper_actor``. The gateway puts and drops an endpoint's
-pool at deploy and undeploy, reads them for the listings and edits them (``gateway.key_routes``),
-each a blocking call with a timeout (``KeyPools.ask``); a replica syncs with it (``gateway.pool_member``).
-Every Ray call of the key pools is made here or there.
+The keeper's logic is ``gateway.pool_keeper.Keeper`` (pure); it runs as a detached actor (named
+``key_pools`` in the gateway's namespace, on the head node like the endpoint registry and the limits
+keeper: ``gateway.actors.named_actor``), found by ``keeper_actor``. The gateway puts and drops an
+endpoint's pool at deploy and undeploy, reads them for the listings and edits them
+(``gateway.key_routes``), each a blocking call with a timeout (``KeyPools.ask``); a replica syncs with it
+(``gateway.pool_member``). Every call to the keeper is made here or there, through ``gateway.actors``.
 """
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import logging
 import time
 from typing import Any, Optional
 
-import ray
 from pydantic import SecretStr
 
 from contract.errors import GatewayError
+from . import actors
+from .actors import ActorCallFailed
 from .pool_keeper import PROTOCOL, Keeper
-from .registry import HEAD_NODE_RESOURCE
 
 log = logging.getLogger("gateway.key_pools")
 
@@ -28,14 +28,11 @@ CALL_S = 10.0
 #: how long a listing waits for the keeper (then it shows the pools' sizes only)
 _VIEWS_S = 2.0
 
-#: the keeper as a detached actor: Ray restarts it when its process dies (its pools come back from the replicas)
-KeyPoolKeeper = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Keeper)
-
 
 def keeper_actor(namespace: str):
-    """The key pools keeper of this cluster (created on first use, on the head node)."""
-    return KeyPoolKeeper.options(name=KEEPER_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
-                                 resources={HEAD_NODE_RESOURCE: 0.001}).remote()
+    """The key pools keeper of this cluster (created on first use, on the head node): a detached actor, which
+    Ray restarts when its process dies (its pools come back from the replicas)."""
+    return actors.named_actor(Keeper, KEEPER_NAME, namespace)
 
 
 class KeyPools:
@@ -52,15 +49,17 @@ class KeyPools:
             keeper = keeper_actor(self.settings.ray_namespace)
             for _ in range(50):
                 try:
-                    if ray.get(keeper.protocol.remote(), timeout=CALL_S) == PROTOCOL:
+                    if actors.call(keeper, "protocol", timeout=CALL_S) == PROTOCOL:
                         break
-                except (AttributeError, ray.exceptions.RayActorError):  # (older than protocols; or just killed)
+                except (AttributeError, ActorCallFailed) as exc:  # (older than protocols; or just killed)
+                    if isinstance(exc, ActorCallFailed) and not exc.died:
+                        raise
                     time.sleep(0.1)
                     keeper = keeper_actor(self.settings.ray_namespace)
                     continue
                 # (its pools come back from the replicas, which seed the new one)
                 log.warning("the key pools keeper runs an older gateway's code: replacing it")
-                ray.kill(keeper, no_restart=True)
+                actors.kill(keeper)
                 time.sleep(0.1)  # (the name is free once the GCS has seen it die)
                 keeper = keeper_actor(self.settings.ray_namespace)
             self._keeper = keeper
@@ -69,12 +68,12 @@ class KeyPools:
     def ask(self, method: str, *args: Any, timeout: float = CALL_S, **kwargs: Any) -> Any:
         """One call to the keeper; ``cluster_unavailable`` when it does not answer."""
         try:
-            return ray.get(getattr(self.keeper(), method).remote(*args, **kwargs), timeout=timeout)
+            return actors.call(self.keeper(), method, *args, timeout=timeout, **kwargs)
         except GatewayError:
             raise
         except Exception as exc:  # noqa: BLE001 - a keeper being restarted, a lost cluster
             self._keeper = None
-            raise GatewayError("cluster_unavailable", f"the key pools keeper did not answer ({type(exc).__name__}); "
+            raise GatewayError("cluster_unavailable", f"the key pools keeper did not answer ({actors.reason(exc)}); "
                                f"try again shortly", retry_after=2) from None
 
     def put(self, spec: Any, generation: str) -> None:
@@ -102,6 +101,4 @@ class KeyPools:
 
 def template_of(spec: Any) -> bytes:
     """``spec`` without its keys, pickled: the keeper keeps it as bytes (it never needs a provider's classes)."""
-    from ray import cloudpickle
-
-    return cloudpickle.dumps(spec.for_key(""))
+    return actors.pickled(spec.for_key(""))

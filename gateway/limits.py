@@ -47,8 +47,9 @@ The keeper knows keys only by ``ClientKey.id`` (a hash that leads back to no key
 their limits come with each call, so it holds nothing secret and needs no configuration
 but where its ledger lives (``GATEWAY_STATE_DIR``, given by the gateway that makes it).
 
-Ray: this module finds the keeper (``gateway.keeper``, the only one of these that imports Ray);
-the leases and the reservations are written against its handle.
+Ray: this module finds the keeper (``gateway.keeper``); the leases and the reservations are written
+against its handle, and every call of these to it, but the leases' (``gateway.rate_leases``), goes
+through ``gateway.actors``, the one of them that imports Ray.
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ from typing import Any, Optional
 
 from .auth import ClientKey
 from contract.errors import GatewayError
-from .keeper import keeper_actor, kill_keeper, wait_for
+from . import actors
+from .keeper import keeper_actor
 from .rate_leases import RateLeases
 from .reservations import STREAM_RESERVATION_TTL_S, RESERVATION_GRACE_S, Reservation, Reservations
 
@@ -94,7 +96,7 @@ class Limits:
         keeper, self._keeper = self._keeper, None
         if kill and keeper is not None:
             try:
-                kill_keeper(keeper)
+                actors.kill(keeper)
             except Exception:  # noqa: BLE001 - gone already
                 pass
 
@@ -103,14 +105,14 @@ class Limits:
         """``GET /usage`` (blocking: in a thread): the keeper's report, with the budgets of ``keys``."""
         budgeted = [{"id": k.id, "name": k.name, "limits": k.limits()} for k in keys if k.budgeted]
         try:
-            return wait_for(self.keeper().report.remote(since, until, client_key, chat_name, budgeted), timeout)
+            return actors.call(self.keeper(), "report", since, until, client_key, chat_name, budgeted, timeout=timeout)
         except GatewayError:
             raise
         except Exception as exc:  # noqa: BLE001 - in words, never Ray's text
             if isinstance(exc, AttributeError):  # (a keeper an older gateway made: replaced for the next call)
                 self.forget_keeper(kill=True)
             raise GatewayError("cluster_unavailable", f"the cluster's client-key limits keeper did not answer "
-                               f"({type(exc).__name__}); try again shortly", retry_after=2) from None
+                               f"({actors.reason(exc)}); try again shortly", retry_after=2) from None
 
 
 class Caller:

@@ -16,8 +16,10 @@ that same address, the one its callers dial; no other machine could reach such a
 node address (a cluster joined with ``RAY_ADDRESS``, whose replicas other nodes must reach) is left
 exactly as Ray sets it.
 
-How: the replica's constructor (``gateway.replica.ChatEndpoint``) runs inside
-``Replica.initialize`` before ``_on_initialized`` starts that server, so it swaps the name
+How: the replica's constructor (``gateway.replica.ChatReplica``) runs inside
+``Replica.initialize`` before ``_on_initialized`` starts that server, so it
+(``gateway.serve_apps.keep_replica_grpc_on_loopback``, which finds the node's address and Serve's
+replica module: this module imports no Ray) swaps the name
 ``add_port_to_grpc_server`` in Serve's replica module, in its own process only, for a wrapper that
 rewrites the address of that one call (``[::]:0`` to ``127.0.0.1:0``), calls Ray's helper (which keeps
 ``RAY_USE_TLS`` working), and puts Ray's helper back. It does so only if Ray's source still makes
@@ -26,14 +28,14 @@ exactly that call; otherwise it logs one warning and changes nothing (Ray's own 
 """
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import logging
+from types import ModuleType
 from typing import Optional
 
 log = logging.getLogger("ray.serve")
 
-#: Ray's call this rewrites, exactly as Ray 2.60.0 has it in ``Replica._on_initialized``
-UPSTREAM_CALL = 'add_port_to_grpc_server(self._server, "[::]:0")'
 ANY_ADDRESS = "[::]:0"
 
 
@@ -49,28 +51,11 @@ def loopback_bind_address(node_ip: Optional[str]) -> Optional[str]:
     return f"[{addr}]:0" if addr.version == 6 else f"{addr}:0"
 
 
-def _node_ip() -> str:
-    import ray
-
-    return ray.util.get_node_ip_address()  # what the replica reports, so what the router dials
-
-
-def keep_replica_grpc_on_loopback() -> bool:
-    """Call in a replica's constructor. True: this replica's gRPC server will bind on its loopback
-    node address. False: nothing changed (a networked node, or a Ray whose code differs)."""
-    try:
-        node_ip = _node_ip()
-    except Exception as exc:  # noqa: BLE001 - never fail a replica over this: Ray's own bind stands
-        log.warning("no node address (%s): this replica's gRPC server listens where Ray puts it", type(exc).__name__)
-        return False
-    bind = loopback_bind_address(node_ip)
-    if bind is None:
-        return False
-    import inspect
-
-    import ray
-    from ray.serve._private import replica as serve_replica
-
+def rewrite_bind_once(serve_replica: ModuleType, bind: str, upstream_call: str, ray_version: str) -> bool:
+    """Make the next ``[::]:0`` bind of Serve's replica module (``serve_replica``, Ray's
+    ``ray.serve._private.replica`` in this process) bind on ``bind`` instead, if Ray's
+    ``Replica._on_initialized`` still makes exactly ``upstream_call``. True: in place (or already
+    was); False: nothing changed (one warning logged)."""
     original = getattr(serve_replica, "add_port_to_grpc_server", None)
     if getattr(original, "gateway_loopback", False):
         return True  # already in place (a second constructor in this process)
@@ -78,12 +63,12 @@ def keep_replica_grpc_on_loopback() -> bool:
         source = inspect.getsource(serve_replica.Replica._on_initialized)
     except (AttributeError, OSError, TypeError):
         source = ""
-    if original is None or UPSTREAM_CALL not in source:
+    if original is None or upstream_call not in source:
         log.warning(
             "Ray %s does not start Serve replicas' gRPC servers as the gateway expects (%s in "
             "ray/serve/_private/replica.py Replica._on_initialized); this replica's gRPC server listens on "
             "all interfaces. Update gateway/loopback.py for this Ray version.",
-            ray.__version__, UPSTREAM_CALL)
+            ray_version, upstream_call)
         return False
 
     def add_port_to_grpc_server(server, address):

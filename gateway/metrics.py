@@ -4,7 +4,7 @@ Under gunicorn every worker writes its samples to ``PROMETHEUS_MULTIPROC_DIR`` (
 ``gunicorn.conf.py`` before any worker starts, cleaned of dead workers by its
 ``child_exit`` hook, removed on exit when the master made it) and ``/metrics`` merges them.
 Only the gateway's processes write there: the variable never reaches the Ray head (its
-environment is an allow-list, ``gateway/cluster.py``), so Ray's own metrics stay on Ray's
+environment is an allow-list, ``gateway/head.py``), so Ray's own metrics stay on Ray's
 endpoint. A single process (``python app.py``,
 tests) uses the default registry. Label values are bounded: ``chat_name`` and
 ``provider`` are only ever those of deployed endpoints (``_unknown`` otherwise), ``outcome``

@@ -88,15 +88,16 @@ class CompletionRequest(CallBody):
         return [m.plain() for m in self.messages]
 
 
-def _created(record: dict) -> int:
+def _created(view: dict) -> int:
     try:
-        return int(datetime.fromisoformat(record["created_at"]).timestamp())
+        return int(datetime.fromisoformat(view["created_at"]).timestamp())
     except (KeyError, ValueError):
         return 0
 
 
-def _model_card(record: dict) -> dict:
-    return {"id": record["chat_name"], "object": "model", "created": _created(record), "owned_by": record.get("provider")}
+def _model_card(view: dict) -> dict:
+    """A model card from an endpoint's listing view (``Endpoints.listing``: the public shape, as GET /deployments)."""
+    return {"id": view["chat_name"], "object": "model", "created": _created(view), "owned_by": view.get("provider")}
 
 
 @v1.get("/models")

@@ -1,6 +1,7 @@
-"""Key pools shared by the cluster: the keeper actor, a replica's side of it, and the gateway's.
+"""Key pools shared by the cluster: the keeper's logic (``Keeper``; ``gateway.key_pools`` runs it as an actor,
+``gateway.pool_member`` is a replica's side of it).
 
-One small detached actor (``KeyPoolKeeper``, named ``key_pools`` in the gateway's namespace, on the
+One small detached actor (named ``key_pools`` in the gateway's namespace, on the
 head node like the endpoint registry and the limits keeper) holds every endpoint's pool
 (``gateway.keypool.Pool``), keys and states, in memory only: never in the GCS, on disk or in a log.
 
@@ -55,7 +56,7 @@ def _born(generation: str) -> float:
 class Keeper:
     """Every endpoint's pools by generation (``{chat_name: {generation: Pool}}``), in memory only.
 
-    Runs as the actor ``KeyPoolKeeper`` (one call at a time). Answers are plain data; failures come
+    Runs as the actor ``key_pools`` (``gateway.key_pools``; one call at a time). Answers are plain data; failures come
     back as ``{"error": ErrorInfo fields}`` values, never as raised exceptions (Ray would log their
     traceback).
     """

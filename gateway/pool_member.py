@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable, Optional
 from pydantic import SecretStr
 
 from contract.errors import GatewayError
+from . import actors
 from .key_pools import CALL_S, keeper_actor, template_of
 from .key_rotation import Ledger, call_with_keys
 from .keypool import COOLING, DISABLED, Pool
@@ -28,10 +29,6 @@ log = logging.getLogger("gateway.key_pools")
 SYNC_S = 1.0
 #: the longest wait between two tries of a replica that cannot reach the keeper
 _SYNC_BACKOFF_MAX_S = 10.0
-
-
-async def _answer(ref: Any, timeout: float = CALL_S) -> Any:
-    return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
 
 
 class PoolMember:
@@ -123,7 +120,7 @@ class PoolMember:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the pool goes on alone until the keeper answers
-                log.warning("key pool of %s: could not sync with the keeper: %s", self.chat_name, type(exc).__name__)
+                log.warning("key pool of %s: could not sync with the keeper: %s", self.chat_name, actors.reason(exc))
                 self._keeper = None
                 wait = min(max(wait, SYNC_S) * 2, _SYNC_BACKOFF_MAX_S)
             await asyncio.sleep(0.05)  # (a burst of changes is one sync)
@@ -134,7 +131,8 @@ class PoolMember:
         keeper, pool = self._keeper, self.ledger.pool
         events, counts = self.ledger.take()
         try:
-            answer = await _answer(keeper.sync.remote(self.chat_name, self.generation, pool.version, events, counts))
+            answer = await actors.acall(keeper, "sync", self.chat_name, self.generation, pool.version, events, counts,
+                                        timeout=CALL_S)
         except BaseException:
             self.ledger.give_back(events, counts)
             raise
@@ -144,8 +142,8 @@ class PoolMember:
         if answer.get("seed"):  # a keeper that restarted: this copy (its states include the events) seeds it
             log.warning("key pool of %s: the keeper lost it (it restarted); seeding it again", self.chat_name)
             self.ledger.give_back([], counts)
-            await _answer(keeper.seed.remote(self.chat_name, self.generation, template_of(self._spec),
-                                             self.ledger.pool.snapshot(secrets=True)))
+            await actors.acall(keeper, "seed", self.chat_name, self.generation, template_of(self._spec),
+                               self.ledger.pool.snapshot(secrets=True), timeout=CALL_S)
             return None
         if "pool" in answer:
             self.ledger.adopt(answer["pool"])

@@ -28,16 +28,12 @@ import platform
 import time
 from typing import Optional
 
-import ray
-from ray.experimental import internal_kv
-
+from . import actors
+from .actors import ActorCallFailed
 from .leases import Leases, endpoint_lease
 
 REGISTRY_NAME = "endpoint_registry"
 
-
-#: the resource only the head node has (Ray Serve places its controller with it too)
-HEAD_NODE_RESOURCE = "node:__internal_head__"
 #: where the records are kept in the GCS key-value store
 _KV_KEY = "endpoints"
 #: where the cluster's digest secret is kept, next to them
@@ -60,16 +56,16 @@ def cluster_digest_secret(ray_namespace: str) -> bytes:
     an older gateway keeps running old code. Never shown, logged or put in a spec.
     """
     namespace = kv_namespace(ray_namespace)
-    internal_kv._internal_kv_put(_DIGEST_SECRET_KEY, os.urandom(32), overwrite=False, namespace=namespace)
-    secret = internal_kv._internal_kv_get(_DIGEST_SECRET_KEY, namespace=namespace)
+    actors.kv_put(_DIGEST_SECRET_KEY, os.urandom(32), namespace, overwrite=False)
+    secret = actors.kv_get(_DIGEST_SECRET_KEY, namespace)
     if not secret or len(secret) < 32:
         raise RuntimeError("the cluster's digest secret could not be read from the GCS")
     return secret
 
 
 # Restarted whenever its process dies; a call made meanwhile waits for the new process and
-# is run there (every method is safe to run twice: reads, or writes of the same value).
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+# is run there (every method is safe to run twice: reads, or writes of the same value). A plain class:
+# ``registry_actor`` makes it the detached actor (``actors.named_actor``).
 class EndpointRegistry:
     def protocol(self) -> int:
         """What its methods take and answer (``PROTOCOL``): an older registry is replaced (``registry_actor``)."""
@@ -77,14 +73,14 @@ class EndpointRegistry:
 
     def __init__(self) -> None:
         # one registry per Ray namespace, so one set of keys per namespace
-        self._kv_namespace = kv_namespace(ray.get_runtime_context().namespace)
+        self._kv_namespace = kv_namespace(actors.runtime_namespace())
         self._records: dict[str, dict] = self._load()
         self._leases = Leases()
         self._healths: dict[str, dict] = {}
 
     # -- write-through to the GCS --------------------------------------------------
     def _load(self) -> dict[str, dict]:
-        raw = internal_kv._internal_kv_get(_KV_KEY, namespace=self._kv_namespace)
+        raw = actors.kv_get(_KV_KEY, self._kv_namespace)
         return json.loads(raw) if raw else {}
 
     def _store(self, name: str, record: Optional[dict]) -> None:
@@ -97,7 +93,7 @@ class EndpointRegistry:
 
     def _write(self) -> None:
         """All records as one value (a few KiB: atomic, one round trip)."""
-        internal_kv._internal_kv_put(_KV_KEY, json.dumps(self._records, default=str), namespace=self._kv_namespace)
+        actors.kv_put(_KV_KEY, json.dumps(self._records, default=str), self._kv_namespace)
 
     def pid(self) -> int:
         import os
@@ -105,7 +101,7 @@ class EndpointRegistry:
         return os.getpid()
 
     def versions(self) -> dict:
-        return {"ray": ray.__version__, "python": platform.python_version()}
+        return {"ray": actors.ray_version(), "python": platform.python_version()}
 
     def get(self, name: str) -> Optional[dict]:
         record = self._records.get(name)
@@ -261,23 +257,25 @@ def registry_actor(namespace: str):
     leases and health are forgotten, as on any restart of it.)
     """
     def make():
-        return EndpointRegistry.options(name=REGISTRY_NAME, namespace=namespace, lifetime="detached",
-                                        get_if_exists=True, resources={HEAD_NODE_RESOURCE: 0.001}).remote()
+        return actors.named_actor(EndpointRegistry, REGISTRY_NAME, namespace)
 
     registry = make()
     try:
-        current = ray.get(registry.protocol.remote(), timeout=60) == PROTOCOL
+        current = actors.call(registry, "protocol", timeout=60) == PROTOCOL
     except AttributeError:  # (its class has no such method: older than protocols)
         current = False
     if not current:
         log.warning("the endpoint registry runs an older gateway's code: replacing it (its records stay)")
-        ray.kill(registry, no_restart=True)
+        actors.kill(registry)
         for _ in range(50):  # (the name is free once the GCS has seen it die)
             try:
                 registry = make()
-                if ray.get(registry.protocol.remote(), timeout=60) == PROTOCOL:
+                if actors.call(registry, "protocol", timeout=60) == PROTOCOL:
                     break
-            except (AttributeError, ray.exceptions.RayActorError):
+            except AttributeError:
                 pass
+            except ActorCallFailed as exc:
+                if not exc.died:  # (only the old one, just killed, is waited for)
+                    raise
             time.sleep(0.1)
     return registry

@@ -6,19 +6,19 @@ when the actor does not answer within the timeout or Ray fails the call. A lost 
 at once with what ``Cluster.ensure_up`` raises, without waiting for the timeout. Callers that serve from
 a cache while Ray restarts the registry catch ``RegistryUnavailable`` only.
 
-Async methods are for a worker's event loop (connecting blocks, so it happens in a thread; Ray's
-ObjectRefs are awaited with ``asyncio.wait_for``); sync ones for threads (deploys, listings, leases).
+Async methods are for a worker's event loop (connecting blocks, so it happens in a thread; the answers
+are awaited with a timeout: ``actors.aanswer``); sync ones for threads (deploys, listings, leases). The
+calls go through ``gateway.actors``, whose ``ActorCallFailed`` (Ray's failures) becomes ``RegistryUnavailable``.
 """
 from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING, Any, Awaitable, NamedTuple, Optional
 
-import ray
-from ray.exceptions import RayError
-
 from contract.errors import GatewayError
 
+from . import actors
+from .actors import ActorCallFailed
 from .records import EndpointRecord, Health
 
 if TYPE_CHECKING:
@@ -65,9 +65,9 @@ class RegistryClient:
     def _send(self, method: str, *args: Any) -> Any:
         """Send ``method(*args)`` to the actor (connected already): its ObjectRef."""
         try:
-            return getattr(self.cluster.registry(), method).remote(*args)
-        except RayError as exc:
-            raise RegistryUnavailable(method, type(exc).__name__) from None
+            return actors.send(self.cluster.registry(), method, *args)
+        except ActorCallFailed as exc:
+            raise RegistryUnavailable(method, exc.why) from None
 
     async def _acall(self, method: str, *args: Any) -> Any:
         await self._ensure_up()
@@ -76,11 +76,9 @@ class RegistryClient:
     async def _answer(self, method: str, ref: Any) -> Any:
         """The actor's answer to the call sent as ``ref``, awaited for at most ``timeout_s``."""
         try:
-            return await asyncio.wait_for(ref, self.timeout_s)
-        except asyncio.TimeoutError:
-            raise RegistryUnavailable(method, f"no answer within {self.timeout_s:g}s") from None
-        except RayError as exc:
-            raise RegistryUnavailable(method, type(exc).__name__) from None
+            return await actors.aanswer(ref, self.timeout_s)
+        except ActorCallFailed as exc:  # (``why``: Ray's exception's class, or "no answer within ...")
+            raise RegistryUnavailable(method, exc.why) from None
 
     async def aget(self, name: str) -> Optional[EndpointRecord]:
         return _record(await self._acall("get", name))
@@ -119,13 +117,14 @@ class RegistryClient:
         return Health.from_dict(await self._acall("record_success", name))
 
     # -- sync: threads ---------------------------------------------------------------------------
-    def _call(self, method: str, *args: Any) -> Any:
-        self.cluster.ensure_up()  # (connects when needed; a lost or closed cluster: at once)
+    def _call(self, method: str, *args: Any, as_connected: bool = False) -> Any:
+        if not as_connected:
+            self.cluster.ensure_up()  # (connects when needed; a lost or closed cluster: at once)
         ref = self._send(method, *args)
         try:
-            return ray.get(ref, timeout=self.timeout_s)
-        except RayError as exc:  # (``GetTimeoutError`` is one)
-            raise RegistryUnavailable(method, type(exc).__name__) from None
+            return actors.answer(ref, self.timeout_s)
+        except ActorCallFailed as exc:  # (Ray's ``GetTimeoutError`` is one)
+            raise RegistryUnavailable(method, exc.why) from None
 
     def get(self, name: str) -> Optional[EndpointRecord]:
         """``name``'s record with its health, or None."""
@@ -169,9 +168,11 @@ class RegistryClient:
         """Every lease held now, by key."""
         return self._call("leases")
 
-    def versions(self) -> dict:
-        """The registry's process's ``{"ray", "python"}`` versions (the cluster's)."""
-        return self._call("versions")
+    def versions(self, as_connected: bool = False) -> dict:
+        """The registry's process's ``{"ray", "python"}`` versions (the cluster's). ``as_connected``: through
+        this process's connection as it is, neither connecting nor refusing a cluster marked lost (the
+        watchdog asks precisely while it is lost: is it back?)."""
+        return self._call("versions", as_connected=as_connected)
 
     def pid(self) -> int:
         return self._call("pid")

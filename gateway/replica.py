@@ -17,7 +17,8 @@ each attempt goes to the pool's best key, and on to the next at once when a key 
 (``gateway.keypool``); answers and errors name the key that answered by its fingerprint (``key``).
 
 On a loopback node (the embedded head) the constructor keeps the replica's Serve gRPC server on
-loopback too: ``gateway.loopback``.
+loopback too: ``gateway.loopback``. Nothing here imports Ray: the Serve deployment of this class,
+its Ray metrics and that loopback patch are ``gateway.serve_apps``'.
 """
 from __future__ import annotations
 
@@ -26,24 +27,21 @@ import logging
 import time
 from typing import AsyncIterator, Optional, Union
 
-from ray import serve
-from ray.util import metrics as ray_metrics
-
 from providers.base import Provider
 from providers.deploy_failure import construction_failure
 from providers.specs import DeploySpec, SaaSDeploySpec
 from contract.errors import ErrorInfo, GatewayError
 from contract.events import Failure, Finish, StreamEvent
 from gateway.keypool import keyed
-from gateway.loopback import keep_replica_grpc_on_loopback
 from gateway.pool_member import PoolMember
 from gateway.retry import RetryPolicy, call_with_retries
+from gateway.serve_apps import ReplicaMetrics, keep_replica_grpc_on_loopback
 from contract.calls import ChatCall, ChatResult
 
 log = logging.getLogger("ray.serve")
 
 
-class ChatEndpoint:
+class ChatReplica:
     def __init__(self, provider: "Provider", spec: "DeploySpec", policy: RetryPolicy,
                  pool: Optional[dict] = None) -> None:
         """``pool``: ``{"generation", "namespace"}`` of the endpoint's key pool in the keeper
@@ -71,32 +69,17 @@ class ChatEndpoint:
         self._chat_name = spec.chat_name
         self._policy = policy
         # Ray's own metrics (dashboard, Prometheus via Ray): per endpoint, no user input in tags.
-        tags = {"chat_name": spec.chat_name, "provider": provider.name}
-        self._latency = ray_metrics.Histogram(
-            "gateway_replica_upstream_latency_seconds", description="Upstream call time in the replica, retries included",
-            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60], tag_keys=("chat_name", "provider"))
-        self._errors = ray_metrics.Counter(
-            "gateway_replica_upstream_errors_total", description="Upstream failures by gateway error type",
-            tag_keys=("chat_name", "provider", "type"))
-        self._retries = ray_metrics.Counter(
-            "gateway_replica_upstream_retries_total", description="Upstream calls beyond the first",
-            tag_keys=("chat_name", "provider"))
-        for metric in (self._latency, self._errors, self._retries):
-            metric.set_default_tags(tags)
+        self._metrics = ReplicaMetrics(spec.chat_name, provider.name)
 
     def _observe(self, started: float, attempts: int, error: "ErrorInfo | None" = None) -> None:
-        self._latency.observe(time.perf_counter() - started)
-        if attempts > 1:
-            self._retries.inc(attempts - 1)
-        if error is not None:
-            self._errors.inc(1, tags={"type": error.type})
+        self._metrics.observe(time.perf_counter() - started, attempts, error.type if error is not None else None)
 
     def _crashed(self, call: ChatCall, exc: Exception) -> ErrorInfo:
         """An exception the adapter did not map: its class is logged and shown, never its text (it may hold input)."""
         log.error("adapter crashed request_id=%s chat_name=%s error=%s", call.request_id, self._chat_name, type(exc).__name__)
         info = ErrorInfo(type="upstream_error", provider=self._provider.name,
                          message=f"the {self._provider.name} adapter failed unexpectedly ({type(exc).__name__})")
-        self._errors.inc(1, tags={"type": info.type})
+        self._metrics.failed(info.type)
         return info
 
     def _log_failure(self, what: str, call: ChatCall, info: ErrorInfo) -> None:
@@ -220,6 +203,3 @@ class ChatEndpoint:
         if self._keys is not None:
             await self._keys.aclose()
 
-
-#: the Serve deployment; per-endpoint options are set with ``.options`` at deploy time
-ChatDeployment = serve.deployment(ChatEndpoint)

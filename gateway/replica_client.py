@@ -168,6 +168,12 @@ def ray_failure(exc: BaseException, endpoint: Optional[str] = None) -> GatewayEr
     return _cluster_failed(exc, endpoint)
 
 
+def as_gateway_error(exc: BaseException) -> Optional[GatewayError]:
+    """A Ray failure met outside an endpoint's call (an error handler's: ``gateway.web``) as the gateway's
+    error (``ray_failure``: ``cluster_unavailable``); None when ``exc`` is not Ray's."""
+    return ray_failure(exc) if isinstance(exc, RayError) else None
+
+
 def never_started(exc: BaseException) -> bool:
     """Did the call fail before any replica started it? Only then does the gateway send it again:
     a replica that started it may have asked the provider already, which bills the answer even

@@ -16,19 +16,19 @@ settle charged (``gateway_client_tokens_total``, ``gateway_client_spend_total``)
 for a budget (``gateway_budget_refusals_total``).
 
 Ray-free: the keeper's handle comes from ``Limits.keeper`` (``gateway.limits``), whose ``usage`` is
-the blocking report of ``GET /usage``.
+the blocking report of ``GET /usage``; the calls go through ``gateway.actors`` (Ray's failures as
+``ActorCallFailed``).
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import logging
 import time
 import uuid
 from typing import Any, Optional
 
-from . import budgets, metrics
+from . import actors, budgets, metrics
 from .auth import ClientKey
 from contract.errors import GatewayError, whole_seconds
 from .keeper_terms import KEEPER_BACKOFF_S, KEEPER_WAIT_S, keeper_down
@@ -80,11 +80,11 @@ class Reservations:
         held = Reservation(self, key, uuid.uuid4().hex, chat_name, rates, estimate)
         self._limits.cluster.ensure_up()  # (answers at once when the cluster is lost; connected already: a call resolved its endpoint)
         try:
-            ref = self.keeper().reserve.remote(held.rid, key.id, key.limits(), estimate + most,
-                                               budgets.spend(rates, estimate, most), ttl)
+            ref = actors.send(self.keeper(), "reserve", held.rid, key.id, key.limits(), estimate + most,
+                              budgets.spend(rates, estimate, most), ttl)
         except Exception as exc:  # noqa: BLE001 - whatever Ray raised, the keeper cannot be asked now
             raise self._keeper_failed(key, exc) from None
-        task = asyncio.ensure_future(_resolve(ref))
+        task = asyncio.ensure_future(actors.resolve(ref))
         try:
             done, _ = await asyncio.wait((task,), timeout=KEEPER_WAIT_S)
         except asyncio.CancelledError:  # the caller left while the keeper was asked: whatever it held goes back
@@ -117,10 +117,10 @@ class Reservations:
         if isinstance(exc, AttributeError):  # a keeper an older gateway made (no reservations): replaced
             log.warning("the client-key limits keeper runs an older gateway's code: replacing it (its buckets stay)")
             self._limits.forget_keeper(kill=True)
-        why = f"failed ({type(exc).__name__})"
+        why = f"failed ({actors.reason(exc)})"
         self._down[key.id] = (time.monotonic() + KEEPER_BACKOFF_S, why)
         log.warning("the client-key limits keeper failed %s's reservation (%s); the key's calls are answered 503 for %gs",
-                    key.name, type(exc).__name__, KEEPER_BACKOFF_S)
+                    key.name, actors.reason(exc), KEEPER_BACKOFF_S)
         return keeper_down(key.name, why, KEEPER_BACKOFF_S)
 
     def charge(self, held: "Reservation", tokens_in: int, tokens_out: int) -> Optional[Any]:
@@ -132,10 +132,10 @@ class Reservations:
         metrics.CLIENT_TOKENS.labels(key.name, "out").inc(tokens_out)
         metrics.CLIENT_SPEND.labels(key.name).inc(cost)
         try:
-            return self.keeper().settle.remote(held.rid, key.id, key.name, held.chat_name, tokens_in, tokens_out, cost,
-                                               key.limits())
+            return actors.send(self.keeper(), "settle", held.rid, key.id, key.name, held.chat_name, tokens_in, tokens_out,
+                               cost, key.limits())
         except Exception as exc:  # noqa: BLE001 - the answer is in hand
-            log.warning("could not settle a call of %s with the limits keeper: %s", key.name, type(exc).__name__)
+            log.warning("could not settle a call of %s with the limits keeper: %s", key.name, actors.reason(exc))
             return None
 
     async def settle(self, held: "Reservation", tokens_in: int, tokens_out: int) -> None:
@@ -144,7 +144,7 @@ class Reservations:
         ref = self.charge(held, tokens_in, tokens_out)
         if ref is None:
             return
-        task = asyncio.ensure_future(_resolve(ref))
+        task = asyncio.ensure_future(actors.resolve(ref))
         done, _ = await asyncio.wait((task,), timeout=_SETTLE_WAIT_S)
         if not done:
             task.add_done_callback(_consume)
@@ -152,13 +152,13 @@ class Reservations:
                         "keeper writes it when it answers", held.key.name, _SETTLE_WAIT_S)
         elif task.exception() is not None:
             log.warning("the client-key limits keeper failed to settle a call of %s: %s", held.key.name,
-                        type(task.exception()).__name__)
+                        actors.reason(task.exception()))
 
     def release(self, held: "Reservation") -> None:
         try:
-            self.keeper().release.remote(held.rid)
+            actors.send(self.keeper(), "release", held.rid)
         except Exception as exc:  # noqa: BLE001 - it runs out by itself (its ttl)
-            log.warning("could not give back a reservation of %s: %s", held.key.name, type(exc).__name__)
+            log.warning("could not give back a reservation of %s: %s", held.key.name, actors.reason(exc))
 
 
 class Reservation:
@@ -206,7 +206,7 @@ class Reservation:
         if self._end():
             ref = self._books.charge(self, self.estimate, budgets.counted(self.pieces, self.text_bytes))
             if ref is not None:
-                ref.future().add_done_callback(lambda done: _logged(done, self.key.name))
+                actors.when_answered(ref, lambda error: _logged(error, self.key.name))
 
     def release(self) -> None:
         """The call failed, or was not made: nothing is charged, the hold goes back."""
@@ -219,23 +219,16 @@ def _count_refusal(key: ClientKey, answer: dict) -> None:
         metrics.BUDGET_REFUSALS.labels(key.name, answer["limit"]).inc()
 
 
-async def _resolve(ref: Any) -> Any:
-    return await ref
-
-
 def _consume(task: "asyncio.Future") -> None:
     """(a done callback) Read a task's outcome nobody waits for any more, so asyncio does not log it."""
     if not task.cancelled():
         task.exception()
 
 
-def _logged(done: concurrent.futures.Future, name: str) -> None:
-    try:
-        error = done.exception()
-    except BaseException:  # noqa: BLE001 - (cancelled)
-        return
+def _logged(error: Optional[BaseException], name: str) -> None:
+    """(``actors.when_answered``'s callback) A settle sent without waiting failed: logged."""
     if error is not None:
-        log.warning("the client-key limits keeper failed to settle a call of %s: %s", name, type(error).__name__)
+        log.warning("the client-key limits keeper failed to settle a call of %s: %s", name, actors.reason(error))
 
 
 def _num(x: float) -> str:

@@ -43,7 +43,7 @@ _PR_GET_DUMPABLE = 3
 _PR_CAPBSET_DROP = 24
 _CAP_SYS_PTRACE = 19
 
-#: names of variables that hold credentials: never to a Ray process (``gateway.cluster``), blanked in the
+#: names of variables that hold credentials: never to a Ray process (``gateway.head``), blanked in the
 #: environment block of a gateway process (``keep_to_itself``)
 CREDENTIAL = re.compile(r"(?:^|_)(?:API_?KEYS?|KEYS?|TOKENS?|SECRETS?|PASSWORDS?|PASSWD|CREDENTIALS?)(?:_|$)", re.I)
 

@@ -3,21 +3,32 @@
 Every call of ``Endpoints`` to Ray Serve (and to Ray for the live nodes) goes through this module; the
 deploy's decisions (``gateway.endpoints``, ``gateway.deploys``) and the views (``gateway.endpoint_views``)
 read what it answers. Serve's application status objects are passed through as Serve has them.
+
+The replica's side of Serve is here too, so that the replica (``gateway.replica.ChatReplica``) imports
+no Ray: the Serve deployment made of it (``chat_deployment``), its Ray metrics (``ReplicaMetrics``) and
+the patch that keeps its gRPC server on a loopback node's address (``keep_replica_grpc_on_loopback``;
+the rule and its wrapper are ``gateway.loopback``'s).
 """
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from typing import Optional
 
 import ray
 from ray import serve
+from ray.util import metrics as ray_metrics
 
 from providers.base import Provider
 from providers.deploy_failure import DeployFailure
 from providers.specs import DeploySpec
 
 from .config import Settings
+from .loopback import loopback_bind_address, rewrite_bind_once
 from .placement import placement_options
+
+log = logging.getLogger("ray.serve")
 
 #: how long a call to Serve's controller (every application's status) may take
 CONTROLLER_WAIT_S = 10.0
@@ -133,11 +144,75 @@ def bind_endpoint(provider: Provider, spec: DeploySpec, settings: Settings, opti
     provider's with the deploy's ``resources``. ``generation``: its key pool's in the keeper
     (``gateway.pool_keeper``); None: each replica keeps a pool of its own.
     """
-    from .replica import ChatDeployment
     from .retry import RetryPolicy
 
     policy = RetryPolicy(max_retries=spec.max_retries, deadline_s=spec.timeout, retry_after_cap_s=settings.retry_after_cap_s)
     if options is None:
         options = placement_options(provider, spec, settings)
     pool = {"generation": generation, "namespace": settings.ray_namespace} if generation else None
-    return ChatDeployment.options(name=provider.name, **options).bind(provider, spec, policy, pool)
+    return chat_deployment().options(name=provider.name, **options).bind(provider, spec, policy, pool)
+
+
+@functools.cache
+def chat_deployment():
+    """The Serve deployment of every endpoint (``gateway.replica.ChatReplica``, one class for every
+    provider); per-endpoint options are set with ``.options`` at deploy time."""
+    from .replica import ChatReplica
+
+    return serve.deployment(ChatReplica)
+
+
+# -- the replica's side: what runs in each replica's process ------------------------------------------
+class ReplicaMetrics:
+    """Ray's own metrics of one replica (dashboard, Prometheus via Ray): per endpoint, no user input in tags."""
+
+    def __init__(self, chat_name: str, provider: str) -> None:
+        tags = {"chat_name": chat_name, "provider": provider}
+        self._latency = ray_metrics.Histogram(
+            "gateway_replica_upstream_latency_seconds", description="Upstream call time in the replica, retries included",
+            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60], tag_keys=("chat_name", "provider"))
+        self._errors = ray_metrics.Counter(
+            "gateway_replica_upstream_errors_total", description="Upstream failures by gateway error type",
+            tag_keys=("chat_name", "provider", "type"))
+        self._retries = ray_metrics.Counter(
+            "gateway_replica_upstream_retries_total", description="Upstream calls beyond the first",
+            tag_keys=("chat_name", "provider"))
+        for metric in (self._latency, self._errors, self._retries):
+            metric.set_default_tags(tags)
+
+    def observe(self, seconds: float, attempts: int, error_type: Optional[str] = None) -> None:
+        """One upstream call of ``seconds`` in ``attempts`` attempts; ``error_type``: how it failed, if it did."""
+        self._latency.observe(seconds)
+        if attempts > 1:
+            self._retries.inc(attempts - 1)
+        if error_type is not None:
+            self.failed(error_type)
+
+    def failed(self, error_type: str) -> None:
+        """One upstream failure, by its gateway error type."""
+        self._errors.inc(1, tags={"type": error_type})
+
+
+#: Ray's call ``gateway.loopback`` rewrites, exactly as Ray 2.60.0 has it in ``Replica._on_initialized``
+UPSTREAM_CALL = 'add_port_to_grpc_server(self._server, "[::]:0")'
+
+
+def _node_ip() -> str:
+    return ray.util.get_node_ip_address()  # what the replica reports, so what the router dials
+
+
+def keep_replica_grpc_on_loopback() -> bool:
+    """Call in a replica's constructor. True: this replica's gRPC server will bind on its loopback
+    node address. False: nothing changed (a networked node, or a Ray whose code differs). The rule and
+    the wrapper: ``gateway.loopback``."""
+    try:
+        node_ip = _node_ip()
+    except Exception as exc:  # noqa: BLE001 - never fail a replica over this: Ray's own bind stands
+        log.warning("no node address (%s): this replica's gRPC server listens where Ray puts it", type(exc).__name__)
+        return False
+    bind = loopback_bind_address(node_ip)
+    if bind is None:
+        return False
+    from ray.serve._private import replica as serve_replica
+
+    return rewrite_bind_once(serve_replica, bind, UPSTREAM_CALL, ray.__version__)

@@ -4,7 +4,8 @@
 ``gateway.status``, gives it the environment), reads the nodes, the endpoint registry's records and
 Serve's applications, and writes one JSON object on its stdout: the report, or ``{"problem"}`` and exit
 ``EXIT_NO_ANSWER``. Ray's own output goes to its stderr, which the parent keeps from the answer. Only the
-fields chosen here (``endpoint_view``) leave it: nothing of a key, not even its fingerprint.
+fields chosen here (``endpoint_view``) leave it: nothing of a key, not even its fingerprint. It only
+looks: its Ray calls are ``gateway.actors``' (``looking_at``, ``find_actor``: the registry is never made here).
 """
 from __future__ import annotations
 
@@ -23,38 +24,30 @@ class _ReadFailed(Exception):
 
 def probe(address: str, namespace: str) -> dict:
     """What the cluster at ``address`` runs: nodes, endpoints (as ``GET /deployments`` shows them), replicas."""
-    import logging
     import warnings
 
     warnings.simplefilter("ignore")
-    import ray
+    from . import actors  # (Ray, imported after the filter)
 
-    context = ray.init(address=address, namespace=namespace, log_to_driver=False,
-                       logging_level=logging.ERROR, configure_logging=False)
-    try:
-        return _read(namespace, context)
-    except Exception as exc:  # noqa: BLE001 - connected: not a connect error
-        text = str(exc).strip()
-        first = text.splitlines()[0][:200] if text else ""
-        raise _ReadFailed(f"connected to the Ray cluster at {address}, but reading it failed: "
-                          f"{type(exc).__name__}{': ' + first if first else ''}") from None
-    finally:
-        ray.shutdown()
+    with actors.looking_at(address, namespace) as context:
+        try:
+            return _read(namespace, context)
+        except Exception as exc:  # noqa: BLE001 - connected: not a connect error
+            text = str(exc).strip()
+            first = text.splitlines()[0][:200] if text else ""
+            raise _ReadFailed(f"connected to the Ray cluster at {address}, but reading it failed: "
+                              f"{actors.reason(exc)}{': ' + first if first else ''}") from None
 
 
 def _read(namespace: str, context) -> dict:
-    import ray
-
+    from . import actors
     from .endpoint_views import view
     from .records import EndpointRecord
     from .serve_apps import serve_state
     from .registry import REGISTRY_NAME
 
-    try:
-        registry = ray.get_actor(REGISTRY_NAME, namespace=namespace)  # never created here
-    except ValueError:
-        registry = None
-    records = ray.get(registry.list.remote(), timeout=5) if registry is not None else []
+    registry = actors.find_actor(REGISTRY_NAME, namespace)  # never created here
+    records = actors.call(registry, "list", timeout=5) if registry is not None else []
 
     apps, replicas = serve_state(5)  # (read from a running Serve controller only: none running is no applications)
     by_name = {r["chat_name"]: r for r in records}
@@ -73,15 +66,13 @@ def _dashboard_url(context) -> Optional[str]:
 
 
 def _nodes() -> list[dict]:
-    import ray
-
-    from .registry import HEAD_NODE_RESOURCE
+    from . import actors
 
     nodes = []
-    for n in ray.nodes():
+    for n in actors.nodes():
         res = n.get("Resources") or {}
         nodes.append({"node_id": n.get("NodeID"), "ip": n.get("NodeManagerAddress"), "alive": bool(n.get("Alive")),
-                      "head": HEAD_NODE_RESOURCE in res, "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0)})
+                      "head": actors.HEAD_NODE_RESOURCE in res, "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0)})
     nodes.sort(key=lambda n: (not n["alive"], not n["head"], n["ip"] or ""))
     return nodes
 

@@ -16,14 +16,13 @@ import traceback
 import uuid
 
 from flask import Flask, current_app, request
-from ray.exceptions import RayError
 from werkzeug.exceptions import HTTPException
 
 import providers
 
 from .context import OPEN, READERS, begin, current, finish, gw, is_admin_route, render_error
 from .core_routes import core
-from .replica_client import ray_failure
+from .replica_client import as_gateway_error
 from .doors import Doors
 from contract.errors import GatewayError
 from .openai_compat import v1
@@ -128,8 +127,9 @@ def _http_error(exc: HTTPException):
 
 
 def _unexpected(exc: Exception):
-    if isinstance(exc, RayError):
-        return render_error(ray_failure(exc))
+    ray_error = as_gateway_error(exc)
+    if ray_error is not None:
+        return render_error(ray_error)
     # The traceback's places, not its messages: a message could carry user input.
     where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)[-4:])
     ctx = current()

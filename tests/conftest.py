@@ -11,7 +11,7 @@ import uuid
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.pop("RAY_ADDRESS", None)
 # Ray's heads listen on loopback only: this process, and the gateways the tests start, must keep
-# 127.0.0.1 as it is (see gateway.cluster.LOOPBACK_SWITCH), like the systemd units do.
+# 127.0.0.1 as it is (see gateway.ray_switches.LOOPBACK_SWITCH), like the systemd units do.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # Canaries (tests/test_ray_doors.py), set before any head starts: secrets a gateway's environment
 # holds must reach no Ray process; what GATEWAY_HEAD_ENV names must. No test reads these names.

@@ -5,7 +5,7 @@
   ``node_a``) and a second node (resource ``node_b``), one CPU each, every port of each chosen
   here and none shared (the two would otherwise collide on the same machine).
 - **Their addresses: 127.0.0.2 (head) and 127.0.0.3 (second node).** The gateway's own heads run
-  ``--node-ip-address=127.0.0.1`` with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (``gateway.cluster.
+  ``--node-ip-address=127.0.0.1`` with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (``gateway.ray_switches.
   LOOPBACK_SWITCH``), but with that switch off Ray's CLI refuses to start any node that joins a head
   ("Multi-node Ray clusters are not supported on Windows and OSX"), and with it on Ray turns
   ``127.0.0.1`` (and ``localhost``) into the host's network address, where a head on loopback cannot

@@ -199,7 +199,7 @@ def test_an_endpoint_pinned_to_the_second_node_runs_only_there_and_both_hosts_re
     assert known[ids["node_a"]]["resources"].get("node_a") == 100 and known[ids["node_a"]]["ip"] == HEAD_IP
     for name, node, ip, workers in ((on_b, "node_b", NODE_IP, 2), (on_a, "node_a", HEAD_IP, 1)):
         shown = view(mn.b, name)
-        assert "replicas" in shown, f"the listing shows no replicas yet (gateway/endpoints.py): {shown}"
+        assert "replicas" in shown, f"the listing shows no replicas yet (gateway/endpoint_views.py): {shown}"
         replicas = shown["replicas"]
         assert shown.get("resources") == {node: 1.0}, shown
         print(f"\n{name}: {replicas}")

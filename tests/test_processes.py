@@ -281,7 +281,7 @@ def test_joining_a_foreign_cluster_ships_the_gateway_code(tmp_path, fake_openai)
 
 def test_a_gateway_joining_a_head_on_loopback_needs_no_ray_switch_set(ray_head, tmp_path):
     """``RAY_ADDRESS=127.0.0.1:port`` is all a user sets to run a second gateway host next to a head on
-    loopback: without Ray's loopback switch (``gateway.cluster.LOOPBACK_SWITCH``) a Ray driver rewrote the
+    loopback: without Ray's loopback switch (``gateway.ray_switches.LOOPBACK_SWITCH``) a Ray driver rewrote the
     address to the host's own and never connected, and /readyz said "starting" for ever (seen by the
     two-hosts bench of issue 27)."""
     from gateway.ray_switches import LOOPBACK_SWITCH

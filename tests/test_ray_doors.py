@@ -196,7 +196,7 @@ def test_only_a_loopback_node_moves_the_replica_server(node_ip, bind):
 def test_the_rewrite_touches_one_call_and_only_the_any_address(monkeypatch):
     import ray.serve._private.replica as serve_replica
 
-    from gateway import loopback as lb
+    from gateway import serve_apps as lb
 
     bound = []
     monkeypatch.setattr(serve_replica, "add_port_to_grpc_server", lambda server, address: bound.append(address) or 1)
@@ -217,7 +217,7 @@ def test_the_rewrite_touches_one_call_and_only_the_any_address(monkeypatch):
 def test_the_rewrite_stands_down_when_ray_binds_elsewhere(monkeypatch, caplog):
     import ray.serve._private.replica as serve_replica
 
-    from gateway import loopback as lb
+    from gateway import serve_apps as lb
 
     monkeypatch.setattr(lb, "_node_ip", lambda: "127.0.0.1")
     monkeypatch.setattr(lb, "UPSTREAM_CALL", 'add_port_to_grpc_server(self._server, "[::]:1")')
