@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from typing import Optional
 
@@ -150,13 +151,21 @@ def bind_endpoint(provider: Provider, spec: DeploySpec, settings: Settings, opti
     if options is None:
         options = placement_options(provider, spec, settings)
     pool = {"generation": generation, "namespace": settings.ray_namespace} if generation else None
-    return chat_deployment().options(name=provider.name, **options).bind(provider, spec, policy, pool)
+    # (one at a time in a process: building a deployment's config serializes Serve's request router between
+    # cloudpickle's process-wide register_pickle_by_value and unregister_pickle_by_value, so two deploys
+    # building at once failed one with "... is not registered for pickle by value")
+    with _BUILDING:
+        return chat_deployment().options(name=provider.name, **options).bind(provider, spec, policy, pool)
+
+
+#: held while a deployment is built (``bind_endpoint``)
+_BUILDING = threading.Lock()
 
 
 @functools.cache
 def chat_deployment():
     """The Serve deployment of every endpoint (``gateway.replica.ChatReplica``, one class for every
-    provider); per-endpoint options are set with ``.options`` at deploy time."""
+    provider); per-endpoint options are set with ``.options`` at deploy time. (Made under ``_BUILDING``.)"""
     from .replica import ChatReplica
 
     return serve.deployment(ChatReplica)
