@@ -94,7 +94,7 @@ class Front:
         import providers
         from gateway import bodies, metrics
         from gateway.context import finish_record
-        from contract.errors import ErrorInfo, GatewayError
+        from contract.errors import GatewayError
         from gateway.schemas import ChatRequest, validate
 
         started = time.perf_counter()
@@ -122,8 +122,6 @@ class Front:
                 reply = await dispatcher.replicas.chat(endpoint, call, endpoint.deadline)
             finally:
                 dispatcher._bulkhead.give_back(endpoint.name)
-            if isinstance(reply, ErrorInfo):
-                raise GatewayError.from_info(reply)
             upstream_ms = reply.upstream_ms
             record.served(endpoint.name, endpoint.provider, reply.attempts, reply.usage.model_dump(), upstream_ms, [])
             status, body = 200, {  # GatewayRenderer.answer (web._result_body)

@@ -121,12 +121,6 @@ class Dispatcher:
         self._background: set[asyncio.Task] = set()
         #: round trips and handles made by ``resolve`` in this process (``EndpointCache.lookups``)
         self.lookups = self.cache.lookups
-        # (the Ray-level tests look at these parts directly: the handles made, and their shutdown)
-        self._handles, self._drop_handles = self.cache.handles, self.cache.drop_handles
-
-    def _await(self, pending: Awaitable[Any], timeout: float, cancel: Callable[[], Any]) -> Awaitable[Any]:
-        """(for tests/fast/test_aio.py) A Serve call awaited as every call is: ``ReplicaClient.wait``."""
-        return self.replicas.wait(pending, timeout, cancel)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

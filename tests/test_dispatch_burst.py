@@ -41,7 +41,7 @@ def test_a_burst_on_a_cold_endpoint_makes_one_handle_and_one_registry_read(ray_h
         assert dict(dispatcher.lookups) == {"registry": 2, "controller": 1, "handles": 1}
         assert len({id(o.endpoint.handle) for o in outcomes}) == 1
     finally:
-        dispatcher._drop_handles(chat_name)
+        dispatcher.cache.drop_handles(chat_name)
 
 
 def test_a_waiter_that_leaves_does_not_end_the_look_up_of_the_others(ray_head, ep):
@@ -63,7 +63,7 @@ def test_a_waiter_that_leaves_does_not_end_the_look_up_of_the_others(ray_head, e
         assert dict(dispatcher.lookups) == {"registry": 1, "controller": 1, "handles": 1}
         assert dispatcher.known(chat_name) is endpoints[0]  # (the look-up filled the cache)
     finally:
-        dispatcher._drop_handles(chat_name)
+        dispatcher.cache.drop_handles(chat_name)
 
 
 def test_a_failed_look_up_reaches_every_waiter_and_is_not_kept(ray_head, ep):

@@ -92,7 +92,7 @@ def test_undeploy_removes_the_endpoint(client, fake_openai, name):
     assert r.status_code == 200
     assert client.post("/chat", json={"chat_name": chat_name, "content": "hi"}).status_code == 200
     dispatcher = client.application.extensions["gateway"].dispatcher
-    assert [k for k in dispatcher._handles if k[0] == chat_name] == [(chat_name, "openai")]
+    assert [k for k in dispatcher.cache.handles if k[0] == chat_name] == [(chat_name, "openai")]
     r = client.post("/openai/undeploy", json={"chat_name": chat_name})
     assert r.status_code == 200 and r.get_json()["status"] == "DELETED"
     assert chat_name not in serve.status().applications
@@ -100,7 +100,7 @@ def test_undeploy_removes_the_endpoint(client, fake_openai, name):
     r = client.post("/chat", json={"chat_name": chat_name, "content": "hi"})
     assert r.status_code == 404 and r.get_json()["error"]["type"] == "not_found"
     # its router is shut down (a live one wakes the process's loop ten times a second)
-    assert [k for k in dispatcher._handles if k[0] == chat_name] == []
+    assert [k for k in dispatcher.cache.handles if k[0] == chat_name] == []
 
 
 def test_redeploy_updates_in_place_without_a_gap(client, deploy, fake_openai, name):

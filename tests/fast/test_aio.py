@@ -112,7 +112,7 @@ def test_a_call_past_its_deadline_is_cancelled_and_its_end_read(dispatcher, asyn
 
     call = Pending()
     with pytest.raises(TimeoutError):
-        dispatcher.loop.run(dispatcher._await(call.wait(), 0.2, call.cancel))
+        dispatcher.loop.run(dispatcher.replicas.wait(call.wait(), 0.2, call.cancel))
     assert call.cancelled == 1
     dispatcher.loop.run(asyncio.sleep(0.05))  # (the cancelled task ends)
     gc.collect()
@@ -126,7 +126,7 @@ def test_a_waiting_call_meets_a_lost_cluster_as_cluster_unavailable_and_is_cance
     call = Pending()
     threading.Timer(0.2, lambda: setattr(dispatcher.cluster, "lost", True)).start()
     with pytest.raises(GatewayError) as caught:
-        dispatcher.loop.run(dispatcher._await(call.wait(), 60, call.cancel))
+        dispatcher.loop.run(dispatcher.replicas.wait(call.wait(), 60, call.cancel))
     assert caught.value.type == "cluster_unavailable" and call.cancelled == 1
 
 
@@ -136,5 +136,5 @@ def test_an_answer_in_time_is_returned_and_nothing_is_cancelled(dispatcher):
         return "ok"
 
     cancelled = []
-    assert dispatcher.loop.run(dispatcher._await(answer(), 5, lambda: cancelled.append(1))) == "ok"
+    assert dispatcher.loop.run(dispatcher.replicas.wait(answer(), 5, lambda: cancelled.append(1))) == "ok"
     assert cancelled == []
